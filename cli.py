@@ -1,0 +1,217 @@
+"""The kdpipe command line: each command parses its options, builds a spec and calls
+one function in `pipeline`. User errors print one line on stderr and exit 2."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from typing import Annotated, Optional
+
+import typer
+
+from pipeline.config import IMAGENET_MEAN, IMAGENET_STD, CacheSpec, ModelSpec, TrainSpec, ViewRecipe
+from pipeline.errors import ConfigError, KdpipeError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Knowledge distillation for vision: cache a teacher's logits per augmented view, replay them into students.",
+)
+
+
+def _user_errors(command):
+    """Turn a KdpipeError into one line on stderr and exit code 2."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except KdpipeError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted; re-run the same command to continue where it stopped", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _floats(text: str | None, count: int, option: str) -> tuple[float, ...] | None:
+    """Parse 'a,b[,c]' into a tuple of `count` floats."""
+    if text is None:
+        return None
+    try:
+        values = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != count:
+        raise ConfigError(f"{option} takes {count} comma-separated numbers, got {text!r}")
+    return values
+
+
+def _recipe_options(**options) -> dict:
+    """The view-recipe options given on the command line, parsed; unset ones left out."""
+    parsed = {
+        "size": options["size"],
+        "scale": _floats(options["scale"], 2, "--scale"),
+        "ratio": _floats(options["ratio"], 2, "--ratio"),
+        "flip_prob": options["flip_prob"],
+        "color_jitter": options["color_jitter"],
+        "views_per_sample": options["views_per_sample"],
+        "seed": options["seed"],
+    }
+    return {k: v for k, v in parsed.items() if v is not None}
+
+
+def _model_spec(name: str, num_classes: int | None, weights: str | None, mean: str | None, std: str | None) -> ModelSpec:
+    return ModelSpec(
+        name=name,
+        num_classes=num_classes,
+        weights=weights,
+        mean=_floats(mean, 3, "--mean") or IMAGENET_MEAN,
+        std=_floats(std, 3, "--std") or IMAGENET_STD,
+    )
+
+
+DataOpt = Annotated[str, typer.Option(help="Image folder (one subfolder per class, or images alone when unlabelled), or synthetic:N:C[:SIZE].")]
+SizeOpt = Annotated[Optional[int], typer.Option(help="Side of each rendered view in pixels. [default: 32]")]
+ScaleOpt = Annotated[Optional[str], typer.Option(help="Random-resized-crop area range MIN,MAX. [default: 0.08,1.0]")]
+RatioOpt = Annotated[Optional[str], typer.Option(help="Random-resized-crop aspect-ratio range MIN,MAX. [default: 0.75,1.333]")]
+FlipOpt = Annotated[Optional[float], typer.Option(help="Horizontal flip probability. [default: 0.5]")]
+JitterOpt = Annotated[Optional[float], typer.Option(help="Colour jitter strength j: brightness, contrast, saturation in [1-j, 1+j]. [default: 0]")]
+ViewsOpt = Annotated[Optional[int], typer.Option(help="Views per sample and epoch. [default: 1]")]
+SeedOpt = Annotated[Optional[int], typer.Option(help="Seed of the view stream and epoch order. [default: 0]")]
+WorkersOpt = Annotated[int, typer.Option(help="DataLoader worker processes (0 = decode in the main process).")]
+MeanOpt = Annotated[Optional[str], typer.Option(help="Input normalisation mean R,G,B. [default: ImageNet's]")]
+StdOpt = Annotated[Optional[str], typer.Option(help="Input normalisation std R,G,B. [default: ImageNet's]")]
+
+
+@app.command("cache-teacher")
+@_user_errors
+def cache_teacher_command(
+    data: DataOpt,
+    teacher: Annotated[str, typer.Option(help="torchvision:NAME, kdpipe:cnn|mlp, or package.module:factory.")],
+    out: Annotated[str, typer.Option(help="Archive directory to write.")],
+    weights: Annotated[Optional[str], typer.Option(help="Teacher weights: a state_dict or a checkpoint holding one.")] = None,
+    num_classes: Annotated[Optional[int], typer.Option(help="Teacher classes. [default: the data's class count]")] = None,
+    epochs: Annotated[int, typer.Option(help="Epochs of views to cache.")] = 1,
+    views_per_sample: ViewsOpt = None,
+    seed: SeedOpt = None,
+    size: SizeOpt = None,
+    scale: ScaleOpt = None,
+    ratio: RatioOpt = None,
+    flip_prob: FlipOpt = None,
+    color_jitter: JitterOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    dtype: Annotated[str, typer.Option(help="Stored logit type: float16 or float32 (lossless).")] = "float16",
+    shard_size: Annotated[Optional[int], typer.Option(help="Positions per shard. [default: about 16 MiB of logits]")] = None,
+    batch_size: Annotated[int, typer.Option(help="Samples per teacher batch (each gives its views).")] = 256,
+    workers: WorkersOpt = 2,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing archive at --out.")] = False,
+) -> None:
+    """Run the teacher over a seeded stream of augmented views and store its logits per view.
+
+    Re-running an interrupted command completes the archive; a finished archive is
+    left alone unless --overwrite is given.
+    """
+    from pipeline.cache import cache_teacher
+
+    recipe = ViewRecipe.from_dict(
+        {"epochs": epochs}
+        | _recipe_options(
+            size=size, scale=scale, ratio=ratio, flip_prob=flip_prob, color_jitter=color_jitter,
+            views_per_sample=views_per_sample, seed=seed,
+        )
+    )
+    spec = CacheSpec(
+        data=data, teacher=_model_spec(teacher, num_classes, weights, mean, std), out=out, recipe=recipe,
+        dtype=dtype, positions_per_shard=shard_size, batch_size=batch_size, workers=workers, overwrite=overwrite,
+    )
+    result = cache_teacher(spec)
+    typer.echo(json.dumps(result))
+
+
+@app.command("train-student")
+@_user_errors
+def train_student_command(
+    data: DataOpt,
+    student: Annotated[str, typer.Option(help="torchvision:NAME, kdpipe:cnn|mlp, or package.module:factory.")],
+    out: Annotated[str, typer.Option(help="Run directory to write.")],
+    mode: Annotated[str, typer.Option(help="cached (logits from --cache), online (teacher runs live) or supervised (labels only).")] = "cached",
+    cache: Annotated[Optional[str], typer.Option(help="Archive written by cache-teacher (cached mode).")] = None,
+    teacher: Annotated[Optional[str], typer.Option(help="Teacher model: runs live in online mode; in cached mode it is checked against the archive.")] = None,
+    weights: Annotated[Optional[str], typer.Option(help="Teacher weights file.")] = None,
+    teacher_mean: Annotated[Optional[str], typer.Option(help="Teacher normalisation mean R,G,B. [default: ImageNet's]")] = None,
+    teacher_std: Annotated[Optional[str], typer.Option(help="Teacher normalisation std R,G,B. [default: ImageNet's]")] = None,
+    student_weights: Annotated[Optional[str], typer.Option(help="Initial student weights.")] = None,
+    num_classes: Annotated[Optional[int], typer.Option(help="Classes (needed only for unlabelled data without a teacher).")] = None,
+    val: Annotated[Optional[str], typer.Option(help="Labelled image folder scored (top-1) after each epoch.")] = None,
+    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 10,
+    cycle_epochs: Annotated[bool, typer.Option(help="Replay the archive's epochs in a cycle when --epochs exceeds them.")] = False,
+    batch_size: Annotated[int, typer.Option(help="Samples per step (each gives its views).")] = 128,
+    optimizer: Annotated[str, typer.Option(help="adamw or sgd (with momentum).")] = "adamw",
+    lr: Annotated[float, typer.Option(help="Peak learning rate (cosine decay to 0).")] = 1e-3,
+    weight_decay: Annotated[float, typer.Option(help="Weight decay.")] = 0.05,
+    momentum: Annotated[float, typer.Option(help="SGD momentum.")] = 0.9,
+    temperature: Annotated[float, typer.Option(help="KD temperature T.")] = 1.0,
+    alpha: Annotated[float, typer.Option(help="Weight of cross-entropy on labels (0 = pure function matching).")] = 0.0,
+    init_seed: Annotated[int, typer.Option(help="Seed of the student's initialisation.")] = 0,
+    views_per_sample: ViewsOpt = None,
+    seed: SeedOpt = None,
+    size: SizeOpt = None,
+    scale: ScaleOpt = None,
+    ratio: RatioOpt = None,
+    flip_prob: FlipOpt = None,
+    color_jitter: JitterOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    workers: WorkersOpt = 2,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run in --out from its last epoch.")] = False,
+) -> None:
+    """Train a student on the views of a teacher archive (cached), with a live teacher
+    (online), or on labels alone (supervised).
+
+    In cached mode the view recipe is the archive's; view options given here must agree
+    with it.
+    """
+    from pipeline.train import train_student
+
+    teacher_spec = None
+    if teacher is not None:
+        teacher_spec = _model_spec(teacher, num_classes, weights, teacher_mean, teacher_std)
+    spec = TrainSpec(
+        data=data, student=_model_spec(student, num_classes, student_weights, mean, std), out=out, mode=mode,
+        cache=cache, teacher=teacher_spec, val=val, epochs=epochs, cycle_epochs=cycle_epochs, batch_size=batch_size,
+        optimizer=optimizer, lr=lr, weight_decay=weight_decay, momentum=momentum, temperature=temperature,
+        alpha=alpha, seed=init_seed, workers=workers,
+    )
+    options = _recipe_options(
+        size=size, scale=scale, ratio=ratio, flip_prob=flip_prob, color_jitter=color_jitter,
+        views_per_sample=views_per_sample, seed=seed,
+    )
+    summary = train_student(spec, options, resume=resume)
+    typer.echo(json.dumps(summary))
+
+
+@app.command("quickstart")
+@_user_errors
+def quickstart_command(
+    out: Annotated[str, typer.Option(help="Folder for the data, archive, runs and summary.json.")] = "kdpipe-quickstart",
+    seeds: Annotated[int, typer.Option(help="Student seeds per mode; figures are means over them.")] = 1,
+) -> None:
+    """Distil on scikit-learn's bundled digits: train a teacher, cache it, and train the
+    same student supervised, online and cached, with labels for only a few images."""
+    from pipeline.quickstart import run_quickstart
+
+    run_quickstart(out, seeds=seeds)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""The cache-teacher stage: run the teacher once over the seeded view stream and store
+its per-view logits, shard by shard, in an archive that replays exactly those views."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from .config import CacheSpec, first_difference
+from .data import RangeBatches, ViewDataset, open_source
+from .errors import ArchiveError, ModelError
+from .models import Teacher, with_num_classes
+from .progress import say, views_progress
+from .store import ARCHIVE_FORMAT, SCHEMA_VERSION, ArchiveWriter
+from .store.manifest import MANIFEST, library_versions, read_manifest
+from .store.zarr_store import plan_layout
+from .views import VIEW_PARAM_FIELDS
+
+_MANIFEST_ONLY = ("shards", "files", "total_bytes")
+
+
+def archive_summary(manifest: dict, location: str) -> dict:
+    """Size figures of a finished archive."""
+    layout = manifest["layout"]
+    views = layout["epochs"] * layout["num_samples"] * layout["views_per_sample"]
+    return {
+        "archive": location,
+        "views": views,
+        "bytes": manifest["total_bytes"],
+        "bytes_per_view": manifest["total_bytes"] / views,
+    }
+
+
+def cache_teacher(spec: CacheSpec) -> dict:
+    """Cache the teacher's logits for every view of the recipe; resumes an unfinished
+    archive of the same job, and is a no-op on a finished one. Returns size and speed."""
+    started = time.perf_counter()
+    source = open_source(spec.data)
+    recipe = spec.recipe
+    teacher = Teacher(with_num_classes(spec.teacher, source.classes, "teacher"), size=recipe.size)
+    num_samples, views, classes = len(source), recipe.views_per_sample, teacher.num_classes
+    layout = {
+        "epochs": recipe.epochs,
+        "num_samples": num_samples,
+        "views_per_sample": views,
+        "num_classes": classes,
+        "view_param_fields": list(VIEW_PARAM_FIELDS),
+    } | plan_layout(num_samples, views, classes, np.dtype(spec.dtype).itemsize, spec.positions_per_shard)
+    plan = {
+        "format": ARCHIVE_FORMAT,
+        "schema_version": SCHEMA_VERSION,
+        "backend": "zarr",
+        "recipe": recipe.to_dict(),
+        "teacher": teacher.describe(),
+        "dataset": source.describe(),
+        "codec": {"name": "dense", "dtype": spec.dtype},
+        "layout": layout,
+        "libraries": library_versions(),
+    }
+    done = _finished_same_job(spec, plan)
+    if done is not None:
+        say(f"archive {spec.out} is already complete for this job; nothing to do")
+        return archive_summary(done, spec.out) | {"seconds": 0.0, "views_per_sec": None, "computed_views": 0}
+
+    writer = ArchiveWriter(spec.out, plan, source.labels, overwrite=spec.overwrite)
+    units = writer.pending_units()
+    total_views = sum(stop - start for *_, start, stop in units) * views
+    if units and len(units) < recipe.epochs * len(range(0, num_samples, layout["positions_per_shard"])):
+        say(f"resuming {spec.out}: {len(units)} shard(s) left to compute")
+    loader = DataLoader(
+        ViewDataset(source, recipe),
+        batch_sampler=RangeBatches([(e, start, stop) for e, _, start, stop in units], num_samples, spec.batch_size),
+        num_workers=spec.workers,
+        pin_memory=teacher.device.type == "cuda",
+    )
+    compute_started = time.perf_counter()
+    pending = iter(units)
+    unit = next(pending, None)
+    with views_progress() as progress:
+        task = progress.add_task("cache-teacher", total=total_views)
+        for batch in loader:
+            epoch, shard, start, stop = unit
+            if batch["position"][0] == start:
+                logits_buffer = np.empty((stop - start, views, classes), dtype=spec.dtype)
+                params_buffer = np.empty((stop - start, views, len(VIEW_PARAM_FIELDS)), dtype=np.float32)
+            count = len(batch["index"])
+            logits = teacher(batch["views"].flatten(0, 1)).cpu().view(count, views, classes)
+            if not torch.isfinite(logits).all():
+                bad = int(batch["index"][(~torch.isfinite(logits)).flatten(1).any(1)][0])
+                raise ModelError(
+                    f"the teacher gave NaN or Inf logits for sample {bad} in epoch {epoch}; "
+                    "check its weights and input normalisation (nothing was stored for this shard)"
+                )
+            rows = slice(int(batch["position"][0]) - start, int(batch["position"][-1]) - start + 1)
+            logits_buffer[rows] = logits.numpy()
+            params_buffer[rows] = batch["params"].numpy()
+            if rows.stop == stop - start:
+                writer.write_unit(epoch, shard, logits_buffer, params_buffer)
+                unit = next(pending, None)
+            progress.advance(task, count * views)
+    compute_seconds = time.perf_counter() - compute_started
+    manifest = writer.finish()
+    return archive_summary(manifest, spec.out) | {
+        "seconds": time.perf_counter() - started,
+        "computed_views": total_views,
+        "views_per_sec": total_views / compute_seconds if total_views else None,
+    }
+
+
+def _finished_same_job(spec: CacheSpec, plan: dict) -> dict | None:
+    """The manifest of a finished archive at `spec.out` made by this very job, if any."""
+    if spec.overwrite or not (Path(spec.out) / MANIFEST).is_file():
+        return None
+    manifest = read_manifest(spec.out)
+    where = first_difference(plan, {k: v for k, v in manifest.items() if k not in _MANIFEST_ONLY})
+    if where is not None:
+        raise ArchiveError(
+            f"archive {spec.out} already exists for a different job ({where} differs); "
+            "pass --overwrite to replace it, or choose another --out"
+        )
+    return manifest

@@ -1,0 +1,215 @@
+"""Frozen specs for every stage, their canonical JSON form, and fingerprints.
+
+Every spec is a frozen dataclass with `to_dict` / `from_dict`, so it can be written
+into an archive manifest or a run directory and read back unchanged. A fingerprint
+is the sha256 of the canonical JSON of what it describes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def canonical_json(obj: Any) -> str:
+    """JSON with sorted keys and no whitespace: equal objects give equal text."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def fingerprint(obj: Any) -> str:
+    """A stable content hash of a JSON-able object, prefixed with its algorithm."""
+    return "sha256:" + sha256_hex(canonical_json(obj).encode())
+
+
+def _from_dict(cls, data: dict[str, Any]):
+    """Build a frozen dataclass from a dict, turning lists back into tuples."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise ConfigError(f"{cls.__name__} has no field(s) {sorted(unknown)}")
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+    return cls(**values)
+
+
+def first_difference(expected: Any, actual: Any, prefix: str = "") -> str | None:
+    """The dotted name of the first field where two JSON-like values differ, or None."""
+    if isinstance(expected, dict) and isinstance(actual, dict):
+        for key in sorted(set(expected) | set(actual)):
+            where = f"{prefix}.{key}" if prefix else key
+            if key not in expected or key not in actual:
+                return where
+            found = first_difference(expected[key], actual[key], where)
+            if found:
+                return found
+        return None
+    if isinstance(expected, (list, tuple)) and isinstance(actual, (list, tuple)):
+        if len(expected) != len(actual):
+            return prefix
+        for i, (a, b) in enumerate(zip(expected, actual)):
+            found = first_difference(a, b, f"{prefix}[{i}]")
+            if found:
+                return found
+        return None
+    return None if expected == actual else prefix
+
+
+@dataclass(frozen=True)
+class ViewRecipe:
+    """How the stream of augmented views is drawn. Every view is a pure function of
+    (recipe, epoch, sample index, view index, image size); see `views.sample_view`.
+
+    `scale` and `ratio` are those of inception-style random-resized-crop (fraction of
+    the image area, and aspect ratio). `color_jitter` j draws brightness, contrast and
+    saturation factors uniformly from [1-j, 1+j]; 0 switches colour changes off.
+    `mixup` is reserved for consistent mixup / CutMix and must be None in schema 1.
+    """
+
+    size: int = 32
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip_prob: float = 0.5
+    color_jitter: float = 0.0
+    views_per_sample: int = 1
+    epochs: int = 1
+    seed: int = 0
+    mixup: dict | None = None
+
+    def __post_init__(self):
+        if self.size < 1:
+            raise ConfigError(f"view size must be at least 1 pixel, got {self.size}")
+        if not (0 < self.scale[0] <= self.scale[1] <= 1):
+            raise ConfigError(f"crop scale must satisfy 0 < min <= max <= 1, got {self.scale}")
+        if not (0 < self.ratio[0] <= self.ratio[1]):
+            raise ConfigError(f"crop ratio must satisfy 0 < min <= max, got {self.ratio}")
+        if not (0 <= self.flip_prob <= 1):
+            raise ConfigError(f"flip probability must be in [0, 1], got {self.flip_prob}")
+        if not (0 <= self.color_jitter < 1):
+            raise ConfigError(f"colour jitter must be in [0, 1), got {self.color_jitter}")
+        if self.views_per_sample < 1 or self.epochs < 1:
+            raise ConfigError("views per sample and epochs must be at least 1")
+        if self.seed < 0:
+            raise ConfigError(f"seed must be a non-negative integer, got {self.seed}")
+        if self.mixup is not None:
+            raise ConfigError("mixup is not supported by this version of kdpipe")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ViewRecipe:
+        return _from_dict(cls, data)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model to build: `torchvision:NAME`, `kdpipe:NAME` (built-in) or `module:factory`.
+
+    `weights` is a file holding a state_dict (or a checkpoint that holds one).
+    Normalisation (mean/std, applied to [0, 1] pixels) is part of the model.
+    """
+
+    name: str
+    num_classes: int | None = None
+    weights: str | None = None
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
+        return _from_dict(cls, data)
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """Everything `cache-teacher` needs: what to run, over which views, where to store."""
+
+    data: str
+    teacher: ModelSpec
+    out: str
+    recipe: ViewRecipe = field(default_factory=ViewRecipe)
+    dtype: str = "float16"
+    positions_per_shard: int | None = None
+    batch_size: int = 256
+    workers: int = 2
+    overwrite: bool = False
+
+    def __post_init__(self):
+        if self.dtype not in ("float16", "float32"):
+            raise ConfigError(f"--dtype must be float16 or float32, got {self.dtype!r}")
+        if self.batch_size < 1:
+            raise ConfigError("batch size must be at least 1")
+        if self.positions_per_shard is not None and self.positions_per_shard < 1:
+            raise ConfigError("shard size must be at least 1 position")
+
+
+MODES = ("cached", "online", "supervised")
+OPTIMIZERS = ("adamw", "sgd")
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """Everything `train-student` needs. `batch_size` counts samples; each sample gives
+    `recipe.views_per_sample` views, so a step sees batch_size * views_per_sample images."""
+
+    data: str
+    student: ModelSpec
+    out: str
+    mode: str = "cached"
+    recipe: ViewRecipe = field(default_factory=ViewRecipe)
+    cache: str | None = None
+    teacher: ModelSpec | None = None
+    val: str | None = None
+    epochs: int = 10
+    cycle_epochs: bool = False
+    batch_size: int = 128
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    momentum: float = 0.9
+    temperature: float = 1.0
+    alpha: float = 0.0
+    seed: int = 0
+    workers: int = 2
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ConfigError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.mode == "cached" and not self.cache:
+            raise ConfigError("--mode cached needs --cache ARCHIVE")
+        if self.mode == "online" and self.teacher is None:
+            raise ConfigError("--mode online needs --teacher MODEL (and usually --weights CKPT)")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ConfigError("epochs and batch size must be at least 1")
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature must be positive, got {self.temperature}")
+        if not (0 <= self.alpha <= 1):
+            raise ConfigError(f"alpha must be in [0, 1], got {self.alpha}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainSpec:
+        data = dict(data)
+        data["student"] = ModelSpec.from_dict(data["student"])
+        data["recipe"] = ViewRecipe.from_dict(data["recipe"])
+        if data.get("teacher") is not None:
+            data["teacher"] = ModelSpec.from_dict(data["teacher"])
+        return _from_dict(cls, data)

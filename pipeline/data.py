@@ -1,0 +1,231 @@
+"""Data sources, their fingerprints, and the datasets that turn them into views.
+
+A source is a list of images with optional labels: an image folder (one subfolder per
+class, or images directly inside for unlabelled data) or a seeded synthetic set. Its
+fingerprint hashes the sorted sample keys, file sizes and labels, so an archive can
+tell whether it is being replayed on the data it was made from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Iterator, Protocol
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, Sampler
+
+from .config import ViewRecipe, canonical_json, fingerprint
+from .errors import DataError
+from .views import epoch_order, full_view, render, sample_view
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+UNLABELLED = -1
+
+
+class Source(Protocol):
+    """What every data source offers."""
+
+    labels: np.ndarray  # int64, UNLABELLED where a sample has no label
+    classes: list[str] | None  # None for unlabelled data
+
+    def __len__(self) -> int: ...
+
+    def load(self, index: int) -> torch.Tensor:
+        """The decoded image as uint8 RGB (3, H, W)."""
+        ...
+
+    def describe(self) -> dict:
+        """What the manifest records: fingerprint, num_samples, classes, labelled, location."""
+        ...
+
+
+def _is_image(name: str) -> bool:
+    return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+class ImageFolder:
+    """Images under `root`: `root/CLASS/**/*.png` (labelled, classes sorted by name) or
+    `root/*.png` (unlabelled). Any PIL-readable format and mode is converted to RGB."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        if not self.root.exists():
+            raise DataError(f"data folder {self.root} does not exist")
+        if not self.root.is_dir():
+            raise DataError(f"data path {self.root} is not a folder of images")
+        entries = sorted((e for e in os.scandir(self.root) if not e.name.startswith(".")), key=lambda e: e.name)
+        class_dirs = [e for e in entries if e.is_dir()]
+        top_images = [e for e in entries if e.is_file() and _is_image(e.name)]
+        if class_dirs and top_images:
+            raise DataError(
+                f"{self.root} mixes images ({top_images[0].name}) with class folders; "
+                "put every image in a class folder, or use a folder of images alone for unlabelled data"
+            )
+        keys: list[tuple[str, int, int]] = []  # (relative path, bytes, label)
+        if class_dirs:
+            self.classes = [e.name for e in class_dirs]
+            for label, class_dir in enumerate(class_dirs):
+                for dirpath, dirnames, filenames in os.walk(class_dir.path):
+                    dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+                    for name in sorted(filter(_is_image, filenames)):
+                        path = os.path.join(dirpath, name)
+                        keys.append((os.path.relpath(path, self.root), os.path.getsize(path), label))
+        else:
+            self.classes = None
+            keys = [(e.name, e.stat().st_size, UNLABELLED) for e in top_images]
+        if not keys:
+            raise DataError(
+                f"no images found in {self.root}: expected one subfolder per class, "
+                "or image files directly inside for unlabelled data"
+            )
+        keys.sort(key=lambda k: k[0])
+        self.paths = [self.root / k[0] for k in keys]
+        self.labels = np.array([k[2] for k in keys], dtype=np.int64)
+        digest = hashlib.sha256(canonical_json({"classes": self.classes}).encode())
+        for key in keys:
+            digest.update(canonical_json(key).encode() + b"\n")
+        self.fingerprint = "sha256:" + digest.hexdigest()
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def load(self, index: int) -> torch.Tensor:
+        path = self.paths[index]
+        try:
+            with Image.open(path) as image:
+                array = np.asarray(image.convert("RGB"))
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise DataError(f"cannot read image {path}: {reason}; fix or remove the file") from None
+        return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+
+    def describe(self) -> dict:
+        return {
+            "fingerprint": self.fingerprint,
+            "num_samples": len(self),
+            "classes": self.classes,
+            "labelled": self.classes is not None,
+            "location": str(self.root),
+        }
+
+
+class SyntheticImages:
+    """A seeded, learnable synthetic set for tests and benchmarks: each class is a
+    smooth random colour pattern, each sample that pattern plus its own noise."""
+
+    def __init__(self, num_samples: int, num_classes: int, size: int = 32, seed: int = 0):
+        if num_samples < 1 or num_classes < 1 or size < 1:
+            raise DataError("synthetic data needs positive sample count, class count and size")
+        self.num_samples, self.num_classes, self.size, self.seed = num_samples, num_classes, size, seed
+        self.classes = [f"class_{c:04d}" for c in range(num_classes)]
+        self.labels = np.arange(num_samples, dtype=np.int64) % num_classes
+        self.fingerprint = fingerprint(
+            {"synthetic": {"num_samples": num_samples, "num_classes": num_classes, "size": size, "seed": seed}}
+        )
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def load(self, index: int) -> torch.Tensor:
+        label = int(self.labels[index])
+        pattern = np.random.default_rng([self.seed, label, 0]).uniform(0, 255, size=(3, 4, 4))
+        noise = np.random.default_rng([self.seed, index, 1]).normal(0, 40, size=(3, self.size, self.size))
+        base = torch.nn.functional.interpolate(
+            torch.from_numpy(pattern)[None], size=(self.size, self.size), mode="bilinear", align_corners=False
+        )[0].numpy()
+        return torch.from_numpy(np.clip(base + noise, 0, 255).astype(np.uint8))
+
+    def describe(self) -> dict:
+        return {
+            "fingerprint": self.fingerprint,
+            "num_samples": len(self),
+            "classes": self.classes,
+            "labelled": True,
+            "location": f"synthetic:{self.num_samples}:{self.num_classes}:{self.size}",
+        }
+
+
+def open_source(spec: str) -> Source:
+    """Open `synthetic:NUM_SAMPLES:NUM_CLASSES[:SIZE]` or an image folder path."""
+    if spec.startswith("synthetic:"):
+        try:
+            numbers = [int(part) for part in spec.split(":")[1:]]
+        except ValueError:
+            numbers = []
+        if len(numbers) not in (2, 3):
+            raise DataError(f"bad synthetic source {spec!r}; write synthetic:NUM_SAMPLES:NUM_CLASSES[:SIZE]")
+        return SyntheticImages(*numbers)
+    return ImageFolder(spec)
+
+
+class ViewDataset(Dataset):
+    """Item k is the sample at position k % N of recipe epoch k // N, with all V of its
+    views rendered from one decode. Items carry their (epoch, position, index) keys and
+    realised view parameters, so a consumer can check it got what it asked for."""
+
+    def __init__(self, source: Source, recipe: ViewRecipe):
+        self.source, self.recipe = source, recipe
+        self.num_samples = len(source)
+        self._orders: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return self.recipe.epochs * self.num_samples
+
+    def order(self, epoch: int) -> np.ndarray:
+        if epoch not in self._orders:
+            if len(self._orders) >= 2:
+                self._orders.pop(next(iter(self._orders)))
+            self._orders[epoch] = epoch_order(self.recipe, epoch, self.num_samples)
+        return self._orders[epoch]
+
+    def __getitem__(self, item: int) -> dict:
+        epoch, position = divmod(int(item), self.num_samples)
+        index = int(self.order(epoch)[position])
+        image = self.source.load(index)
+        image_size = (image.shape[1], image.shape[2])
+        params = [sample_view(self.recipe, epoch, index, v, image_size) for v in range(self.recipe.views_per_sample)]
+        return {
+            "epoch": epoch,
+            "position": position,
+            "index": index,
+            "label": int(self.source.labels[index]),
+            "views": torch.stack([render(image, p, self.recipe.size) for p in params]),
+            "params": torch.from_numpy(np.stack([p.as_array() for p in params])),
+        }
+
+
+class RangeBatches(Sampler):
+    """Batches of ViewDataset items over position ranges: for each (epoch, start, stop),
+    consecutive runs of `batch_size` positions. A batch never crosses a range, so the
+    batch composition of two stages matches whenever their ranges do."""
+
+    def __init__(self, ranges: list[tuple[int, int, int]], num_samples: int, batch_size: int):
+        self.ranges, self.num_samples, self.batch_size = ranges, num_samples, batch_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for epoch, start, stop in self.ranges:
+            base = epoch * self.num_samples
+            for first in range(start, stop, self.batch_size):
+                yield list(range(base + first, base + min(first + self.batch_size, stop)))
+
+    def __len__(self) -> int:
+        return sum(-(-(stop - start) // self.batch_size) for _, start, stop in self.ranges)
+
+
+class ValDataset(Dataset):
+    """The whole of each image, resized to `size`: the deterministic validation view."""
+
+    def __init__(self, source: Source, size: int):
+        self.source, self.size = source, size
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image = self.source.load(index)
+        view = render(image, full_view((image.shape[1], image.shape[2])), self.size)
+        return view, int(self.source.labels[index])

@@ -1,0 +1,198 @@
+"""Model loading: torchvision builders by name, built-in demo nets, user factories,
+weights from files, and the teacher's fingerprint.
+
+Every model is wrapped in `Normalized`, so normalisation is part of the model and the
+views stay plain [0, 1] pixels. Checkpoints hold the inner network's state_dict, so a
+student trained here loads into a plain torchvision model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import os
+import sys
+from dataclasses import replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import ModelSpec
+from .errors import ModelError
+
+# Keys under which checkpoints commonly keep their state_dict, kdpipe's own "model" first.
+_STATE_DICT_KEYS = ("model", "state_dict", "model_state_dict", "student", "net")
+
+
+class Normalized(nn.Module):
+    """Applies (x - mean) / std before the wrapped network."""
+
+    def __init__(self, net: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]):
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net((x - self.mean) / self.std)
+
+
+def _conv_block(cin: int, cout: int) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+
+def small_cnn(num_classes: int, width: int = 32) -> nn.Module:
+    """A five-layer CNN for small images (any input size); the quickstart's teacher."""
+    return nn.Sequential(
+        *_conv_block(3, width), *_conv_block(width, width), nn.MaxPool2d(2),
+        *_conv_block(width, 2 * width), *_conv_block(2 * width, 2 * width), nn.MaxPool2d(2),
+        *_conv_block(2 * width, 4 * width), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(4 * width, num_classes),
+    )
+
+
+def small_mlp(num_classes: int, hidden: int = 128) -> nn.Module:
+    """A one-hidden-layer MLP on an 8x8 pooled image; the quickstart's student."""
+    return nn.Sequential(
+        nn.AdaptiveAvgPool2d(8), nn.Flatten(), nn.Linear(3 * 64, hidden), nn.ReLU(inplace=True),
+        nn.Linear(hidden, num_classes),
+    )
+
+
+BUILTIN_MODELS = {"cnn": small_cnn, "mlp": small_mlp}
+
+
+def _build_net(name: str, num_classes: int) -> nn.Module:
+    prefix, _, rest = name.partition(":")
+    if not rest:
+        raise ModelError(
+            f"bad model name {name!r}; use torchvision:NAME, kdpipe:NAME ({', '.join(BUILTIN_MODELS)}) "
+            "or package.module:factory"
+        )
+    if prefix == "torchvision":
+        import torchvision
+
+        if rest not in torchvision.models.list_models(module=torchvision.models):
+            raise ModelError(
+                f"unknown torchvision classification model {rest!r}; see torchvision.models.list_models()"
+            )
+        return torchvision.models.get_model(rest, weights=None, num_classes=num_classes)
+    if prefix == "kdpipe":
+        if rest not in BUILTIN_MODELS:
+            raise ModelError(f"unknown built-in model {rest!r}; choose one of {', '.join(BUILTIN_MODELS)}")
+        return BUILTIN_MODELS[rest](num_classes)
+    # User code, importable from the working directory like `python -m` would.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        factory = getattr(importlib.import_module(prefix), rest)
+    except (ImportError, AttributeError) as exc:
+        raise ModelError(f"cannot load model factory {name!r}: {exc}") from None
+    net = factory(num_classes=num_classes)
+    if not isinstance(net, nn.Module):
+        raise ModelError(f"model factory {name!r} returned {type(net).__name__}, not a torch.nn.Module")
+    return net
+
+
+def _state_dict_from(obj: Any, path: str) -> dict[str, torch.Tensor]:
+    if isinstance(obj, dict):
+        for key in _STATE_DICT_KEYS:
+            if isinstance(obj.get(key), dict):
+                return _state_dict_from(obj[key], path)
+        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            prefix = "module."  # saved from DistributedDataParallel
+            return {k.removeprefix(prefix): v for k, v in obj.items()}
+    raise ModelError(f"{path} holds no state_dict (looked at the file and its keys {', '.join(_STATE_DICT_KEYS)})")
+
+
+def load_weights(net: nn.Module, path: str) -> None:
+    """Load a state_dict, or a checkpoint holding one, into `net` (strict)."""
+    if not os.path.isfile(path):
+        raise ModelError(f"weights file {path} does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a damaged or foreign file
+        raise ModelError(f"cannot read weights file {path}: {str(exc).splitlines()[0]}") from None
+    try:
+        net.load_state_dict(_state_dict_from(obj, path))
+    except RuntimeError as exc:
+        detail = " ".join(str(exc).split())[:300]
+        raise ModelError(f"weights in {path} do not fit the model (wrong model or --num-classes?): {detail}") from None
+
+
+def build_model(spec: ModelSpec, seed: int = 0) -> Normalized:
+    """Build the model of `spec` with `spec.num_classes` outputs, initialised from `seed`
+    (so a run is reproducible) and then from `spec.weights` when given."""
+    if spec.num_classes is None or spec.num_classes < 1:
+        raise ModelError(f"model {spec.name} needs a class count: pass --num-classes")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = _build_net(spec.name, spec.num_classes)
+    if spec.weights:
+        load_weights(net, spec.weights)
+    return Normalized(net, spec.mean, spec.std)
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """sha256 over the names, dtypes, shapes and bytes of every tensor in the state_dict."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return "sha256:" + digest.hexdigest()
+
+
+def output_classes(model: nn.Module, size: int) -> int:
+    """How many logits the model gives for one image of `size` x `size` pixels."""
+    model.eval()
+    with torch.inference_mode():
+        out = model(torch.zeros(1, 3, size, size))
+    if out.ndim != 2:
+        raise ModelError(f"model output has shape {tuple(out.shape)}; kdpipe needs (batch, classes) logits")
+    return int(out.shape[1])
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def with_num_classes(spec: ModelSpec, classes: list[str] | None, role: str) -> ModelSpec:
+    """`spec` with its class count resolved from the data's class folders, or a clear
+    error when the two disagree or the data has no labels to count."""
+    if spec.num_classes is None:
+        if classes is None:
+            raise ModelError(f"the data is unlabelled, so the {role}'s class count is unknown: pass --num-classes")
+        return replace(spec, num_classes=len(classes))
+    if classes is not None and spec.num_classes != len(classes):
+        raise ModelError(
+            f"the {role} has {spec.num_classes} classes but the data has {len(classes)} class folders; "
+            "pass the matching --num-classes or the right data"
+        )
+    return spec
+
+
+class Teacher:
+    """A model run for its logits only: eval mode, inference mode, bf16 autocast on CUDA."""
+
+    def __init__(self, spec: ModelSpec, size: int, device: torch.device | None = None):
+        self.spec = spec
+        self.device = device or default_device()
+        self.model = build_model(spec).eval()
+        self.num_classes = output_classes(self.model, size)
+        if self.num_classes != spec.num_classes:
+            raise ModelError(f"model {spec.name} gives {self.num_classes} logits, not the {spec.num_classes} classes asked for")
+        self.fingerprint = model_fingerprint(self.model)
+        self.model.to(self.device)
+
+    def describe(self) -> dict:
+        return {"spec": self.spec.to_dict(), "fingerprint": self.fingerprint, "num_classes": self.num_classes}
+
+    def __call__(self, views: torch.Tensor) -> torch.Tensor:
+        """float32 logits for a batch of [0, 1] views, on the teacher's device."""
+        with torch.inference_mode():
+            views = views.to(self.device, non_blocking=True)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+                logits = self.model(views)
+            return logits.float()

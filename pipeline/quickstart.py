@@ -1,0 +1,162 @@
+"""`kdpipe quickstart`: the whole job on scikit-learn's bundled 8x8 digits, in minutes.
+
+The setting is reduced labelling, where distillation earns its keep: the teacher was
+trained with every label, but the student has labels for only a few images per class.
+The supervised baseline learns from those few; the distilled students learn from the
+teacher's logits on every training image (no labels at all), cached or online.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .cache import cache_teacher
+from .config import CacheSpec, ModelSpec, TrainSpec, ViewRecipe
+from .errors import ConfigError
+from .progress import say
+from .train import train_student
+
+MARKER = ".kdpipe-quickstart"
+VAL_FRACTION = 0.2
+LABELLED_PER_CLASS = 5
+SPLIT_SEED = 0
+TEACHER, STUDENT = "kdpipe:cnn", "kdpipe:mlp"
+RECIPE = {"size": 16, "scale": (0.5, 1.0), "ratio": (0.8, 1.25), "flip_prob": 0.0}
+TEACHER_EPOCHS, STUDENT_EPOCHS, SUPERVISED_EPOCHS = 30, 30, 150
+KD_VIEWS = 2
+WORKERS = 0
+
+
+def materialise_digits(root: Path, labelled_per_class: int = LABELLED_PER_CLASS) -> dict[str, Path]:
+    """Write the digits as real PNG files: `train/` and `val/` (class folders), `labelled/`
+    (the few labelled training images) and `pool/` (every training image, unlabelled)."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    pixels = np.round(digits.images * (255 / 16)).astype(np.uint8)
+    order = np.random.default_rng(SPLIT_SEED).permutation(len(pixels))
+    num_val = int(len(pixels) * VAL_FRACTION)
+    val, train = order[:num_val], order[num_val:]
+    labelled = np.concatenate([train[digits.target[train] == c][:labelled_per_class] for c in range(10)])
+    folders = {name: root / name for name in ("train", "val", "labelled", "pool")}
+    for name, indices in (("train", train), ("val", val), ("labelled", labelled)):
+        for i in indices:
+            path = folders[name] / str(digits.target[i]) / f"{i:04d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pixels[i], mode="L").save(path)
+    folders["pool"].mkdir(parents=True, exist_ok=True)
+    for i in train:
+        Image.fromarray(pixels[i], mode="L").save(folders["pool"] / f"{i:04d}.png")
+    return folders
+
+
+def _mean(runs: list[dict], key: str) -> float:
+    return statistics.fmean(run[key] for run in runs)
+
+
+def _entry(runs: list[dict], labels: int) -> dict:
+    entry = {
+        "val_top1": _mean(runs, "val_top1"),
+        "wall_seconds": _mean(runs, "wall_seconds"),
+        "views_per_sec": _mean(runs, "views_per_sec"),
+        "labels_used": labels,
+        "seeds": len(runs),
+    }
+    if len(runs) > 1:
+        entry["val_top1_per_seed"] = [run["val_top1"] for run in runs]
+        entry["val_top1_std"] = statistics.stdev(run["val_top1"] for run in runs)
+    return entry
+
+
+def run_quickstart(out: str, seeds: int = 1) -> dict:
+    """Run the quickstart into `out`, print its table and return its summary."""
+    if seeds < 1:
+        raise ConfigError("--seeds must be at least 1")
+    started = time.perf_counter()
+    root = Path(out)
+    if root.exists() and any(root.iterdir()):
+        if not (root / MARKER).exists():
+            raise ConfigError(f"{root} exists and is not a quickstart folder; choose another --out")
+        shutil.rmtree(root)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / MARKER).write_text("made by kdpipe quickstart; the whole folder is replaced when it runs again\n")
+    folders = materialise_digits(root / "digits")
+    num_labelled = sum(1 for _ in folders["labelled"].rglob("*.png"))
+    num_train = sum(1 for _ in folders["train"].rglob("*.png"))
+    say(f"digits: {num_train} training images, {num_labelled} of them labelled for the student, "
+        f"{sum(1 for _ in folders['val'].rglob('*.png'))} for validation")
+
+    say("1/4 teacher: supervised on every training label")
+    teacher = train_student(
+        TrainSpec(data=str(folders["train"]), student=ModelSpec(TEACHER), out=str(root / "runs" / "teacher"),
+                  mode="supervised", val=str(folders["val"]), epochs=TEACHER_EPOCHS, lr=3e-3, batch_size=64, workers=WORKERS),
+        RECIPE,
+    )
+    teacher_model = ModelSpec(TEACHER, num_classes=10, weights=str(root / "runs" / "teacher" / "student.pt"))
+    say("2/4 cache-teacher: teacher logits for every view of the unlabelled pool")
+    cache = cache_teacher(
+        CacheSpec(data=str(folders["pool"]), teacher=teacher_model, out=str(root / "teacher.zarr"),
+                  recipe=ViewRecipe.from_dict(RECIPE | {"epochs": STUDENT_EPOCHS, "views_per_sample": KD_VIEWS}),
+                  workers=WORKERS)
+    )
+    runs: dict[str, list[dict]] = {"supervised": [], "online": [], "cached": []}
+    for seed in range(seeds):
+        say(f"3/4 students, seed {seed}: supervised on {num_labelled} labels")
+        runs["supervised"].append(train_student(
+            TrainSpec(data=str(folders["labelled"]), student=ModelSpec(STUDENT), out=str(root / "runs" / f"supervised-seed{seed}"),
+                      mode="supervised", val=str(folders["val"]), epochs=SUPERVISED_EPOCHS, seed=seed, lr=3e-3,
+                      batch_size=64, workers=WORKERS),
+            RECIPE,
+        ))
+        say(f"4/4 students, seed {seed}: distilled online and from the cache (no labels)")
+        for mode in ("online", "cached"):
+            runs[mode].append(train_student(
+                TrainSpec(data=str(folders["pool"]), student=ModelSpec(STUDENT, num_classes=10), out=str(root / "runs" / f"{mode}-seed{seed}"),
+                          mode=mode, cache=str(root / "teacher.zarr") if mode == "cached" else None,
+                          teacher=teacher_model if mode == "online" else None, val=str(folders["val"]),
+                          epochs=STUDENT_EPOCHS, seed=seed, lr=3e-3, batch_size=64, workers=WORKERS),
+                {} if mode == "cached" else RECIPE | {"views_per_sample": KD_VIEWS},
+            ))
+    summary = {
+        "setting": (f"reduced labelling: teacher {TEACHER} trained on all {num_train} labels; student {STUDENT} "
+                    f"has {num_labelled} labels (supervised) or the teacher's logits on all {num_train} images "
+                    "without labels (online, cached)"),
+        "teacher": _entry([teacher], num_train),
+        "supervised": _entry(runs["supervised"], num_labelled),
+        "online": _entry(runs["online"], 0),
+        "cached": _entry(runs["cached"], 0),
+        "cache": {"bytes": cache["bytes"], "bytes_per_view": cache["bytes_per_view"], "views": cache["views"],
+                  "views_per_sec": cache["views_per_sec"]},
+        "wall_seconds": time.perf_counter() - started,
+    }
+    (root / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    print(format_table(summary))
+    return summary
+
+
+def format_table(summary: dict) -> str:
+    """The quickstart's result table, as plain text."""
+    lines = [
+        f"setting: {summary['setting']}",
+        "",
+        f"{'run':<12}{'labels':>8}{'val top-1':>12}{'wall s':>9}{'views/s':>10}",
+    ]
+    for name in ("teacher", "supervised", "online", "cached"):
+        e = summary[name]
+        spread = f" ±{e['val_top1_std']:.1f}" if "val_top1_std" in e else ""
+        lines.append(f"{name:<12}{e['labels_used']:>8}{e['val_top1']:>11.2f}%{e['wall_seconds']:>9.1f}{e['views_per_sec']:>10,.0f}{spread}")
+    c = summary["cache"]
+    seeds = summary["cached"]["seeds"]
+    lines += [
+        "",
+        f"cache: {c['views']:,} views, {c['bytes']:,} bytes, {c['bytes_per_view']:.1f} bytes/view",
+        f"student figures are means over {seeds} seed(s); total {summary['wall_seconds']:.0f} s",
+    ]
+    return "\n".join(lines)

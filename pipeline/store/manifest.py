@@ -1,0 +1,119 @@
+"""The archive manifest: what an archive holds, written last, checked on every read.
+
+An archive without `manifest.json` is unfinished. `plan.json` holds the manifest-to-be
+of an unfinished archive, so a re-run can tell whether it is completing the same job.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from ..config import first_difference
+from ..errors import ArchiveError, ArchiveMismatchError
+
+ARCHIVE_FORMAT = "kdpipe-archive"
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+PLAN = "plan.json"
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries whose behaviour shapes the stored bytes."""
+    import numcodecs
+    import numpy
+    import torch
+    import torchvision
+    import zarr
+
+    from .. import __version__
+
+    return {
+        "kdpipe": __version__,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "zarr": zarr.__version__,
+        "numcodecs": numcodecs.__version__,
+        "numpy": numpy.__version__,
+    }
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Write JSON to a temporary file, fsync it, then rename it into place."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_json(path: Path, what: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ArchiveError(f"cannot read the {what} {path}: {exc}") from None
+
+
+def read_manifest(path: str | os.PathLike) -> dict:
+    """The manifest of a finished archive; a clear error for anything else."""
+    root = Path(path)
+    if not root.exists():
+        raise ArchiveError(f"archive {root} does not exist")
+    if not (root / MANIFEST).is_file():
+        if (root / PLAN).is_file():
+            raise ArchiveError(
+                f"archive {root} is unfinished (no {MANIFEST}); re-run the cache-teacher command that made it to complete it"
+            )
+        raise ArchiveError(f"{root} is not a kdpipe archive (no {MANIFEST})")
+    manifest = read_json(root / MANIFEST, "manifest")
+    if manifest.get("format") != ARCHIVE_FORMAT:
+        raise ArchiveError(f"{root / MANIFEST} is not a kdpipe archive manifest")
+    version = manifest.get("schema_version")
+    if not isinstance(version, int) or version > SCHEMA_VERSION:
+        raise ArchiveError(
+            f"archive {root} has schema version {version}; this kdpipe reads up to {SCHEMA_VERSION}: upgrade kdpipe"
+        )
+    return manifest
+
+
+def check_archive_matches(manifest: dict, location: str, **expected: Any) -> None:
+    """Refuse an archive whose fields differ from what the caller expects, naming the field.
+
+    Keyword names are manifest sections with `__` for dots, e.g.
+    `dataset__fingerprint=...`, `recipe={...}`, `teacher__fingerprint=...`.
+    """
+    for key, want in expected.items():
+        path = key.split("__")
+        have: Any = manifest
+        for part in path:
+            have = have.get(part) if isinstance(have, dict) else None
+        where = first_difference(want, have, ".".join(path))
+        if where is not None:
+            raise ArchiveMismatchError(
+                f"archive {location} does not match: {where} is {_short(_at(have, where, path))} in the archive "
+                f"but {_short(_at(want, where, path))} here"
+            )
+
+
+def _at(value: Any, where: str, path: list[str]) -> Any:
+    """The value at dotted `where` inside `value`, which sits at `path`."""
+    rest = where[len(".".join(path)):].lstrip(".")
+    for part in filter(None, rest.replace("[", ".").replace("]", "").split(".")):
+        if isinstance(value, dict):
+            value = value.get(part)
+        elif isinstance(value, (list, tuple)) and part.isdigit() and int(part) < len(value):
+            value = value[int(part)]
+        else:
+            return value
+    return value
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."

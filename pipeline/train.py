@@ -1,0 +1,277 @@
+"""The train-student stage: one loop, three modes.
+
+- cached:     the teacher's logits come from an archive, read as contiguous slabs in
+              training order, while the student renders the very views they were
+              computed on (checked view by view against the stored parameters);
+- online:     the teacher runs live on the same views (same recipe, seed and order);
+- supervised: cross-entropy on labels only, the baseline.
+
+The loss is Hinton's KD, (1-alpha) * T^2 * KL(teacher || student) + alpha * CE, with
+alpha = 0 by default (function matching). AdamW with cosine decay and gradient-norm
+clipping at 1.0 as in Beyer et al. (2022); SGD with momentum on request.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from .config import TrainSpec, ViewRecipe, first_difference
+from .data import UNLABELLED, RangeBatches, ValDataset, ViewDataset, open_source
+from .errors import ArchiveMismatchError, ConfigError, DataError, TrainingError
+from .losses import kd_loss
+from .models import Teacher, build_model, default_device, with_num_classes
+from .progress import say
+from .store import ArchiveReader, check_archive_matches
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def resolve_recipe(spec: TrainSpec, recipe_options: dict, reader: ArchiveReader | None) -> ViewRecipe:
+    """The view recipe to train with: the archive's in cached mode (explicit options must
+    agree with it), otherwise the defaults with one view epoch per training epoch."""
+    if reader is not None:
+        cached = reader.manifest["recipe"]
+        check_archive_matches(reader.manifest, spec.cache, recipe=cached | recipe_options)
+        return ViewRecipe.from_dict(cached)
+    return ViewRecipe.from_dict({"epochs": spec.epochs} | recipe_options)
+
+
+def loss_terms(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, labels: torch.Tensor, spec: TrainSpec
+) -> dict[str, torch.Tensor]:
+    """The named terms of one step; `loss` is the one to minimise."""
+    if teacher_logits is None:
+        ce = F.cross_entropy(student_logits.float(), labels)
+        return {"loss": ce, "ce": ce}
+    kd = kd_loss(student_logits, teacher_logits, temperature=spec.temperature)
+    terms = {"kd": kd, "loss": (1 - spec.alpha) * kd}
+    if spec.alpha > 0:
+        terms["ce"] = F.cross_entropy(student_logits.float(), labels)
+        terms["loss"] = terms["loss"] + spec.alpha * terms["ce"]
+    return terms
+
+
+def evaluate(model: torch.nn.Module, loader: DataLoader, device: torch.device) -> float:
+    """Top-1 accuracy in percent."""
+    model.eval()
+    correct = total = 0
+    with torch.inference_mode():
+        for images, labels in loader:
+            predictions = model(images.to(device)).argmax(1).cpu()
+            correct += int((predictions == labels).sum())
+            total += len(labels)
+    return 100.0 * correct / total
+
+
+def _make_optimizer(spec: TrainSpec, model: torch.nn.Module) -> torch.optim.Optimizer:
+    if spec.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
+    return torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
+
+
+def _save_atomic(obj, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _prepare_run_dir(out: Path, config: dict, resume: bool) -> dict | None:
+    """Create the run directory, or check a resumed one; returns the checkpoint to resume."""
+    if (out / "summary.json").exists():
+        raise ConfigError(f"{out} already holds a finished run; choose another --out")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out} exists and is a file; choose another --out")
+    has_run = (out / "config.json").exists()
+    if not resume:
+        if has_run:
+            raise ConfigError(f"{out} holds an unfinished run; pass --resume to continue it, or choose another --out")
+        if out.exists() and any(out.iterdir()):
+            raise ConfigError(f"{out} exists and is not empty; choose another --out")
+    if has_run:
+        where = first_difference(json.loads((out / "config.json").read_text()), config)
+        if where is not None:
+            raise ConfigError(f"cannot resume {out}: {where} differs from the run being resumed")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(config, indent=1, sort_keys=True) + "\n")
+    if resume and (out / CHECKPOINT).exists():
+        return torch.load(out / CHECKPOINT, map_location="cpu", weights_only=False)
+    return None
+
+
+def train_student(spec: TrainSpec, recipe_options: dict | None = None, resume: bool = False) -> dict:
+    """Train a student as `spec` says, writing student.pt, metrics.jsonl, summary.json,
+    config.json and an epoch checkpoint into `spec.out`. Returns the summary."""
+    started = time.perf_counter()
+    out = Path(spec.out)
+    source = open_source(spec.data)
+    val_source = open_source(spec.val) if spec.val else None
+    reader = ArchiveReader(spec.cache) if spec.mode == "cached" else None
+    recipe = resolve_recipe(spec, recipe_options or {}, reader)
+    teacher = None
+    if reader is not None:
+        check_archive_matches(reader.manifest, spec.cache, dataset__fingerprint=source.describe()["fingerprint"])
+        if spec.epochs > recipe.epochs and not spec.cycle_epochs:
+            raise ArchiveMismatchError(
+                f"archive {spec.cache} holds {recipe.epochs} epochs of views but --epochs is {spec.epochs}; "
+                "cache more epochs, or pass --cycle-epochs to replay them in a cycle"
+            )
+        num_classes = reader.manifest["layout"]["num_classes"]
+        if spec.teacher is not None:  # the caller named a teacher: it must be the archive's
+            named = Teacher(with_num_classes(spec.teacher, source.classes, "teacher"), size=recipe.size, device=torch.device("cpu"))
+            check_archive_matches(reader.manifest, spec.cache, teacher__fingerprint=named.fingerprint)
+    elif spec.mode == "online":
+        teacher = Teacher(with_num_classes(spec.teacher, source.classes, "teacher"), size=recipe.size)
+        num_classes = teacher.num_classes
+    else:
+        if source.classes is None:
+            raise DataError(f"supervised training needs labelled data, but {spec.data} has no class folders")
+        num_classes = len(source.classes)
+    if spec.mode != "supervised" and spec.alpha > 0 and source.classes is None:
+        raise DataError(f"--alpha {spec.alpha} needs labels, but {spec.data} has no class folders; use --alpha 0")
+    classes = source.classes if source.classes is not None else (val_source.classes if val_source else None)
+    student_spec = with_num_classes(spec.student, classes, "student")
+    if student_spec.num_classes != num_classes:
+        raise ConfigError(f"the student has {student_spec.num_classes} classes but the teacher has {num_classes}")
+    if val_source is not None and val_source.classes is None:
+        raise DataError(f"validation data {spec.val} has no class folders, so it cannot be scored")
+    if val_source is not None and source.classes is not None and val_source.classes != source.classes:
+        raise DataError(f"the class folders of {spec.val} differ from those of {spec.data}")
+    spec = replace(spec, student=student_spec, recipe=recipe)
+    config = spec.to_dict()
+    checkpoint = _prepare_run_dir(out, config, resume)
+
+    device = default_device()
+    student = build_model(student_spec, seed=spec.seed).to(device)
+    optimizer = _make_optimizer(spec, student)
+    num_samples, views = len(source), recipe.views_per_sample
+    steps_per_epoch = math.ceil(num_samples / spec.batch_size)
+    total_steps = spec.epochs * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total_steps)))
+    start_epoch = 0
+    if checkpoint is not None:
+        student.net.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        torch.set_rng_state(checkpoint["torch_rng"])
+        start_epoch = checkpoint["epoch"] + 1
+        say(f"resuming {out} after epoch {checkpoint['epoch'] + 1}")
+    _keep_metrics_until(out / "metrics.jsonl", start_epoch)
+
+    ranges = [(epoch % recipe.epochs, 0, num_samples) for epoch in range(start_epoch, spec.epochs)]
+    loader = DataLoader(
+        ViewDataset(source, recipe),
+        batch_sampler=RangeBatches(ranges, num_samples, spec.batch_size),
+        num_workers=spec.workers,
+        pin_memory=device.type == "cuda",
+    )
+    val_loader = None
+    if val_source is not None:
+        val_loader = DataLoader(
+            ValDataset(val_source, recipe.size), batch_size=256, num_workers=spec.workers,
+            persistent_workers=spec.workers > 0,
+        )
+    batches = iter(loader)
+    train_seconds, train_views, val_top1 = 0.0, 0, None
+    for epoch in range(start_epoch, spec.epochs):
+        student.train()
+        epoch_started = time.perf_counter()
+        sums: dict[str, float] = {}
+        for step in range(steps_per_epoch):
+            batch = next(batches)
+            count = len(batch["index"])
+            images = batch["views"].flatten(0, 1).to(device, non_blocking=True)
+            labels = batch["label"].repeat_interleave(views).to(device)
+            teacher_logits = None
+            if reader is not None:
+                teacher_logits = _cached_logits(reader, spec.cache, batch).to(device, non_blocking=True)
+            elif teacher is not None:
+                teacher_logits = teacher(images).clone()  # clone: leave inference mode
+            if spec.mode == "supervised" and bool((labels == UNLABELLED).any()):
+                raise DataError("supervised training met an unlabelled sample")
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                student_logits = student(images)
+            terms = loss_terms(student_logits, teacher_logits, labels, spec)
+            if not torch.isfinite(terms["loss"]):
+                raise TrainingError(
+                    f"the loss became {terms['loss'].item()} at epoch {epoch + 1}, step {step + 1}; "
+                    "lower --lr or check the data and teacher"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            terms["loss"].backward()
+            torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            for name, value in terms.items():
+                sums[name] = sums.get(name, 0.0) + value.item() * count
+        seconds = time.perf_counter() - epoch_started
+        train_seconds += seconds
+        train_views += num_samples * views
+        if val_loader is not None:
+            val_top1 = evaluate(student, val_loader, device)
+        record = {"epoch": epoch + 1} | {k: v / num_samples for k, v in sorted(sums.items())} | {
+            "val_top1": val_top1,
+            "seconds": seconds,
+            "views_per_sec": num_samples * views / seconds,
+        }
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        _save_atomic(
+            {
+                "model": student.net.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "epoch": epoch,
+                "config": config,
+            },
+            out / CHECKPOINT,
+        )
+        shown = f"  val_top1 {val_top1:.2f}%" if val_top1 is not None else ""
+        say(f"[{spec.mode}] epoch {epoch + 1}/{spec.epochs}  loss {record['loss']:.4f}{shown}  {record['views_per_sec']:,.0f} views/s")
+
+    _save_atomic(student.net.state_dict(), out / "student.pt")
+    summary = {
+        "mode": spec.mode,
+        "val_top1": val_top1,
+        "epochs": spec.epochs,
+        "wall_seconds": time.perf_counter() - started,
+        "train_seconds": train_seconds,
+        "views_per_sec": train_views / train_seconds if train_seconds else None,
+        "student": student_spec.name,
+        "run_dir": str(out),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+def _cached_logits(reader: ArchiveReader, location: str, batch: dict) -> torch.Tensor:
+    """The archive's logits for a batch, after checking that the stored record keys and
+    view parameters are exactly those of the views the student is about to see."""
+    epoch, first, last = int(batch["epoch"][0]), int(batch["position"][0]), int(batch["position"][-1])
+    logits, params, indices = reader.read(epoch, first, last + 1)
+    if not np.array_equal(indices, batch["index"].numpy()):
+        raise ArchiveMismatchError(f"archive {location} holds other samples at epoch {epoch}, positions {first}-{last}")
+    if not np.array_equal(params, batch["params"].numpy()):
+        raise ArchiveMismatchError(
+            f"archive {location} recorded other view parameters at epoch {epoch}, positions {first}-{last}: "
+            "the recipe, the data or kdpipe's view code changed since it was cached"
+        )
+    return torch.from_numpy(logits).flatten(0, 1)
+
+
+def _keep_metrics_until(path: Path, epochs_done: int) -> None:
+    """Drop metric lines of epochs that were not checkpointed (a resumed run redoes them)."""
+    if not path.exists():
+        return
+    lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["epoch"] <= epochs_done]
+    path.write_text("".join(line + "\n" for line in lines))
