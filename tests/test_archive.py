@@ -1,0 +1,174 @@
+"""The zarr teacher archive: what it records, how it is committed, and what it refuses."""
+
+import hashlib
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from pipeline.config import ModelSpec, ViewRecipe
+from pipeline.data import ImageFolder, ViewDataset
+from pipeline.models import build_model, model_fingerprint
+from pipeline.store import SCHEMA_VERSION, ArchiveReader, read_manifest
+from pipeline.errors import ArchiveError
+
+from .conftest import KDPIPE, REPO, assert_user_error, cli_json, run_cli, subprocess_env
+
+
+def _cache(data, out, *extra):
+    return cli_json(
+        "cache-teacher", "--data", data, "--teacher", "tests.toy_models:tiny_cnn", "--out", out, "--epochs", 2,
+        "--views-per-sample", 2, "--size", 16, "--workers", 0, "--shard-size", 4, *extra,
+    )
+
+
+def _archive_files(root: Path) -> dict[str, str]:
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_manifest_records_what_was_cached(image_folder, tmp_path):
+    result = _cache(image_folder, tmp_path / "a.zarr", "--dtype", "float32", "--seed", 5, "--color-jitter", 0.2)
+    manifest = read_manifest(tmp_path / "a.zarr")
+    assert manifest["format"] == "kdpipe-archive" and manifest["schema_version"] == SCHEMA_VERSION
+    recipe = ViewRecipe.from_dict(manifest["recipe"])
+    assert (recipe.seed, recipe.epochs, recipe.views_per_sample, recipe.size, recipe.color_jitter) == (5, 2, 2, 16, 0.2)
+    source = ImageFolder(image_folder)
+    assert manifest["dataset"]["fingerprint"] == source.fingerprint
+    assert manifest["dataset"]["classes"] == ["cat", "dog", "fox"]
+    teacher = build_model(ModelSpec("tests.toy_models:tiny_cnn", num_classes=3))
+    assert manifest["teacher"]["fingerprint"] == model_fingerprint(teacher)
+    assert manifest["codec"] == {"name": "dense", "dtype": "float32"}
+    layout = manifest["layout"]
+    assert (layout["epochs"], layout["num_samples"], layout["views_per_sample"], layout["num_classes"]) == (2, 18, 2, 3)
+    assert set(manifest["libraries"]) >= {"kdpipe", "torch", "torchvision", "zarr", "numcodecs", "numpy"}
+    assert len(manifest["shards"]) == 2 * 5  # 18 positions in shards of 4, two epochs
+    # every file is listed with its checksum, and nothing else is in the archive
+    files = _archive_files(tmp_path / "a.zarr")
+    assert set(files) == set(manifest["files"]) | {"manifest.json"}
+    for key, entry in manifest["files"].items():
+        assert files[key] == entry["sha256"]
+    assert manifest["total_bytes"] == sum(e["bytes"] for e in manifest["files"].values())
+    assert result["bytes"] == manifest["total_bytes"] and result["views"] == 2 * 18 * 2
+
+    # the stored logits are the teacher's on exactly the views the recipe renders
+    reader = ArchiveReader(tmp_path / "a.zarr")
+    dataset = ViewDataset(source, recipe)
+    teacher.eval()
+    for item in (0, 7, 18 + 17):
+        sample = dataset[item]
+        logits, params, indices = reader.read(sample["epoch"], sample["position"], sample["position"] + 1)
+        assert indices[0] == sample["index"]
+        assert np.array_equal(params[0], sample["params"].numpy())
+        with torch.inference_mode():
+            expected = teacher(sample["views"]).numpy()
+        np.testing.assert_allclose(logits[0], expected, rtol=1e-5, atol=1e-5)
+    group = zarr.open_group(str(tmp_path / "a.zarr"), mode="r")
+    order = group["sample_index"][1]
+    assert np.array_equal(group["position_index"][1][order], np.arange(18))
+    assert np.array_equal(group["labels"][...], source.labels)
+
+
+def test_float16_is_the_default_and_halves_the_logits(image_folder, tmp_path):
+    _cache(image_folder, tmp_path / "h.zarr")
+    assert zarr.open_group(str(tmp_path / "h.zarr"), mode="r")["logits"].dtype == np.float16
+    assert read_manifest(tmp_path / "h.zarr")["codec"]["dtype"] == "float16"
+
+
+def test_finished_archive_is_kept_unless_overwrite(image_folder, tmp_path):
+    out = tmp_path / "a.zarr"
+    _cache(image_folder, out)
+    before = _archive_files(out)
+    again = _cache(image_folder, out)  # the same job: nothing to do
+    assert again["computed_views"] == 0 and _archive_files(out) == before
+    assert_user_error(
+        run_cli("cache-teacher", "--data", image_folder, "--teacher", "tests.toy_models:tiny_cnn", "--out", out,
+                "--epochs", 3, "--workers", 0),
+        "already exists", "--overwrite",
+    )
+    assert _archive_files(out) == before
+    replaced = _cache(image_folder, out, "--seed", 9, "--overwrite")
+    assert replaced["computed_views"] == 72 and read_manifest(out)["recipe"]["seed"] == 9
+
+
+def test_a_folder_that_is_not_an_archive_is_never_replaced(image_folder, tmp_path):
+    (tmp_path / "precious").mkdir()
+    (tmp_path / "precious" / "thesis.txt").write_text("do not delete")
+    result = run_cli("cache-teacher", "--data", image_folder, "--teacher", "kdpipe:cnn", "--out", tmp_path / "precious",
+                     "--overwrite", "--workers", 0)
+    assert_user_error(result, "not a kdpipe archive")
+    assert (tmp_path / "precious" / "thesis.txt").read_text() == "do not delete"
+
+
+def test_archive_without_manifest_is_refused_as_unfinished(image_folder, tmp_path):
+    _cache(image_folder, tmp_path / "a.zarr")
+    (tmp_path / "a.zarr" / "manifest.json").unlink()
+    with pytest.raises(ArchiveError, match="not a kdpipe archive"):
+        ArchiveReader(tmp_path / "a.zarr")
+    (tmp_path / "a.zarr" / "plan.json").write_text("{}")
+    result = run_cli("train-student", "--data", image_folder, "--student", "kdpipe:mlp", "--out", tmp_path / "run",
+                     "--cache", tmp_path / "a.zarr", "--epochs", 1, "--workers", 0)
+    assert_user_error(result, "unfinished")
+
+
+def test_newer_schema_is_refused(image_folder, tmp_path):
+    _cache(image_folder, tmp_path / "a.zarr")
+    path = tmp_path / "a.zarr" / "manifest.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | {"schema_version": SCHEMA_VERSION + 1}))
+    with pytest.raises(ArchiveError, match="upgrade kdpipe"):
+        read_manifest(tmp_path / "a.zarr")
+
+
+def test_non_finite_teacher_output_is_refused_and_nothing_looks_finished(image_folder, tmp_path):
+    result = run_cli("cache-teacher", "--data", image_folder, "--teacher", "tests.toy_models:nan_teacher",
+                     "--out", tmp_path / "a.zarr", "--workers", 0)
+    assert_user_error(result, "NaN or Inf")
+    assert not (tmp_path / "a.zarr" / "manifest.json").exists()
+
+
+def test_unfinished_archive_of_another_job_is_refused(image_folder, tmp_path):
+    out = tmp_path / "a.zarr"
+    _cache(image_folder, out)
+    (out / "manifest.json").unlink()
+    (out / "plan.json").write_text(json.dumps({"recipe": {"seed": 123}}))
+    assert_user_error(
+        run_cli("cache-teacher", "--data", image_folder, "--teacher", "tests.toy_models:tiny_cnn", "--out", out, "--workers", 0),
+        "unfinished archive of a different job",
+    )
+
+
+def test_interrupted_cache_completes_to_the_same_archive(tmp_path, image_folder):
+    """Kill cache-teacher mid-run, re-run it: the result equals an uninterrupted run, byte for byte."""
+    def command(out):
+        return KDPIPE + [
+            "cache-teacher", "--data", str(image_folder), "--teacher", "tests.toy_models:slow_teacher",
+            "--out", str(out), "--epochs", "3", "--views-per-sample", "2", "--size", "16", "--shard-size", "3",
+            "--batch-size", "3", "--workers", "0",
+        ]
+
+    interrupted = tmp_path / "interrupted.zarr"
+    child = subprocess.Popen(command(interrupted), cwd=REPO, env=subprocess_env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not list((interrupted / "commits").glob("*.json")) and time.monotonic() < deadline:
+        assert child.poll() is None, child.communicate()
+        time.sleep(0.05)
+    time.sleep(0.4)  # let it get into the middle of a later shard
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert not (interrupted / "manifest.json").exists()
+    committed = len(list((interrupted / "commits").glob("*.json")))
+    assert 1 <= committed < 18
+
+    resumed = subprocess.run(command(interrupted), cwd=REPO, env=subprocess_env(), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads(resumed.stdout.splitlines()[-1])["computed_views"] == (18 - committed) * 3 * 2
+    reference = tmp_path / "reference.zarr"
+    straight = subprocess.run(command(reference), cwd=REPO, env=subprocess_env(), capture_output=True, text=True)
+    assert straight.returncode == 0, straight.stderr
+    assert _archive_files(interrupted) == _archive_files(reference)

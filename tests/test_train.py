@@ -1,0 +1,178 @@
+"""train-student: offline equals online, the same pixels in both stages, refusals, resume."""
+
+import json
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+
+from pipeline.config import ModelSpec
+from pipeline.errors import ConfigError
+from pipeline.losses import get_loss, kd_loss
+from pipeline.models import build_model, small_cnn
+
+from . import toy_models
+from .conftest import KDPIPE, REPO, assert_user_error, cli_json, run_cli, subprocess_env, write_image_folder
+
+DATA = "synthetic:24:4:20"
+
+
+def _cache(out, *extra, data=DATA):
+    return cli_json(
+        "cache-teacher", "--data", data, "--teacher", "tests.toy_models:tiny_cnn", "--out", out, "--epochs", 3,
+        "--views-per-sample", 2, "--size", 16, "--color-jitter", 0.2, "--batch-size", 6, "--shard-size", 12,
+        "--workers", 0, *extra,
+    )
+
+
+def _train(out, *extra, data=DATA):
+    return cli_json("train-student", "--data", data, "--student", "kdpipe:mlp", "--out", out, "--batch-size", 6,
+                    "--epochs", 3, "--workers", 0, *extra)
+
+
+def _weights(run_dir):
+    return torch.load(run_dir / "student.pt", weights_only=True)
+
+
+def test_offline_equals_online_bit_for_bit(tmp_path):
+    """The central invariant: a student trained from a float32 cache ends with exactly the
+    weights of a student trained with the teacher running live on the same views."""
+    _cache(tmp_path / "t.zarr", "--dtype", "float32")
+    # the archive's teacher is built from seed 0; save exactly those weights for the online run
+    teacher_weights = tmp_path / "teacher.pt"
+    torch.save(build_model(ModelSpec("tests.toy_models:tiny_cnn", num_classes=4)).net.state_dict(), teacher_weights)
+    cached = _train(tmp_path / "cached", "--cache", tmp_path / "t.zarr", "--workers", 2)
+    online = _train(tmp_path / "online", "--mode", "online", "--teacher", "tests.toy_models:tiny_cnn",
+                    "--weights", teacher_weights, "--views-per-sample", 2, "--size", 16, "--color-jitter", 0.2)
+    assert cached["mode"] == "cached" and online["mode"] == "online"
+    a, b = _weights(tmp_path / "cached"), _weights(tmp_path / "online")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    # and training moved the weights: the comparison is not between two untouched inits
+    untouched = build_model(ModelSpec("kdpipe:mlp", num_classes=4)).net.state_dict()
+    assert not torch.equal(a["2.weight"], untouched["2.weight"])
+    lines = [json.loads(l) for l in (tmp_path / "cached" / "metrics.jsonl").read_text().splitlines()]
+    online_lines = [json.loads(l) for l in (tmp_path / "online" / "metrics.jsonl").read_text().splitlines()]
+    assert [l["kd"] for l in lines] == [l["kd"] for l in online_lines]
+
+
+def test_student_sees_the_pixels_the_teacher_saw(tmp_path):
+    toy_models.SEEN.clear()
+    cli_json("cache-teacher", "--data", DATA, "--teacher", "tests.toy_models:recording_teacher", "--out", tmp_path / "t.zarr",
+             "--epochs", 2, "--views-per-sample", 3, "--size", 12, "--color-jitter", 0.3, "--batch-size", 5,
+             "--workers", 0)
+    cli_json("train-student", "--data", DATA, "--student", "tests.toy_models:recording_student", "--out", tmp_path / "s",
+             "--cache", tmp_path / "t.zarr", "--epochs", 2, "--batch-size", 7, "--workers", 2)
+    teacher_seen, student_seen = toy_models.SEEN["teacher"], toy_models.SEEN["student"]
+    assert len(teacher_seen) == 2 * 24 * 3
+    assert student_seen == teacher_seen  # every view, in the same order
+    assert len(set(teacher_seen)) == len(teacher_seen)  # and the views really differ
+
+
+def test_run_dir_holds_weights_metrics_summary_and_config(tmp_path):
+    data = write_image_folder(tmp_path / "data", per_class=10)
+    val = write_image_folder(tmp_path / "val", per_class=4, seed=1)
+    summary = cli_json("train-student", "--data", data, "--val", val, "--student", "kdpipe:cnn", "--mode", "supervised",
+                       "--out", tmp_path / "run", "--epochs", 4, "--batch-size", 10, "--size", 16, "--lr", 0.01,
+                       "--workers", 0)
+    run = tmp_path / "run"
+    assert {p.name for p in run.iterdir()} == {"student.pt", "checkpoint.pt", "metrics.jsonl", "summary.json", "config.json"}
+    assert summary == json.loads((run / "summary.json").read_text())
+    assert summary["mode"] == "supervised" and summary["epochs"] == 4 and summary["views_per_sec"] > 0
+    assert summary["val_top1"] > 50  # three well-separated colour classes; chance is 33%
+    metrics = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in metrics] == [1, 2, 3, 4]
+    assert set(metrics[0]) == {"epoch", "loss", "ce", "val_top1", "seconds", "views_per_sec"}
+    config = json.loads((run / "config.json").read_text())
+    assert config["mode"] == "supervised" and config["recipe"]["size"] == 16 and config["student"]["num_classes"] == 3
+    # student.pt is a plain state_dict that loads into the bare network
+    small_cnn(3).load_state_dict(torch.load(run / "student.pt", weights_only=True))
+    assert_user_error(
+        run_cli("train-student", "--data", data, "--student", "kdpipe:cnn", "--mode", "supervised", "--out", run,
+                "--epochs", 1, "--workers", 0),
+        "already holds a finished run",
+    )
+
+
+def test_kd_with_labels_and_sgd(tmp_path):
+    data = write_image_folder(tmp_path / "data")
+    _cache(tmp_path / "t.zarr", data=data)
+    summary = _train(tmp_path / "run", "--cache", tmp_path / "t.zarr", "--alpha", 0.5, "--temperature", 2,
+                     "--optimizer", "sgd", "--lr", 0.05, data=data)
+    metrics = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert {"kd", "ce", "loss"} <= set(metrics)
+    assert metrics["loss"] == pytest.approx(0.5 * metrics["kd"] + 0.5 * metrics["ce"], rel=1e-5)
+    assert summary["mode"] == "cached"
+
+
+def test_mismatched_dataset_recipe_or_teacher_is_refused(tmp_path):
+    _cache(tmp_path / "t.zarr")
+    base = ("train-student", "--student", "kdpipe:mlp", "--cache", tmp_path / "t.zarr", "--epochs", 1, "--workers", 0)
+    assert_user_error(run_cli(*base, "--data", "synthetic:25:4:20", "--out", tmp_path / "r1"), "dataset.fingerprint")
+    assert_user_error(run_cli(*base, "--data", DATA, "--seed", 3, "--out", tmp_path / "r2"), "recipe.seed")
+    assert_user_error(run_cli(*base, "--data", DATA, "--size", 20, "--out", tmp_path / "r3"), "recipe.size")
+    other = tmp_path / "other.pt"
+    torch.save(toy_models.tiny_cnn(4).state_dict(), other)  # not the seed-0 init the archive was made with
+    assert_user_error(
+        run_cli(*base, "--data", DATA, "--teacher", "tests.toy_models:tiny_cnn", "--weights", other, "--out", tmp_path / "r4"),
+        "teacher.fingerprint",
+    )
+    # the archive's own teacher passes the same check
+    cli_json(*base, "--data", DATA, "--teacher", "tests.toy_models:tiny_cnn", "--out", tmp_path / "r5")
+
+
+def test_more_epochs_than_cached_needs_cycle_epochs(tmp_path):
+    _cache(tmp_path / "t.zarr")
+    assert_user_error(
+        run_cli("train-student", "--data", DATA, "--student", "kdpipe:mlp", "--cache", tmp_path / "t.zarr",
+                "--out", tmp_path / "r", "--epochs", 5, "--workers", 0),
+        "holds 3 epochs", "--cycle-epochs",
+    )
+    summary = _train(tmp_path / "r2", "--cache", tmp_path / "t.zarr", "--epochs", 5, "--cycle-epochs")
+    assert summary["epochs"] == 5
+
+
+def test_resume_after_a_kill_gives_the_same_weights(tmp_path):
+    data = write_image_folder(tmp_path / "data")
+
+    def command(out, *extra):
+        return KDPIPE + ["train-student", "--data", str(data), "--student", "tests.toy_models:slow_student",
+                         "--mode", "supervised", "--out", str(out), "--epochs", "5", "--batch-size", "4",
+                         "--size", "16", "--workers", "0", *extra]
+
+    killed = tmp_path / "killed"
+    child = subprocess.Popen(command(killed), cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not (killed / "checkpoint.pt").exists() and time.monotonic() < deadline:
+        assert child.poll() is None, child.communicate()
+        time.sleep(0.05)
+    time.sleep(0.3)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert not (killed / "summary.json").exists()
+    assert_user_error(run_cli(*command(killed)[3:]), "--resume")
+    resumed = subprocess.run(command(killed, "--resume"), cwd=REPO, env=subprocess_env(), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    straight = subprocess.run(command(tmp_path / "straight"), cwd=REPO, env=subprocess_env(), capture_output=True, text=True)
+    assert straight.returncode == 0, straight.stderr
+    a, b = _weights(killed), _weights(tmp_path / "straight")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    epochs = [json.loads(l)["epoch"] for l in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2, 3, 4, 5]
+
+
+def test_kd_loss_matches_hand_computed_values():
+    student = torch.tensor([[1.0, 2.0, 3.0]])
+    teacher = torch.tensor([[3.0, 1.0, 0.0]])
+    for temperature in (1.0, 2.0):
+        p = torch.softmax(teacher / temperature, -1)
+        q = torch.softmax(student / temperature, -1)
+        expected = temperature**2 * float((p * (p.log() - q.log())).sum())
+        assert kd_loss(student, teacher, temperature=temperature).item() == pytest.approx(expected, rel=1e-6)
+    assert kd_loss(teacher, teacher).item() == pytest.approx(0.0, abs=1e-7)
+    assert get_loss("kd") is kd_loss
+    with pytest.raises(ConfigError, match="choose one of kd"):
+        get_loss("kld")

@@ -1,0 +1,77 @@
+"""User-code model factories for tests (loaded as `tests.toy_models:NAME`, like a user's own)."""
+
+import hashlib
+import time
+from collections import defaultdict
+
+import torch
+from torch import nn
+
+from pipeline.models import small_cnn, small_mlp
+
+# role -> sha256 of every input image the model saw, in order
+SEEN: dict[str, list[str]] = defaultdict(list)
+
+
+class Recording(nn.Module):
+    """Records a hash of every input image it sees (when `should_record` says so)."""
+
+    def __init__(self, role: str, net: nn.Module):
+        super().__init__()
+        self.role, self.net = role, net
+
+    def forward(self, x):
+        # the teacher is probed once with a single zero image to count its outputs; skip that
+        if self.training or x.shape[0] > 1:
+            SEEN[self.role].extend(hashlib.sha256(row.numpy().tobytes()).hexdigest() for row in x.detach())
+        return self.net(x)
+
+
+class Slow(nn.Module):
+    """A teacher slow enough to be killed mid-run."""
+
+    def __init__(self, net: nn.Module, delay: float):
+        super().__init__()
+        self.net, self.delay = net, delay
+
+    def forward(self, x):
+        time.sleep(self.delay)
+        return self.net(x)
+
+
+class NotFinite(nn.Module):
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.linear = nn.Linear(3, num_classes)
+
+    def forward(self, x):
+        out = self.linear(x.mean((2, 3)))
+        return out * float("nan") if x.shape[0] > 1 else out
+
+
+def recording_teacher(num_classes: int) -> nn.Module:
+    return Recording("teacher", small_cnn(num_classes, width=8))
+
+
+def recording_student(num_classes: int) -> nn.Module:
+    return Recording("student", small_mlp(num_classes, hidden=16))
+
+
+def slow_teacher(num_classes: int) -> nn.Module:
+    return Slow(small_cnn(num_classes, width=8), delay=0.3)
+
+
+def slow_student(num_classes: int) -> nn.Module:
+    return Slow(small_mlp(num_classes, hidden=16), delay=0.1)
+
+
+def nan_teacher(num_classes: int) -> nn.Module:
+    return NotFinite(num_classes)
+
+
+def tiny_cnn(num_classes: int) -> nn.Module:
+    return small_cnn(num_classes, width=8)
+
+
+def not_a_module(num_classes: int):
+    return "nope"
