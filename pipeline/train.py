@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from .config import TrainSpec, ViewRecipe, first_difference
-from .data import UNLABELLED, RangeBatches, ValDataset, ViewDataset, open_source
+from .data import RangeBatches, ValDataset, ViewDataset, open_source
 from .errors import ArchiveMismatchError, ConfigError, DataError, TrainingError
 from .losses import kd_loss
 from .models import Teacher, build_model, default_device, with_num_classes
@@ -138,8 +138,10 @@ def train_student(spec: TrainSpec, recipe_options: dict | None = None, resume: b
         num_classes = len(source.classes)
     if spec.mode != "supervised" and spec.alpha > 0 and source.classes is None:
         raise DataError(f"--alpha {spec.alpha} needs labels, but {spec.data} has no class folders; use --alpha 0")
-    classes = source.classes if source.classes is not None else (val_source.classes if val_source else None)
-    student_spec = with_num_classes(spec.student, classes, "student")
+    student_spec = spec.student
+    if student_spec.num_classes is None:  # default to the teacher's (or the labels') classes
+        student_spec = replace(student_spec, num_classes=num_classes)
+    student_spec = with_num_classes(student_spec, source.classes, "student")
     if student_spec.num_classes != num_classes:
         raise ConfigError(f"the student has {student_spec.num_classes} classes but the teacher has {num_classes}")
     if val_source is not None and val_source.classes is None:
@@ -196,8 +198,6 @@ def train_student(spec: TrainSpec, recipe_options: dict | None = None, resume: b
                 teacher_logits = _cached_logits(reader, spec.cache, batch).to(device, non_blocking=True)
             elif teacher is not None:
                 teacher_logits = teacher(images).clone()  # clone: leave inference mode
-            if spec.mode == "supervised" and bool((labels == UNLABELLED).any()):
-                raise DataError("supervised training met an unlabelled sample")
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 student_logits = student(images)
             terms = loss_terms(student_logits, teacher_logits, labels, spec)
