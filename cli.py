@@ -17,6 +17,7 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
     help="Knowledge distillation for vision: cache a teacher's logits per augmented view, replay them into students.",
 )
 
@@ -32,7 +33,7 @@ def _user_errors(command):
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
-            typer.echo("interrupted; re-run the same command to continue where it stopped", err=True)
+            typer.echo("interrupted; re-run the same command to continue (train-student: add --resume)", err=True)
             raise typer.Exit(130) from None
 
     return wrapper
@@ -147,7 +148,7 @@ def train_student_command(
     teacher_mean: Annotated[Optional[str], typer.Option(help="Teacher normalisation mean R,G,B. [default: ImageNet's]")] = None,
     teacher_std: Annotated[Optional[str], typer.Option(help="Teacher normalisation std R,G,B. [default: ImageNet's]")] = None,
     student_weights: Annotated[Optional[str], typer.Option(help="Initial student weights.")] = None,
-    num_classes: Annotated[Optional[int], typer.Option(help="Classes (needed only for unlabelled data without a teacher).")] = None,
+    num_classes: Annotated[Optional[int], typer.Option(help="Classes. [default: the teacher's, else the data's class count]")] = None,
     val: Annotated[Optional[str], typer.Option(help="Labelled image folder scored (top-1) after each epoch.")] = None,
     epochs: Annotated[int, typer.Option(help="Training epochs.")] = 10,
     cycle_epochs: Annotated[bool, typer.Option(help="Replay the archive's epochs in a cycle when --epochs exceeds them.")] = False,

@@ -16,12 +16,9 @@ from .errors import ArchiveError, ModelError
 from .models import Teacher, with_num_classes
 from .progress import say, views_progress
 from .store import ARCHIVE_FORMAT, SCHEMA_VERSION, ArchiveWriter
-from .store.manifest import MANIFEST, library_versions, read_manifest
+from .store.manifest import MANIFEST, job_identity, library_versions, read_manifest
 from .store.zarr_store import plan_layout
 from .views import VIEW_PARAM_FIELDS
-
-_MANIFEST_ONLY = ("shards", "files", "total_bytes")
-
 
 def archive_summary(manifest: dict, location: str) -> dict:
     """Size figures of a finished archive."""
@@ -96,7 +93,12 @@ def cache_teacher(spec: CacheSpec) -> dict:
                     "check its weights and input normalisation (nothing was stored for this shard)"
                 )
             rows = slice(int(batch["position"][0]) - start, int(batch["position"][-1]) - start + 1)
-            logits_buffer[rows] = logits.numpy()
+            with np.errstate(over="ignore"):  # overflow is caught just below
+                logits_buffer[rows] = logits.numpy()
+            if not np.isfinite(logits_buffer[rows]).all():
+                raise ModelError(
+                    f"the teacher's logits in epoch {epoch} exceed the {spec.dtype} range; use --dtype float32"
+                )
             params_buffer[rows] = batch["params"].numpy()
             if rows.stop == stop - start:
                 writer.write_unit(epoch, shard, logits_buffer, params_buffer)
@@ -116,7 +118,7 @@ def _finished_same_job(spec: CacheSpec, plan: dict) -> dict | None:
     if spec.overwrite or not (Path(spec.out) / MANIFEST).is_file():
         return None
     manifest = read_manifest(spec.out)
-    where = first_difference(plan, {k: v for k, v in manifest.items() if k not in _MANIFEST_ONLY})
+    where = first_difference(job_identity(plan), job_identity(manifest))
     if where is not None:
         raise ArchiveError(
             f"archive {spec.out} already exists for a different job ({where} differs); "

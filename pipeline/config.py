@@ -195,6 +195,10 @@ class TrainSpec:
             raise ConfigError("--mode cached needs --cache ARCHIVE")
         if self.mode == "online" and self.teacher is None:
             raise ConfigError("--mode online needs --teacher MODEL (and usually --weights CKPT)")
+        if self.mode != "cached" and self.cache:
+            raise ConfigError(f"--cache is used only with --mode cached, not {self.mode}")
+        if self.mode == "supervised" and self.teacher is not None:
+            raise ConfigError("--teacher is not used in supervised mode; drop it or choose --mode online")
         if self.epochs < 1 or self.batch_size < 1:
             raise ConfigError("epochs and batch size must be at least 1")
         if self.temperature <= 0:

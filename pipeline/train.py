@@ -92,11 +92,10 @@ def _prepare_run_dir(out: Path, config: dict, resume: bool) -> dict | None:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out} exists and is a file; choose another --out")
     has_run = (out / "config.json").exists()
-    if not resume:
-        if has_run:
-            raise ConfigError(f"{out} holds an unfinished run; pass --resume to continue it, or choose another --out")
-        if out.exists() and any(out.iterdir()):
-            raise ConfigError(f"{out} exists and is not empty; choose another --out")
+    if has_run and not resume:
+        raise ConfigError(f"{out} holds an unfinished run; pass --resume to continue it, or choose another --out")
+    if not has_run and out.exists() and any(out.iterdir()):
+        raise ConfigError(f"{out} exists, is not empty and holds no run; choose another --out")
     if has_run:
         where = first_difference(json.loads((out / "config.json").read_text()), config)
         if where is not None:
@@ -159,13 +158,14 @@ def train_student(spec: TrainSpec, recipe_options: dict | None = None, resume: b
     steps_per_epoch = math.ceil(num_samples / spec.batch_size)
     total_steps = spec.epochs * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total_steps)))
-    start_epoch = 0
+    start_epoch, val_top1 = 0, None
     if checkpoint is not None:
         student.net.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         torch.set_rng_state(checkpoint["torch_rng"])
         start_epoch = checkpoint["epoch"] + 1
+        val_top1 = checkpoint["val_top1"]
         say(f"resuming {out} after epoch {checkpoint['epoch'] + 1}")
     _keep_metrics_until(out / "metrics.jsonl", start_epoch)
 
@@ -183,7 +183,7 @@ def train_student(spec: TrainSpec, recipe_options: dict | None = None, resume: b
             persistent_workers=spec.workers > 0,
         )
     batches = iter(loader)
-    train_seconds, train_views, val_top1 = 0.0, 0, None
+    train_seconds, train_views = 0.0, 0
     for epoch in range(start_epoch, spec.epochs):
         student.train()
         epoch_started = time.perf_counter()
@@ -232,6 +232,7 @@ def train_student(spec: TrainSpec, recipe_options: dict | None = None, resume: b
                 "scheduler": scheduler.state_dict(),
                 "torch_rng": torch.get_rng_state(),
                 "epoch": epoch,
+                "val_top1": val_top1,
                 "config": config,
             },
             out / CHECKPOINT,

@@ -55,10 +55,14 @@ def cli_json(*args) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def assert_user_error(result, *fragments: str) -> None:
-    """Exit 2, one line on stderr that starts with 'error:' and names the problem, no traceback."""
+def assert_user_error(result, *fragments: str, after_epochs: bool = False) -> None:
+    """Exit 2, one line on stderr that starts with 'error:' and names the problem, no traceback.
+    With `after_epochs`, the error may follow the status lines of epochs already trained."""
     assert result.exit_code == 2, f"exit {result.exit_code}: {result.output}\n{result.exception!r}"
     lines = result.stderr.strip().splitlines()
+    if after_epochs:
+        assert all("] epoch " in line for line in lines[:-1]), result.stderr
+        lines = lines[-1:]
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("error: "), lines[0]
     assert "Traceback" not in result.output

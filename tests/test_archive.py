@@ -131,6 +131,43 @@ def test_non_finite_teacher_output_is_refused_and_nothing_looks_finished(image_f
     assert not (tmp_path / "a.zarr" / "manifest.json").exists()
 
 
+def test_logits_beyond_float16_are_refused(image_folder, tmp_path):
+    result = run_cli("cache-teacher", "--data", image_folder, "--teacher", "tests.toy_models:huge_teacher",
+                     "--out", tmp_path / "a.zarr", "--workers", 0)
+    assert_user_error(result, "float16 range", "--dtype float32")
+    cli_json("cache-teacher", "--data", image_folder, "--teacher", "tests.toy_models:huge_teacher",
+             "--out", tmp_path / "b.zarr", "--workers", 0, "--dtype", "float32")
+
+
+@pytest.mark.parametrize("damage", ["flip a byte", "truncate", "delete"])
+def test_damaged_shards_are_never_trained_on(image_folder, tmp_path, damage):
+    _cache(image_folder, tmp_path / "a.zarr")
+    shard = tmp_path / "a.zarr" / "logits" / "c" / "1" / "2" / "0" / "0"
+    data = bytearray(shard.read_bytes())
+    if damage == "flip a byte":
+        data[len(data) // 2] ^= 0xFF
+        shard.write_bytes(bytes(data))
+    elif damage == "truncate":
+        shard.write_bytes(bytes(data[: len(data) // 2]))
+    else:
+        shard.unlink()
+    result = run_cli("train-student", "--data", image_folder, "--student", "kdpipe:mlp", "--out", tmp_path / "run",
+                     "--cache", tmp_path / "a.zarr", "--epochs", 2, "--workers", 0)
+    # shards are verified when first read: epoch 0 trains, epoch 1 stops before using the bad shard
+    assert_user_error(result, "damaged", "logits/c/1/2/0/0", after_epochs=True)
+    assert not (tmp_path / "run" / "student.pt").exists()
+
+
+def test_same_job_named_by_other_paths_is_the_same_job(image_folder, tmp_path, monkeypatch):
+    weights = tmp_path / "teacher.pt"
+    torch.save(build_model(ModelSpec("kdpipe:cnn", num_classes=3)).net.state_dict(), weights)
+    args = ["--teacher", "kdpipe:cnn", "--epochs", 1, "--workers", 0, "--size", 16]
+    cli_json("cache-teacher", "--data", image_folder, "--weights", weights, "--out", tmp_path / "a.zarr", *args)
+    monkeypatch.chdir(tmp_path)
+    again = cli_json("cache-teacher", "--data", image_folder.name, "--weights", "teacher.pt", "--out", "a.zarr", *args)
+    assert again["computed_views"] == 0
+
+
 def test_unfinished_archive_of_another_job_is_refused(image_folder, tmp_path):
     out = tmp_path / "a.zarr"
     _cache(image_folder, out)

@@ -61,7 +61,10 @@ def test_existing_outputs(tmp_path, image_folder):
     result = run_cli("train-student", "--data", image_folder, "--student", "kdpipe:mlp", "--mode", "supervised",
                      "--out", tmp_path / "busy", "--epochs", 1)
     assert_user_error(result, "not empty")
-    assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
+    result = run_cli("train-student", "--data", image_folder, "--student", "kdpipe:mlp", "--mode", "supervised",
+                     "--out", tmp_path / "busy", "--epochs", 1, "--resume")
+    assert_user_error(result, "holds no run")
+    assert [p.name for p in (tmp_path / "busy").iterdir()] == ["notes.txt"]
 
 
 @pytest.mark.parametrize(
@@ -73,6 +76,8 @@ def test_existing_outputs(tmp_path, image_folder):
         (["--mode", "supervised", "--scale", "0.5"], "--scale takes 2"),
         (["--mode", "supervised", "--temperature", "0"], "temperature must be positive"),
         (["--mode", "supervised", "--optimizer", "lion"], "--optimizer must be one of"),
+        (["--mode", "online", "--teacher", "kdpipe:cnn", "--cache", "x.zarr"], "--cache is used only with --mode cached"),
+        (["--mode", "supervised", "--teacher", "kdpipe:cnn"], "--teacher is not used in supervised mode"),
     ],
 )
 def test_bad_options(tmp_path, image_folder, options, message):

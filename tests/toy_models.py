@@ -39,14 +39,16 @@ class Slow(nn.Module):
         return self.net(x)
 
 
-class NotFinite(nn.Module):
-    def __init__(self, num_classes: int):
+class Scaled(nn.Module):
+    """Multiplies its logits by `factor` on real batches (not on the one-image probe)."""
+
+    def __init__(self, num_classes: int, factor: float):
         super().__init__()
-        self.linear = nn.Linear(3, num_classes)
+        self.linear, self.factor = nn.Linear(3, num_classes), factor
 
     def forward(self, x):
-        out = self.linear(x.mean((2, 3)))
-        return out * float("nan") if x.shape[0] > 1 else out
+        out = self.linear(x.mean((2, 3))) + 1.0
+        return out * self.factor if x.shape[0] > 1 else out
 
 
 def recording_teacher(num_classes: int) -> nn.Module:
@@ -66,7 +68,11 @@ def slow_student(num_classes: int) -> nn.Module:
 
 
 def nan_teacher(num_classes: int) -> nn.Module:
-    return NotFinite(num_classes)
+    return Scaled(num_classes, float("nan"))
+
+
+def huge_teacher(num_classes: int) -> nn.Module:
+    return Scaled(num_classes, 1e6)  # finite in float32, beyond float16's range
 
 
 def tiny_cnn(num_classes: int) -> nn.Module:

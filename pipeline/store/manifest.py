@@ -40,6 +40,25 @@ def library_versions() -> dict[str, str]:
     }
 
 
+# Manifest fields that only a finished archive has, and fields that record where things
+# were found rather than what they are: neither decides whether two runs are the same job.
+MANIFEST_ONLY = ("shards", "files", "total_bytes")
+INFORMATIONAL = (("dataset", "location"), ("teacher", "spec", "weights"))
+
+
+def job_identity(plan: dict) -> dict:
+    """The part of a plan or manifest that defines the job: two runs with equal identities
+    write identical archives."""
+    identity = json.loads(json.dumps({k: v for k, v in plan.items() if k not in MANIFEST_ONLY}))
+    for *parents, leaf in INFORMATIONAL:
+        node = identity
+        for part in parents:
+            node = node.get(part, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    return identity
+
+
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     """Write JSON to a temporary file, fsync it, then rename it into place."""
     path = Path(path)

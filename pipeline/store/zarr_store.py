@@ -27,7 +27,7 @@ from zarr.codecs import BloscCodec
 from ..config import ViewRecipe, first_difference
 from ..errors import ArchiveError
 from ..views import epoch_order
-from .manifest import MANIFEST, PLAN, read_json, read_manifest, write_json_atomic
+from .manifest import MANIFEST, PLAN, job_identity, read_json, read_manifest, write_json_atomic
 
 COMMITS = "commits"
 SHARDED_ARRAYS = ("logits", "view_params")
@@ -94,7 +94,7 @@ class ZarrWriter:
         elif (root / MANIFEST).exists():
             raise ArchiveError(f"archive {root} is already finished; pass --overwrite to replace it")
         elif (root / PLAN).exists():
-            where = first_difference(read_json(root / PLAN, "plan"), self.plan)
+            where = first_difference(job_identity(read_json(root / PLAN, "plan")), job_identity(self.plan))
             if where is not None:
                 raise ArchiveError(
                     f"{root} holds an unfinished archive of a different job ({where} differs); "
@@ -183,8 +183,12 @@ class ZarrWriter:
                 files.update(marker["files"])
         for path in sorted(self.root.rglob("*")):
             key = path.relative_to(self.root).as_posix()
-            if path.is_file() and key not in files and key != PLAN and not key.startswith(COMMITS + "/"):
-                files[key] = _file_entry(path)
+            if not path.is_file() or key in files or key == PLAN or key.startswith(COMMITS + "/"):
+                continue
+            if path.name.startswith(".") or path.name.endswith(".partial"):
+                path.unlink()  # a temporary file left by a killed writer
+                continue
+            files[key] = _file_entry(path)
         manifest = dict(self.plan)
         manifest["shards"] = shards
         manifest["files"] = dict(sorted(files.items()))
@@ -196,11 +200,20 @@ class ZarrWriter:
 
 
 class ZarrReader:
-    """Reads a finished archive: contiguous slabs of logits in training order."""
+    """Reads a finished archive: contiguous slabs of logits in training order.
+
+    Every file is checked against the manifest's sha256 before its first use (the small
+    ones on opening, each shard when a read first touches it), so nothing is ever
+    trained on damaged bytes.
+    """
 
     def __init__(self, path: str | os.PathLike):
         self.root = Path(path)
         self.manifest = read_manifest(self.root)
+        self.shard_size = self.manifest["layout"]["positions_per_shard"]
+        self._verified: set[str] = set()
+        chunked = tuple(f"{name}/c/" for name in (*SHARDED_ARRAYS, "sample_index", "position_index"))
+        self._verify(key for key in self.manifest["files"] if not key.startswith(chunked))
         try:
             group = zarr.open_group(str(self.root), mode="r")
             self.logits = group["logits"]
@@ -211,14 +224,32 @@ class ZarrReader:
             raise ArchiveError(f"cannot open archive {self.root}: {exc}") from None
         self._epoch_order: tuple[int, np.ndarray] | None = None
 
+    def _verify(self, keys) -> None:
+        for key in keys:
+            if key in self._verified:
+                continue
+            entry, path = self.manifest["files"][key], self.root / key
+            if not path.is_file():
+                raise ArchiveError(f"archive {self.root} is damaged: {key} is missing; fetch a fresh copy")
+            if path.stat().st_size != entry["bytes"] or _sha256_file(path) != entry["sha256"]:
+                raise ArchiveError(f"archive {self.root} is damaged: {key} fails its checksum; fetch a fresh copy")
+            self._verified.add(key)
+
     def order(self, epoch: int) -> np.ndarray:
         """The stored sample index at each position of `epoch`."""
         if self._epoch_order is None or self._epoch_order[0] != epoch:
+            prefix = f"sample_index/c/{epoch}/"
+            self._verify(key for key in self.manifest["files"] if key.startswith(prefix))
             self._epoch_order = (epoch, self.sample_index[epoch])
         return self._epoch_order[1]
 
     def read(self, epoch: int, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Logits (float32), view parameters and sample indices of positions [start, stop)."""
-        logits = self.logits[epoch, start:stop]
-        params = self.view_params[epoch, start:stop]
+        for shard in range(start // self.shard_size, (stop - 1) // self.shard_size + 1):
+            self._verify(shard_key(array, epoch, shard) for array in SHARDED_ARRAYS)
+        try:
+            logits = self.logits[epoch, start:stop]
+            params = self.view_params[epoch, start:stop]
+        except Exception as exc:  # decoding errors of a store changed after it was verified
+            raise ArchiveError(f"cannot read archive {self.root} at epoch {epoch}, positions {start}-{stop - 1}: {exc}") from None
         return logits.astype(np.float32, copy=False), params, self.order(epoch)[start:stop]
