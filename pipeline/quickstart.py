@@ -25,12 +25,15 @@ from .train import train_student
 
 MARKER = ".kdpipe-quickstart"
 VAL_FRACTION = 0.2
-LABELLED_PER_CLASS = 5
+LABELLED_PER_CLASS = 5  # the student's labels: 50 of 1,438 training images
 SPLIT_SEED = 0
 TEACHER, STUDENT = "kdpipe:cnn", "kdpipe:mlp"
+# Mild crops rendered at 16 px; no flips, since digits are not mirror-symmetric.
 RECIPE = {"size": 16, "scale": (0.5, 1.0), "ratio": (0.8, 1.25), "flip_prob": 0.0}
-TEACHER_EPOCHS, STUDENT_EPOCHS, SUPERVISED_EPOCHS = 30, 30, 150
+TEACHER_EPOCHS, STUDENT_EPOCHS, SUPERVISED_EPOCHS = 30, 30, 150  # 50 images: one step an epoch
 KD_VIEWS = 2
+# 8x8 PNGs decode in microseconds; on two cores the main process renders and trains, and
+# worker processes would only compete with it for the same cores.
 WORKERS = 0
 
 
@@ -93,37 +96,35 @@ def run_quickstart(out: str, seeds: int = 1) -> dict:
     say(f"digits: {num_train} training images, {num_labelled} of them labelled for the student, "
         f"{sum(1 for _ in folders['val'].rglob('*.png'))} for validation")
 
+    def train(name: str, data: str, model: ModelSpec, mode: str, epochs: int, recipe: dict, **options) -> dict:
+        spec = TrainSpec(data=str(folders[data]), student=model, out=str(root / "runs" / name), mode=mode,
+                         val=str(folders["val"]), epochs=epochs, lr=3e-3, batch_size=64, workers=WORKERS, **options)
+        return train_student(spec, recipe)
+
+    kd_recipe = RECIPE | {"views_per_sample": KD_VIEWS}
     say("1/4 teacher: supervised on every training label")
-    teacher = train_student(
-        TrainSpec(data=str(folders["train"]), student=ModelSpec(TEACHER), out=str(root / "runs" / "teacher"),
-                  mode="supervised", val=str(folders["val"]), epochs=TEACHER_EPOCHS, lr=3e-3, batch_size=64, workers=WORKERS),
-        RECIPE,
-    )
+    teacher = train("teacher", "train", ModelSpec(TEACHER), "supervised", TEACHER_EPOCHS, RECIPE)
     teacher_model = ModelSpec(TEACHER, num_classes=10, weights=str(root / "runs" / "teacher" / "student.pt"))
     say("2/4 cache-teacher: teacher logits for every view of the unlabelled pool")
+    archive = str(root / "teacher.zarr")
     cache = cache_teacher(
-        CacheSpec(data=str(folders["pool"]), teacher=teacher_model, out=str(root / "teacher.zarr"),
-                  recipe=ViewRecipe.from_dict(RECIPE | {"epochs": STUDENT_EPOCHS, "views_per_sample": KD_VIEWS}),
-                  workers=WORKERS)
+        CacheSpec(data=str(folders["pool"]), teacher=teacher_model, out=archive,
+                  recipe=ViewRecipe.from_dict(kd_recipe | {"epochs": STUDENT_EPOCHS}), workers=WORKERS)
     )
     runs: dict[str, list[dict]] = {"supervised": [], "online": [], "cached": []}
     for seed in range(seeds):
         say(f"3/4 students, seed {seed}: supervised on {num_labelled} labels")
-        runs["supervised"].append(train_student(
-            TrainSpec(data=str(folders["labelled"]), student=ModelSpec(STUDENT), out=str(root / "runs" / f"supervised-seed{seed}"),
-                      mode="supervised", val=str(folders["val"]), epochs=SUPERVISED_EPOCHS, seed=seed, lr=3e-3,
-                      batch_size=64, workers=WORKERS),
-            RECIPE,
-        ))
+        runs["supervised"].append(
+            train(f"supervised-seed{seed}", "labelled", ModelSpec(STUDENT), "supervised", SUPERVISED_EPOCHS, RECIPE, seed=seed)
+        )
         say(f"4/4 students, seed {seed}: distilled online and from the cache (no labels)")
-        for mode in ("online", "cached"):
-            runs[mode].append(train_student(
-                TrainSpec(data=str(folders["pool"]), student=ModelSpec(STUDENT, num_classes=10), out=str(root / "runs" / f"{mode}-seed{seed}"),
-                          mode=mode, cache=str(root / "teacher.zarr") if mode == "cached" else None,
-                          teacher=teacher_model if mode == "online" else None, val=str(folders["val"]),
-                          epochs=STUDENT_EPOCHS, seed=seed, lr=3e-3, batch_size=64, workers=WORKERS),
-                {} if mode == "cached" else RECIPE | {"views_per_sample": KD_VIEWS},
-            ))
+        runs["online"].append(
+            train(f"online-seed{seed}", "pool", ModelSpec(STUDENT), "online", STUDENT_EPOCHS, kd_recipe,
+                  seed=seed, teacher=teacher_model)
+        )
+        runs["cached"].append(  # the recipe comes from the archive
+            train(f"cached-seed{seed}", "pool", ModelSpec(STUDENT), "cached", STUDENT_EPOCHS, {}, seed=seed, cache=archive)
+        )
     summary = {
         "setting": (f"reduced labelling: teacher {TEACHER} trained on all {num_train} labels; student {STUDENT} "
                     f"has {num_labelled} labels (supervised) or the teacher's logits on all {num_train} images "

@@ -107,6 +107,30 @@ def _prepare_run_dir(out: Path, config: dict, resume: bool) -> dict | None:
     return None
 
 
+def _teacher_and_classes(
+    spec: TrainSpec, source, recipe: ViewRecipe, reader: ArchiveReader | None
+) -> tuple[Teacher | None, int]:
+    """The live teacher (online mode only) and the number of classes the student must
+    output; in cached mode, the checks that the archive fits this run."""
+    if reader is not None:
+        check_archive_matches(reader.manifest, spec.cache, dataset__fingerprint=source.describe()["fingerprint"])
+        if spec.epochs > recipe.epochs and not spec.cycle_epochs:
+            raise ArchiveMismatchError(
+                f"archive {spec.cache} holds {recipe.epochs} epochs of views but --epochs is {spec.epochs}; "
+                "cache more epochs, or pass --cycle-epochs to replay them in a cycle"
+            )
+        if spec.teacher is not None:  # the caller named a teacher: it must be the archive's
+            named = Teacher(with_num_classes(spec.teacher, source.classes, "teacher"), recipe.size, torch.device("cpu"))
+            check_archive_matches(reader.manifest, spec.cache, teacher__fingerprint=named.fingerprint)
+        return None, reader.manifest["layout"]["num_classes"]
+    if spec.mode == "online":
+        teacher = Teacher(with_num_classes(spec.teacher, source.classes, "teacher"), recipe.size)
+        return teacher, teacher.num_classes
+    if source.classes is None:
+        raise DataError(f"supervised training needs labelled data, but {spec.data} has no class folders")
+    return None, len(source.classes)
+
+
 def train_student(spec: TrainSpec, recipe_options: dict | None = None, resume: bool = False) -> dict:
     """Train a student as `spec` says, writing student.pt, metrics.jsonl, summary.json,
     config.json and an epoch checkpoint into `spec.out`. Returns the summary."""
@@ -116,25 +140,7 @@ def train_student(spec: TrainSpec, recipe_options: dict | None = None, resume: b
     val_source = open_source(spec.val) if spec.val else None
     reader = ArchiveReader(spec.cache) if spec.mode == "cached" else None
     recipe = resolve_recipe(spec, recipe_options or {}, reader)
-    teacher = None
-    if reader is not None:
-        check_archive_matches(reader.manifest, spec.cache, dataset__fingerprint=source.describe()["fingerprint"])
-        if spec.epochs > recipe.epochs and not spec.cycle_epochs:
-            raise ArchiveMismatchError(
-                f"archive {spec.cache} holds {recipe.epochs} epochs of views but --epochs is {spec.epochs}; "
-                "cache more epochs, or pass --cycle-epochs to replay them in a cycle"
-            )
-        num_classes = reader.manifest["layout"]["num_classes"]
-        if spec.teacher is not None:  # the caller named a teacher: it must be the archive's
-            named = Teacher(with_num_classes(spec.teacher, source.classes, "teacher"), size=recipe.size, device=torch.device("cpu"))
-            check_archive_matches(reader.manifest, spec.cache, teacher__fingerprint=named.fingerprint)
-    elif spec.mode == "online":
-        teacher = Teacher(with_num_classes(spec.teacher, source.classes, "teacher"), size=recipe.size)
-        num_classes = teacher.num_classes
-    else:
-        if source.classes is None:
-            raise DataError(f"supervised training needs labelled data, but {spec.data} has no class folders")
-        num_classes = len(source.classes)
+    teacher, num_classes = _teacher_and_classes(spec, source, recipe, reader)
     if spec.mode != "supervised" and spec.alpha > 0 and source.classes is None:
         raise DataError(f"--alpha {spec.alpha} needs labels, but {spec.data} has no class folders; use --alpha 0")
     student_spec = spec.student

@@ -108,3 +108,10 @@ def test_help_lists_the_commands():
     assert result.exit_code == 0
     for command in ("cache-teacher", "train-student", "quickstart"):
         assert command in result.stdout
+
+
+def test_quickstart_never_replaces_a_folder_it_did_not_make(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "data.csv").write_text("1,2,3")
+    assert_user_error(run_cli("quickstart", "--out", tmp_path / "mine"), "not a quickstart folder")
+    assert (tmp_path / "mine" / "data.csv").read_text() == "1,2,3"
