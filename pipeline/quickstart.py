@@ -147,17 +147,17 @@ def format_table(summary: dict) -> str:
     lines = [
         f"setting: {summary['setting']}",
         "",
-        f"{'run':<12}{'labels':>8}{'val top-1':>12}{'wall s':>9}{'views/s':>10}",
+        f"{'run':<12}{'labels':>8}{'val top-1 %':>16}{'wall s':>9}{'views/s':>10}",
     ]
     for name in ("teacher", "supervised", "online", "cached"):
         e = summary[name]
-        spread = f" ±{e['val_top1_std']:.1f}" if "val_top1_std" in e else ""
-        lines.append(f"{name:<12}{e['labels_used']:>8}{e['val_top1']:>11.2f}%{e['wall_seconds']:>9.1f}{e['views_per_sec']:>10,.0f}{spread}")
+        accuracy = f"{e['val_top1']:.2f}" + (f" ±{e['val_top1_std']:.2f}" if "val_top1_std" in e else "")
+        lines.append(f"{name:<12}{e['labels_used']:>8}{accuracy:>16}{e['wall_seconds']:>9.1f}{e['views_per_sec']:>10,.0f}")
     c = summary["cache"]
-    seeds = summary["cached"]["seeds"]
     lines += [
         "",
         f"cache: {c['views']:,} views, {c['bytes']:,} bytes, {c['bytes_per_view']:.1f} bytes/view",
-        f"student figures are means over {seeds} seed(s); total {summary['wall_seconds']:.0f} s",
+        f"student figures are means over {summary['cached']['seeds']} seed(s) (± standard deviation); "
+        f"total {summary['wall_seconds']:.0f} s",
     ]
     return "\n".join(lines)
