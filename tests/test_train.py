@@ -88,6 +88,10 @@ def test_run_dir_holds_weights_metrics_summary_and_config(tmp_path):
     assert set(metrics[0]) == {"epoch", "loss", "ce", "val_top1", "seconds", "views_per_sec"}
     config = json.loads((run / "config.json").read_text())
     assert config["mode"] == "supervised" and config["recipe"]["size"] == 16 and config["student"]["num_classes"] == 3
+    # kdpipe's own run checkpoint serves as weights, e.g. for a teacher
+    from_checkpoint = build_model(ModelSpec("kdpipe:cnn", num_classes=3, weights=str(run / "checkpoint.pt")))
+    final = torch.load(run / "student.pt", weights_only=True)
+    assert all(torch.equal(from_checkpoint.net.state_dict()[k], v) for k, v in final.items())
     # student.pt is a plain state_dict that loads into the bare network
     small_cnn(3).load_state_dict(torch.load(run / "student.pt", weights_only=True))
     assert_user_error(
@@ -176,3 +180,19 @@ def test_kd_loss_matches_hand_computed_values():
     assert get_loss("kd") is kd_loss
     with pytest.raises(ConfigError, match="choose one of kd"):
         get_loss("kld")
+
+
+def test_unlabelled_folder_serves_as_the_transfer_set(tmp_path):
+    """Caching and KD training need no labels: a folder of images alone is the transfer set."""
+    pool = write_image_folder(tmp_path / "pool", labelled=False)
+    val = write_image_folder(tmp_path / "val", per_class=3, seed=2)
+    _cache(tmp_path / "t.zarr", "--num-classes", 3, data=pool)
+    manifest = json.loads((tmp_path / "t.zarr" / "manifest.json").read_text())
+    assert manifest["dataset"]["labelled"] is False and manifest["dataset"]["classes"] is None
+    summary = _train(tmp_path / "run", "--cache", tmp_path / "t.zarr", "--val", val, data=pool)
+    assert summary["mode"] == "cached" and summary["val_top1"] is not None
+    assert_user_error(
+        run_cli("train-student", "--data", pool, "--student", "kdpipe:mlp", "--out", tmp_path / "run2",
+                "--cache", tmp_path / "t.zarr", "--alpha", 0.5, "--epochs", 1, "--workers", 0),
+        "needs labels",
+    )
