@@ -3,6 +3,7 @@ its per-view logits, shard by shard, in an archive that replays exactly those vi
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from .store import ARCHIVE_FORMAT, SCHEMA_VERSION, ArchiveWriter
 from .store.manifest import MANIFEST, job_identity, library_versions, read_manifest
 from .store.zarr_store import plan_layout
 from .views import VIEW_PARAM_FIELDS
+
 
 def archive_summary(manifest: dict, location: str) -> dict:
     """Size figures of a finished archive."""
@@ -39,25 +41,8 @@ def cache_teacher(spec: CacheSpec) -> dict:
     source = open_source(spec.data)
     recipe = spec.recipe
     teacher = Teacher(with_num_classes(spec.teacher, source.classes, "teacher"), size=recipe.size)
+    plan = _plan(spec, source.describe(), teacher.describe(), len(source))
     num_samples, views, classes = len(source), recipe.views_per_sample, teacher.num_classes
-    layout = {
-        "epochs": recipe.epochs,
-        "num_samples": num_samples,
-        "views_per_sample": views,
-        "num_classes": classes,
-        "view_param_fields": list(VIEW_PARAM_FIELDS),
-    } | plan_layout(num_samples, views, classes, np.dtype(spec.dtype).itemsize, spec.positions_per_shard)
-    plan = {
-        "format": ARCHIVE_FORMAT,
-        "schema_version": SCHEMA_VERSION,
-        "backend": "zarr",
-        "recipe": recipe.to_dict(),
-        "teacher": teacher.describe(),
-        "dataset": source.describe(),
-        "codec": {"name": "dense", "dtype": spec.dtype},
-        "layout": layout,
-        "libraries": library_versions(),
-    }
     done = _finished_same_job(spec, plan)
     if done is not None:
         say(f"archive {spec.out} is already complete for this job; nothing to do")
@@ -66,7 +51,7 @@ def cache_teacher(spec: CacheSpec) -> dict:
     writer = ArchiveWriter(spec.out, plan, source.labels, overwrite=spec.overwrite)
     units = writer.pending_units()
     total_views = sum(stop - start for *_, start, stop in units) * views
-    if units and len(units) < recipe.epochs * len(range(0, num_samples, layout["positions_per_shard"])):
+    if units and len(units) < recipe.epochs * math.ceil(num_samples / plan["layout"]["positions_per_shard"]):
         say(f"resuming {spec.out}: {len(units)} shard(s) left to compute")
     loader = DataLoader(
         ViewDataset(source, recipe),
@@ -110,6 +95,30 @@ def cache_teacher(spec: CacheSpec) -> dict:
         "seconds": time.perf_counter() - started,
         "computed_views": total_views,
         "views_per_sec": total_views / compute_seconds if total_views else None,
+    }
+
+
+def _plan(spec: CacheSpec, dataset: dict, teacher: dict, num_samples: int) -> dict:
+    """Everything the manifest will say except the shard list and checksums."""
+    recipe = spec.recipe
+    classes = teacher["num_classes"]
+    layout = {
+        "epochs": recipe.epochs,
+        "num_samples": num_samples,
+        "views_per_sample": recipe.views_per_sample,
+        "num_classes": classes,
+        "view_param_fields": list(VIEW_PARAM_FIELDS),
+    } | plan_layout(num_samples, recipe.views_per_sample, classes, np.dtype(spec.dtype).itemsize, spec.positions_per_shard)
+    return {
+        "format": ARCHIVE_FORMAT,
+        "schema_version": SCHEMA_VERSION,
+        "backend": "zarr",
+        "recipe": recipe.to_dict(),
+        "teacher": teacher,
+        "dataset": dataset,
+        "codec": {"name": "dense", "dtype": spec.dtype},
+        "layout": layout,
+        "libraries": library_versions(),
     }
 
 

@@ -89,7 +89,10 @@ def _build_net(name: str, num_classes: int) -> nn.Module:
         factory = getattr(importlib.import_module(prefix), rest)
     except (ImportError, AttributeError) as exc:
         raise ModelError(f"cannot load model factory {name!r}: {exc}") from None
-    net = factory(num_classes=num_classes)
+    try:
+        net = factory(num_classes=num_classes)
+    except TypeError as exc:
+        raise ModelError(f"model factory {name!r} must accept num_classes=N: {exc}") from None
     if not isinstance(net, nn.Module):
         raise ModelError(f"model factory {name!r} returned {type(net).__name__}, not a torch.nn.Module")
     return net

@@ -86,6 +86,7 @@ def test_torchvision_builtin_and_user_models_build():
         ("no_such_module:factory", "cannot load model factory"),
         ("tests.toy_models:missing", "cannot load model factory"),
         ("tests.toy_models:not_a_module", "not a torch.nn.Module"),
+        ("tests.toy_models:no_class_count", "must accept num_classes"),
         ("resnet18", "bad model name"),
     ],
 )
