@@ -9,7 +9,7 @@ teacher stage and the student stage turn parameters into pixels through `render`
 from __future__ import annotations
 
 import math
-from dataclasses import astuple, dataclass, fields
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -39,7 +39,7 @@ class ViewParams:
 
     def as_array(self) -> np.ndarray:
         """The parameters as float32, in the column order of `VIEW_PARAM_FIELDS`."""
-        return np.array(astuple(self), dtype=np.float32)
+        return np.array([getattr(self, name) for name in VIEW_PARAM_FIELDS], dtype=np.float32)
 
 
 VIEW_PARAM_FIELDS = tuple(f.name for f in fields(ViewParams))
