@@ -141,7 +141,7 @@ def train_student_command(
     data: DataOpt,
     student: Annotated[str, typer.Option(help="torchvision:NAME, kdpipe:cnn|mlp, or package.module:factory.")],
     out: Annotated[str, typer.Option(help="Run directory to write.")],
-    mode: Annotated[str, typer.Option(help="cached (logits from --cache), online (teacher runs live) or supervised (labels only).")] = "cached",
+    mode: Annotated[Optional[str], typer.Option(help="cached (logits from --cache), online (teacher runs live) or supervised (labels only). [default: cached with --cache, else online with --teacher, else supervised]")] = None,
     cache: Annotated[Optional[str], typer.Option(help="Archive written by cache-teacher (cached mode).")] = None,
     teacher: Annotated[Optional[str], typer.Option(help="Teacher model: runs live in online mode; in cached mode it is checked against the archive.")] = None,
     weights: Annotated[Optional[str], typer.Option(help="Teacher weights file.")] = None,
@@ -180,6 +180,8 @@ def train_student_command(
     """
     from pipeline.train import train_student
 
+    if mode is None:
+        mode = "cached" if cache else "online" if teacher else "supervised"
     teacher_spec = None
     if teacher is not None:
         teacher_spec = _model_spec(teacher, num_classes, weights, teacher_mean, teacher_std)

@@ -8,7 +8,7 @@ import torch
 from pipeline.config import ModelSpec
 from pipeline.models import build_model
 
-from .conftest import KDPIPE, REPO, assert_user_error, run_cli, subprocess_env, write_image_folder
+from .conftest import KDPIPE, REPO, assert_user_error, cli_json, run_cli, subprocess_env, write_image_folder
 
 
 def cache(data, out, *extra):
@@ -115,3 +115,9 @@ def test_quickstart_never_replaces_a_folder_it_did_not_make(tmp_path):
     (tmp_path / "mine" / "data.csv").write_text("1,2,3")
     assert_user_error(run_cli("quickstart", "--out", tmp_path / "mine"), "not a quickstart folder")
     assert (tmp_path / "mine" / "data.csv").read_text() == "1,2,3"
+
+
+def test_mode_follows_from_the_options(tmp_path, image_folder):
+    base = ("train-student", "--data", image_folder, "--student", "kdpipe:mlp", "--epochs", 1, "--size", 16, "--workers", 0)
+    assert cli_json(*base, "--out", tmp_path / "s")["mode"] == "supervised"
+    assert cli_json(*base, "--teacher", "kdpipe:cnn", "--out", tmp_path / "o")["mode"] == "online"
