@@ -182,6 +182,8 @@ def train_student_command(
 
     if mode is None:
         mode = "cached" if cache else "online" if teacher else "supervised"
+    if teacher is None and (weights or teacher_mean or teacher_std):
+        raise ConfigError("--weights, --teacher-mean and --teacher-std describe a teacher: add --teacher MODEL")
     teacher_spec = None
     if teacher is not None:
         teacher_spec = _model_spec(teacher, num_classes, weights, teacher_mean, teacher_std)

@@ -78,6 +78,7 @@ def test_existing_outputs(tmp_path, image_folder):
         (["--mode", "supervised", "--optimizer", "lion"], "--optimizer must be one of"),
         (["--mode", "online", "--teacher", "kdpipe:cnn", "--cache", "x.zarr"], "--cache is used only with --mode cached"),
         (["--mode", "supervised", "--teacher", "kdpipe:cnn"], "--teacher is not used in supervised mode"),
+        (["--weights", "teacher.pt"], "add --teacher MODEL"),
     ],
 )
 def test_bad_options(tmp_path, image_folder, options, message):
