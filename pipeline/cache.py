@@ -3,7 +3,6 @@ its per-view logits, shard by shard, in an archive that replays exactly those vi
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
@@ -51,7 +50,7 @@ def cache_teacher(spec: CacheSpec) -> dict:
     writer = ArchiveWriter(spec.out, plan, source.labels, overwrite=spec.overwrite)
     units = writer.pending_units()
     total_views = sum(stop - start for *_, start, stop in units) * views
-    if units and len(units) < recipe.epochs * math.ceil(num_samples / plan["layout"]["positions_per_shard"]):
+    if units and len(units) < recipe.epochs * writer.shards_per_epoch:
         say(f"resuming {spec.out}: {len(units)} shard(s) left to compute")
     loader = DataLoader(
         ViewDataset(source, recipe),

@@ -75,6 +75,7 @@ class ZarrWriter:
         layout = plan["layout"]
         self.epochs, self.num_samples = layout["epochs"], layout["num_samples"]
         self.shard_size = layout["positions_per_shard"]
+        self.shards_per_epoch = -(-self.num_samples // self.shard_size)
         self._claim(overwrite)
         commits = self.root / COMMITS
         if not commits.is_dir() or not any(commits.iterdir()):
@@ -177,7 +178,7 @@ class ZarrWriter:
             raise ArchiveError(f"archive {self.root} still has uncommitted shards")
         shards, files = [], {}
         for epoch in range(self.epochs):
-            for shard in range(-(-self.num_samples // self.shard_size)):
+            for shard in range(self.shards_per_epoch):
                 marker = json.loads(self._marker(epoch, shard).read_text())
                 shards.append({k: marker[k] for k in ("epoch", "shard", "start", "stop")} | {"files": sorted(marker["files"])})
                 files.update(marker["files"])
