@@ -12,6 +12,7 @@ import typer
 
 from pipeline.config import IMAGENET_MEAN, IMAGENET_STD, CacheSpec, ModelSpec, TrainSpec, ViewRecipe
 from pipeline.errors import ConfigError, KdpipeError
+from pipeline.store.location import parse_storage_options
 
 app = typer.Typer(
     add_completion=False,
@@ -86,6 +87,8 @@ ViewsOpt = Annotated[Optional[int], typer.Option(help="Views per sample and epoc
 SeedOpt = Annotated[Optional[int], typer.Option(help="Seed of the view stream and epoch order. [default: 0]")]
 WorkersOpt = Annotated[int, typer.Option(help="DataLoader worker processes (0 = decode in the main process).")]
 MeanOpt = Annotated[Optional[str], typer.Option(help="Input normalisation mean R,G,B. [default: ImageNet's]")]
+StorageOpt = Annotated[Optional[list[str]], typer.Option(help="fsspec storage option KEY=VALUE for the archive's store (repeatable), e.g. endpoint_url=http://127.0.0.1:9000.")]
+LocalCacheOpt = Annotated[Optional[str], typer.Option(help="Folder keeping verified copies of a remote archive's objects, so each is downloaded once.")]
 StdOpt = Annotated[Optional[str], typer.Option(help="Input normalisation std R,G,B. [default: ImageNet's]")]
 
 
@@ -94,7 +97,7 @@ StdOpt = Annotated[Optional[str], typer.Option(help="Input normalisation std R,G
 def cache_teacher_command(
     data: DataOpt,
     teacher: Annotated[str, typer.Option(help="torchvision:NAME, kdpipe:cnn|mlp, or package.module:factory.")],
-    out: Annotated[str, typer.Option(help="Archive directory to write.")],
+    out: Annotated[str, typer.Option(help="Archive to write: a local folder, or an s3:// or gs:// URL.")],
     weights: Annotated[Optional[str], typer.Option(help="Teacher weights: a state_dict or a checkpoint holding one.")] = None,
     num_classes: Annotated[Optional[int], typer.Option(help="Teacher classes. [default: the data's class count]")] = None,
     epochs: Annotated[int, typer.Option(help="Epochs of views to cache.")] = 1,
@@ -107,7 +110,9 @@ def cache_teacher_command(
     color_jitter: JitterOpt = None,
     mean: MeanOpt = None,
     std: StdOpt = None,
-    dtype: Annotated[str, typer.Option(help="Stored logit type: float16 or float32 (lossless).")] = "float16",
+    codec: Annotated[str, typer.Option(help="How logits are stored: dense-fp16, dense-fp32 (lossless) or topk:K (K classes per view plus the tail mass).")] = "dense-fp16",
+    format: Annotated[str, typer.Option("--format", help="Archive format: zarr (random access) or webdataset (tar shards for streaming).")] = "zarr",
+    storage_option: StorageOpt = None,
     shard_size: Annotated[Optional[int], typer.Option(help="Positions per shard. [default: about 16 MiB of logits]")] = None,
     batch_size: Annotated[int, typer.Option(help="Samples per teacher batch (each gives its views).")] = 256,
     workers: WorkersOpt = 2,
@@ -129,7 +134,7 @@ def cache_teacher_command(
     )
     spec = CacheSpec(
         data=data, teacher=_model_spec(teacher, num_classes, weights, mean, std), out=out, recipe=recipe,
-        dtype=dtype, positions_per_shard=shard_size, batch_size=batch_size, workers=workers, overwrite=overwrite,
+        codec=codec, format=format, storage_options=parse_storage_options(storage_option), positions_per_shard=shard_size, batch_size=batch_size, workers=workers, overwrite=overwrite,
     )
     result = cache_teacher(spec)
     typer.echo(json.dumps(result))
@@ -142,7 +147,9 @@ def train_student_command(
     student: Annotated[str, typer.Option(help="torchvision:NAME, kdpipe:cnn|mlp, or package.module:factory.")],
     out: Annotated[str, typer.Option(help="Run directory to write.")],
     mode: Annotated[Optional[str], typer.Option(help="cached (logits from --cache), online (teacher runs live) or supervised (labels only). [default: cached with --cache, else online with --teacher, else supervised]")] = None,
-    cache: Annotated[Optional[str], typer.Option(help="Archive written by cache-teacher (cached mode).")] = None,
+    cache: Annotated[Optional[str], typer.Option(help="Archive written by cache-teacher (cached mode): a local folder, or an s3://, gs:// or http(s):// URL.")] = None,
+    storage_option: StorageOpt = None,
+    local_cache: LocalCacheOpt = None,
     teacher: Annotated[Optional[str], typer.Option(help="Teacher model: runs live in online mode; in cached mode it is checked against the archive.")] = None,
     weights: Annotated[Optional[str], typer.Option(help="Teacher weights file.")] = None,
     teacher_mean: Annotated[Optional[str], typer.Option(help="Teacher normalisation mean R,G,B. [default: ImageNet's]")] = None,
@@ -189,7 +196,7 @@ def train_student_command(
         teacher_spec = _model_spec(teacher, num_classes, weights, teacher_mean, teacher_std)
     spec = TrainSpec(
         data=data, student=_model_spec(student, num_classes, student_weights, mean, std), out=out, mode=mode,
-        cache=cache, teacher=teacher_spec, val=val, epochs=epochs, cycle_epochs=cycle_epochs, batch_size=batch_size,
+        cache=cache, storage_options=parse_storage_options(storage_option), local_cache=local_cache, teacher=teacher_spec, val=val, epochs=epochs, cycle_epochs=cycle_epochs, batch_size=batch_size,
         optimizer=optimizer, lr=lr, weight_decay=weight_decay, momentum=momentum, temperature=temperature,
         alpha=alpha, seed=init_seed, workers=workers,
     )

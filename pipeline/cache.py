@@ -4,7 +4,6 @@ its per-view logits, shard by shard, in an archive that replays exactly those vi
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -15,9 +14,8 @@ from .data import RangeBatches, ViewDataset, open_source
 from .errors import ArchiveError, ModelError
 from .models import Teacher, with_num_classes
 from .progress import say, views_progress
-from .store import ARCHIVE_FORMAT, SCHEMA_VERSION, ArchiveWriter
+from .store import ARCHIVE_FORMAT, SCHEMA_VERSION, ArchiveWriter, Codec, Location, parse_codec, plan_layout
 from .store.manifest import MANIFEST, job_identity, library_versions, read_manifest
-from .store.zarr_store import plan_layout
 from .views import VIEW_PARAM_FIELDS
 
 
@@ -39,15 +37,19 @@ def cache_teacher(spec: CacheSpec) -> dict:
     started = time.perf_counter()
     source = open_source(spec.data)
     recipe = spec.recipe
+    location = Location(spec.out, spec.storage_options)
+    if not location.writable:
+        raise ArchiveError(f"cannot write an archive to {spec.out}: http(s) is read-only; use a local path, s3:// or gs://")
     teacher = Teacher(with_num_classes(spec.teacher, source.classes, "teacher"), size=recipe.size)
-    plan = _plan(spec, source.describe(), teacher.describe(), len(source))
+    codec = parse_codec(spec.codec, teacher.num_classes)
+    plan = _plan(spec, codec, source.describe(), teacher.describe(), len(source))
     num_samples, views, classes = len(source), recipe.views_per_sample, teacher.num_classes
-    done = _finished_same_job(spec, plan)
+    done = _finished_same_job(spec, location, plan)
     if done is not None:
         say(f"archive {spec.out} is already complete for this job; nothing to do")
         return archive_summary(done, spec.out) | {"seconds": 0.0, "views_per_sec": None, "computed_views": 0}
 
-    writer = ArchiveWriter(spec.out, plan, source.labels, overwrite=spec.overwrite)
+    writer = ArchiveWriter(location, plan, source.labels, overwrite=spec.overwrite)
     units = writer.pending_units()
     total_views = sum(stop - start for *_, start, stop in units) * views
     if units and len(units) < recipe.epochs * writer.shards_per_epoch:
@@ -66,7 +68,7 @@ def cache_teacher(spec: CacheSpec) -> dict:
         for batch in loader:
             epoch, shard, start, stop = unit
             if batch["position"][0] == start:
-                logits_buffer = np.empty((stop - start, views, classes), dtype=spec.dtype)
+                logits_buffer = np.empty((stop - start, views, classes), dtype=np.float32)
                 params_buffer = np.empty((stop - start, views, len(VIEW_PARAM_FIELDS)), dtype=np.float32)
             count = len(batch["index"])
             logits = teacher(batch["views"].flatten(0, 1)).cpu().view(count, views, classes)
@@ -77,12 +79,7 @@ def cache_teacher(spec: CacheSpec) -> dict:
                     "check its weights and input normalisation (nothing was stored for this shard)"
                 )
             rows = slice(int(batch["position"][0]) - start, int(batch["position"][-1]) - start + 1)
-            with np.errstate(over="ignore"):  # overflow is caught just below
-                logits_buffer[rows] = logits.numpy()
-            if not np.isfinite(logits_buffer[rows]).all():
-                raise ModelError(
-                    f"the teacher's logits in epoch {epoch} exceed the {spec.dtype} range; use --dtype float32"
-                )
+            logits_buffer[rows] = logits.float().numpy()
             params_buffer[rows] = batch["params"].numpy()
             if rows.stop == stop - start:
                 writer.write_unit(epoch, shard, logits_buffer, params_buffer)
@@ -97,35 +94,37 @@ def cache_teacher(spec: CacheSpec) -> dict:
     }
 
 
-def _plan(spec: CacheSpec, dataset: dict, teacher: dict, num_samples: int) -> dict:
+def _plan(spec: CacheSpec, codec: Codec, dataset: dict, teacher: dict, num_samples: int) -> dict:
     """Everything the manifest will say except the shard list and checksums."""
     recipe = spec.recipe
-    classes = teacher["num_classes"]
+    classes, views = teacher["num_classes"], recipe.views_per_sample
+    fields = codec.fields(views, classes) | {"view_params": ((views, len(VIEW_PARAM_FIELDS)), np.dtype(np.float32))}
+    bytes_per_position = sum(int(np.prod(tail)) * dtype.itemsize for tail, dtype in fields.values())
     layout = {
         "epochs": recipe.epochs,
         "num_samples": num_samples,
         "views_per_sample": recipe.views_per_sample,
         "num_classes": classes,
         "view_param_fields": list(VIEW_PARAM_FIELDS),
-    } | plan_layout(num_samples, recipe.views_per_sample, classes, np.dtype(spec.dtype).itemsize, spec.positions_per_shard)
+    } | plan_layout(num_samples, bytes_per_position, spec.positions_per_shard)
     return {
         "format": ARCHIVE_FORMAT,
         "schema_version": SCHEMA_VERSION,
-        "backend": "zarr",
+        "backend": spec.format,
         "recipe": recipe.to_dict(),
         "teacher": teacher,
         "dataset": dataset,
-        "codec": {"name": "dense", "dtype": spec.dtype},
+        "codec": codec.to_dict(),
         "layout": layout,
         "libraries": library_versions(),
     }
 
 
-def _finished_same_job(spec: CacheSpec, plan: dict) -> dict | None:
+def _finished_same_job(spec: CacheSpec, location: Location, plan: dict) -> dict | None:
     """The manifest of a finished archive at `spec.out` made by this very job, if any."""
-    if spec.overwrite or not (Path(spec.out) / MANIFEST).is_file():
+    if spec.overwrite or not location.exists(MANIFEST):
         return None
-    manifest = read_manifest(spec.out)
+    manifest = read_manifest(location)
     where = first_difference(job_identity(plan), job_identity(manifest))
     if where is not None:
         raise ArchiveError(

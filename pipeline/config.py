@@ -142,21 +142,27 @@ class CacheSpec:
     teacher: ModelSpec
     out: str
     recipe: ViewRecipe = field(default_factory=ViewRecipe)
-    dtype: str = "float16"
+    codec: str = "dense-fp16"
+    format: str = "zarr"
+    storage_options: dict = field(default_factory=dict)
     positions_per_shard: int | None = None
     batch_size: int = 256
     workers: int = 2
     overwrite: bool = False
 
     def __post_init__(self):
-        if self.dtype not in ("float16", "float32"):
-            raise ConfigError(f"--dtype must be float16 or float32, got {self.dtype!r}")
+        from .store.codecs import check_codec_name
+
+        check_codec_name(self.codec)
+        if self.format not in ARCHIVE_BACKENDS:
+            raise ConfigError(f"--format must be one of {', '.join(ARCHIVE_BACKENDS)}, got {self.format!r}")
         if self.batch_size < 1:
             raise ConfigError("batch size must be at least 1")
         if self.positions_per_shard is not None and self.positions_per_shard < 1:
             raise ConfigError("shard size must be at least 1 position")
 
 
+ARCHIVE_BACKENDS = ("zarr", "webdataset")
 MODES = ("cached", "online", "supervised")
 OPTIMIZERS = ("adamw", "sgd")
 
@@ -172,6 +178,8 @@ class TrainSpec:
     mode: str = "cached"
     recipe: ViewRecipe = field(default_factory=ViewRecipe)
     cache: str | None = None
+    storage_options: dict = field(default_factory=dict)
+    local_cache: str | None = None
     teacher: ModelSpec | None = None
     val: str | None = None
     epochs: int = 10
@@ -207,7 +215,10 @@ class TrainSpec:
             raise ConfigError(f"alpha must be in [0, 1], got {self.alpha}")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The run's configuration, without storage options (they may hold credentials)."""
+        data = dataclasses.asdict(self)
+        del data["storage_options"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainSpec:

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from .config import TrainSpec, ViewRecipe, first_difference
 from .data import RangeBatches, ValDataset, ViewDataset, open_source
@@ -138,7 +138,7 @@ def train_student(spec: TrainSpec, recipe_options: dict | None = None, resume: b
     out = Path(spec.out)
     source = open_source(spec.data)
     val_source = open_source(spec.val) if spec.val else None
-    reader = ArchiveReader(spec.cache) if spec.mode == "cached" else None
+    reader = ArchiveReader(spec.cache, spec.storage_options, spec.local_cache) if spec.mode == "cached" else None
     recipe = resolve_recipe(spec, recipe_options or {}, reader)
     teacher, num_classes = _teacher_and_classes(spec, source, recipe, reader)
     if spec.mode != "supervised" and spec.alpha > 0 and source.classes is None:
@@ -176,8 +176,11 @@ def train_student(spec: TrainSpec, recipe_options: dict | None = None, resume: b
     _keep_metrics_until(out / "metrics.jsonl", start_epoch)
 
     ranges = [(epoch % recipe.epochs, 0, num_samples) for epoch in range(start_epoch, spec.epochs)]
+    views_dataset = ViewDataset(source, recipe)
+    if reader is not None:
+        views_dataset = CachedViews(views_dataset, spec.cache, spec.storage_options, spec.local_cache)
     loader = DataLoader(
-        ViewDataset(source, recipe),
+        views_dataset,
         batch_sampler=RangeBatches(ranges, num_samples, spec.batch_size),
         num_workers=spec.workers,
         pin_memory=device.type == "cuda",
@@ -203,7 +206,7 @@ def train_student(spec: TrainSpec, recipe_options: dict | None = None, resume: b
                 labels = batch["label"].repeat_interleave(views).to(device)
                 teacher_logits = None
                 if reader is not None:
-                    teacher_logits = _cached_logits(reader, spec.cache, batch).to(device, non_blocking=True)
+                    teacher_logits = batch["teacher_logits"].flatten(0, 1).to(device, non_blocking=True)
                 elif teacher is not None:
                     teacher_logits = teacher(images).clone()  # clone: leave inference mode
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
@@ -265,19 +268,48 @@ def train_student(spec: TrainSpec, recipe_options: dict | None = None, resume: b
     return summary
 
 
-def _cached_logits(reader: ArchiveReader, location: str, batch: dict) -> torch.Tensor:
-    """The archive's logits for a batch, after checking that the stored record keys and
-    view parameters are exactly those of the views the student is about to see."""
-    epoch, first, last = int(batch["epoch"][0]), int(batch["position"][0]), int(batch["position"][-1])
-    logits, params, indices = reader.read(epoch, first, last + 1)
-    if not np.array_equal(indices, batch["index"].numpy()):
-        raise ArchiveMismatchError(f"archive {location} holds other samples at epoch {epoch}, positions {first}-{last}")
-    if not np.array_equal(params, batch["params"].numpy()):
-        raise ArchiveMismatchError(
-            f"archive {location} recorded other view parameters at epoch {epoch}, positions {first}-{last}: "
-            "the recipe, the data or kdpipe's view code changed since it was cached"
-        )
-    return torch.from_numpy(logits).flatten(0, 1)
+class CachedViews(Dataset):
+    """ViewDataset items with the archive's logits for their views attached.
+
+    A batch (consecutive positions of one epoch) is read as one slab, after checking
+    that the stored sample indices and view parameters are exactly those of the views
+    just rendered. The archive is opened in the process that loads the batch, so each
+    DataLoader worker has its own store connection (never one inherited over fork).
+    """
+
+    def __init__(self, views: ViewDataset, archive: str, storage_options: dict, local_cache: str | None):
+        self.views, self.archive = views, archive
+        self.storage_options, self.local_cache = storage_options, local_cache
+        self._reader: tuple[int, ArchiveReader] | None = None
+
+    def __len__(self) -> int:
+        return len(self.views)
+
+    def __getstate__(self) -> dict:
+        return self.__dict__ | {"_reader": None}  # a worker opens its own
+
+    def reader(self) -> ArchiveReader:
+        if self._reader is None or self._reader[0] != os.getpid():
+            self._reader = (os.getpid(), ArchiveReader(self.archive, self.storage_options, self.local_cache))
+        return self._reader[1]
+
+    def __getitem__(self, item: int) -> dict:
+        return self.__getitems__([item])[0]
+
+    def __getitems__(self, items: list[int]) -> list[dict]:
+        samples = [self.views[item] for item in items]
+        epoch, first, last = samples[0]["epoch"], samples[0]["position"], samples[-1]["position"]
+        logits, params, indices = self.reader().read(epoch, first, last + 1)
+        if not np.array_equal(indices, [s["index"] for s in samples]):
+            raise ArchiveMismatchError(f"archive {self.archive} holds other samples at epoch {epoch}, positions {first}-{last}")
+        if not np.array_equal(params, np.stack([s["params"].numpy() for s in samples])):
+            raise ArchiveMismatchError(
+                f"archive {self.archive} recorded other view parameters at epoch {epoch}, positions {first}-{last}: "
+                "the recipe, the data or kdpipe's view code changed since it was cached"
+            )
+        for sample, sample_logits in zip(samples, logits):
+            sample["teacher_logits"] = torch.from_numpy(sample_logits)
+        return samples
 
 
 def _keep_metrics_until(path: Path, epochs_done: int) -> None:

@@ -33,7 +33,7 @@ def _archive_files(root: Path) -> dict[str, str]:
 
 
 def test_manifest_records_what_was_cached(image_folder, tmp_path):
-    result = _cache(image_folder, tmp_path / "a.zarr", "--dtype", "float32", "--seed", 5, "--color-jitter", 0.2)
+    result = _cache(image_folder, tmp_path / "a.zarr", "--codec", "dense-fp32", "--seed", 5, "--color-jitter", 0.2)
     manifest = read_manifest(tmp_path / "a.zarr")
     assert manifest["format"] == "kdpipe-archive" and manifest["schema_version"] == SCHEMA_VERSION
     recipe = ViewRecipe.from_dict(manifest["recipe"])
@@ -43,7 +43,7 @@ def test_manifest_records_what_was_cached(image_folder, tmp_path):
     assert manifest["dataset"]["classes"] == ["cat", "dog", "fox"]
     teacher = build_model(ModelSpec("tests.toy_models:tiny_cnn", num_classes=3))
     assert manifest["teacher"]["fingerprint"] == model_fingerprint(teacher)
-    assert manifest["codec"] == {"name": "dense", "dtype": "float32"}
+    assert manifest["codec"] == {"name": "dense-fp32", "dtype": "float32"}
     layout = manifest["layout"]
     assert (layout["epochs"], layout["num_samples"], layout["views_per_sample"], layout["num_classes"]) == (2, 18, 2, 3)
     assert set(manifest["libraries"]) >= {"kdpipe", "torch", "torchvision", "zarr", "numcodecs", "numpy"}
@@ -134,9 +134,9 @@ def test_non_finite_teacher_output_is_refused_and_nothing_looks_finished(image_f
 def test_logits_beyond_float16_are_refused(image_folder, tmp_path):
     result = run_cli("cache-teacher", "--data", image_folder, "--teacher", "tests.toy_models:huge_teacher",
                      "--out", tmp_path / "a.zarr", "--workers", 0)
-    assert_user_error(result, "float16 range", "--dtype float32")
+    assert_user_error(result, "float16 range", "--codec dense-fp32")
     cli_json("cache-teacher", "--data", image_folder, "--teacher", "tests.toy_models:huge_teacher",
-             "--out", tmp_path / "b.zarr", "--workers", 0, "--dtype", "float32")
+             "--out", tmp_path / "b.zarr", "--workers", 0, "--codec", "dense-fp32")
 
 
 @pytest.mark.parametrize("damage", ["flip a byte", "truncate", "delete"])
@@ -192,14 +192,14 @@ def test_interrupted_cache_completes_to_the_same_archive(tmp_path, image_folder)
     child = subprocess.Popen(command(interrupted), cwd=REPO, env=subprocess_env(),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
-    while not list((interrupted / "commits").glob("*.json")) and time.monotonic() < deadline:
+    while not list((interrupted / "commits").glob("*.*.json")) and time.monotonic() < deadline:
         assert child.poll() is None, child.communicate()
         time.sleep(0.05)
     time.sleep(0.4)  # let it get into the middle of a later shard
     child.send_signal(signal.SIGKILL)
     child.wait()
     assert not (interrupted / "manifest.json").exists()
-    committed = len(list((interrupted / "commits").glob("*.json")))
+    committed = len(list((interrupted / "commits").glob("*.*.json")))
     assert 1 <= committed < 18
 
     resumed = subprocess.run(command(interrupted), cwd=REPO, env=subprocess_env(), capture_output=True, text=True)

@@ -39,7 +39,7 @@ def _weights(run_dir):
 def test_offline_equals_online_bit_for_bit(tmp_path):
     """The central invariant: a student trained from a float32 cache ends with exactly the
     weights of a student trained with the teacher running live on the same views."""
-    _cache(tmp_path / "t.zarr", "--dtype", "float32")
+    _cache(tmp_path / "t.zarr", "--codec", "dense-fp32")
     # the archive's teacher is built from seed 0; save exactly those weights for the online run
     teacher_weights = tmp_path / "teacher.pt"
     torch.save(build_model(ModelSpec("tests.toy_models:tiny_cnn", num_classes=4)).net.state_dict(), teacher_weights)

@@ -1,14 +1,26 @@
-"""Teacher archives: the manifest, and the zarr backend behind `open_writer` / `open_reader`."""
+"""Teacher archives: one writer and one reader over any backend (zarr, webdataset) and
+any store (local folder, s3://, gs://, http(s)://)."""
 
+from .archive import ArchiveReader, ArchiveWriter, plan_layout
+from .codecs import CODEC_NAMES, Codec, DenseCodec, TopKCodec, parse_codec
+from .location import Location, parse_storage_options
 from .manifest import ARCHIVE_FORMAT, SCHEMA_VERSION, check_archive_matches, read_manifest
-from .zarr_store import ZarrReader as ArchiveReader
-from .zarr_store import ZarrWriter as ArchiveWriter
+
+
 
 __all__ = [
     "ARCHIVE_FORMAT",
+    "CODEC_NAMES",
     "SCHEMA_VERSION",
     "ArchiveReader",
     "ArchiveWriter",
+    "Codec",
+    "DenseCodec",
+    "Location",
+    "TopKCodec",
     "check_archive_matches",
+    "parse_codec",
+    "parse_storage_options",
+    "plan_layout",
     "read_manifest",
 ]

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 from typing import Any
 
 from ..config import first_difference
 from ..errors import ArchiveError, ArchiveMismatchError
+from .location import Location
 
 ARCHIVE_FORMAT = "kdpipe-archive"
 SCHEMA_VERSION = 1
@@ -59,44 +59,38 @@ def job_identity(plan: dict) -> dict:
     return identity
 
 
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Write JSON to a temporary file, fsync it, then rename it into place."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def json_bytes(obj: Any) -> bytes:
+    """The stored form of a JSON document: indented, keys sorted, newline-terminated."""
+    return (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()
 
 
-def read_json(path: Path, what: str) -> dict:
+def read_json(location: Location, key: str, what: str) -> dict:
+    data = location.read(key)
     try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ArchiveError(f"cannot read the {what} {path}: {exc}") from None
+        return json.loads(data)
+    except ValueError as exc:
+        raise ArchiveError(f"the {what} {location}/{key} is not valid JSON ({exc}); fetch a fresh copy") from None
 
 
-def read_manifest(path: str | os.PathLike) -> dict:
+def read_manifest(location: Location | str | os.PathLike, storage_options: dict | None = None) -> dict:
     """The manifest of a finished archive; a clear error for anything else."""
-    root = Path(path)
-    if not root.exists():
-        raise ArchiveError(f"archive {root} does not exist")
-    if not (root / MANIFEST).is_file():
-        if (root / PLAN).is_file():
+    if not isinstance(location, Location):
+        location = Location(location, storage_options)
+    if not location.exists(MANIFEST):
+        if location.exists(PLAN):
             raise ArchiveError(
-                f"archive {root} is unfinished (no {MANIFEST}); re-run the cache-teacher command that made it to complete it"
+                f"archive {location} is unfinished (no {MANIFEST}); re-run the cache-teacher command that made it to complete it"
             )
-        raise ArchiveError(f"{root} is not a kdpipe archive (no {MANIFEST})")
-    manifest = read_json(root / MANIFEST, "manifest")
-    if manifest.get("format") != ARCHIVE_FORMAT:
-        raise ArchiveError(f"{root / MANIFEST} is not a kdpipe archive manifest")
+        if not location.exists():
+            raise ArchiveError(f"archive {location} does not exist")
+        raise ArchiveError(f"{location} is not a kdpipe archive (no {MANIFEST})")
+    manifest = read_json(location, MANIFEST, "manifest")
+    if not isinstance(manifest, dict) or manifest.get("format") != ARCHIVE_FORMAT:
+        raise ArchiveError(f"{location}/{MANIFEST} is not a kdpipe archive manifest")
     version = manifest.get("schema_version")
     if not isinstance(version, int) or version > SCHEMA_VERSION:
         raise ArchiveError(
-            f"archive {root} has schema version {version}; this kdpipe reads up to {SCHEMA_VERSION}: upgrade kdpipe"
+            f"archive {location} has schema version {version}; this kdpipe reads up to {SCHEMA_VERSION}: upgrade kdpipe"
         )
     return manifest
 

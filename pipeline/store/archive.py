@@ -1,0 +1,275 @@
+"""The archive writer and reader, shared by every backend (zarr, webdataset) and store.
+
+An archive is a set of objects below a `Location`:
+
+    plan.json            the manifest-to-be, while the archive is unfinished
+    commits/static.json  checksums of the backend's static files, once written
+    commits/E.S.json     checksums of shard S of epoch E, once its objects are written
+    <backend objects>    zarr arrays, or tar shards
+    manifest.json        written last: an archive without it is unfinished
+
+A unit of work is one (epoch, shard): its objects are written whole (atomically), then
+its commit marker. A re-run skips committed units, so an interrupted job completes to
+the same bytes. `finish` checks every object is present with its committed size,
+writes the manifest with a sha256 per object, and removes the markers and the plan.
+
+The reader verifies every object against the manifest's sha256 before first use (the
+small ones on opening, each shard when a read first touches it): nothing is ever
+trained on damaged bytes. With a local cache, verified objects are kept on disk by
+content hash, so a remote archive is downloaded once per machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from ..config import ViewRecipe, first_difference
+from ..errors import ArchiveError
+from ..views import epoch_order
+from .codecs import Codec, codec_from_manifest
+from .location import Location
+from .manifest import MANIFEST, PLAN, job_identity, json_bytes, read_json, read_manifest
+
+COMMITS = "commits"
+STATIC_MARKER = f"{COMMITS}/static.json"
+# Aim for shards of about this many uncompressed bytes, and (zarr) chunks, the unit of
+# decompression on read, of about this many.
+TARGET_SHARD_BYTES = 16 << 20
+TARGET_CHUNK_BYTES = 256 << 10
+
+
+def plan_layout(num_samples: int, bytes_per_position: int, positions_per_shard: int | None) -> dict:
+    """Positions per shard and per chunk: chunks divide shards, shards cover positions."""
+    chunk = max(1, min(num_samples, TARGET_CHUNK_BYTES // bytes_per_position))
+    shard = positions_per_shard or max(chunk, TARGET_SHARD_BYTES // bytes_per_position)
+    shard = min(shard, num_samples)
+    chunk = min(chunk, shard)
+    shard = -(-shard // chunk) * chunk  # a whole number of chunks
+    return {"positions_per_shard": shard, "positions_per_chunk": chunk}
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def file_entry(data: bytes) -> dict:
+    return {"bytes": len(data), "sha256": sha256(data)}
+
+
+def _backend(manifest: dict, codec: Codec):
+    from .wds_store import WebDatasetBackend
+    from .zarr_store import ZarrBackend
+
+    backends = {"zarr": ZarrBackend, "webdataset": WebDatasetBackend}
+    name = manifest.get("backend", "zarr")
+    if name not in backends:
+        raise ArchiveError(f"archive backend {name!r} is unknown to this kdpipe; upgrade kdpipe")
+    return backends[name](manifest, codec)
+
+
+class ArchiveWriter:
+    """Creates an archive, or resumes an unfinished one with the same plan."""
+
+    def __init__(self, location: Location, plan: dict, labels: np.ndarray, overwrite: bool = False):
+        self.location = location
+        self.plan = plan
+        self.codec = codec_from_manifest(plan)
+        self.backend = _backend(plan, self.codec)
+        layout = plan["layout"]
+        self.epochs, self.num_samples = layout["epochs"], layout["num_samples"]
+        self.shard_size = layout["positions_per_shard"]
+        self.shards_per_epoch = -(-self.num_samples // self.shard_size)
+        self.recipe = ViewRecipe.from_dict(plan["recipe"])
+        self._orders: dict[int, np.ndarray] = {}
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self._claim(overwrite)
+        if not location.exists(STATIC_MARKER):
+            entries = {}
+            for key, data in self.backend.static_files(self.labels, self.order):
+                location.write(key, data)
+                entries[key] = file_entry(data)
+            location.write(STATIC_MARKER, json_bytes({"files": entries}))
+
+    def _claim(self, overwrite: bool) -> None:
+        """Make the location ours: new, replaced (only with overwrite), or an unfinished run of this plan."""
+        location = self.location
+        if location.is_file():
+            raise ArchiveError(f"{location} exists and is a file; choose another --out")
+        has_manifest, has_plan = location.exists(MANIFEST), location.exists(PLAN)
+        if not (has_manifest or has_plan) and location.sizes():
+            raise ArchiveError(f"{location} exists and is not a kdpipe archive; choose another --out")
+        if (has_manifest or has_plan) and overwrite:
+            location.delete(recursive=True)
+        elif has_manifest:
+            raise ArchiveError(f"archive {location} is already finished; pass --overwrite to replace it")
+        elif has_plan:
+            where = first_difference(job_identity(read_json(location, PLAN, "plan")), job_identity(self.plan))
+            if where is not None:
+                raise ArchiveError(
+                    f"{location} holds an unfinished archive of a different job ({where} differs); "
+                    "re-run the original command to finish it, or pass --overwrite to replace it"
+                )
+            return
+        location.write(PLAN, json_bytes(self.plan))
+
+    def order(self, epoch: int) -> np.ndarray:
+        """The sample index at each position of `epoch`."""
+        if epoch not in self._orders:
+            self._orders = {epoch: epoch_order(self.recipe, epoch, self.num_samples)}
+        return self._orders[epoch]
+
+    def _marker(self, epoch: int, shard: int) -> str:
+        return f"{COMMITS}/{epoch}.{shard}.json"
+
+    def units(self) -> Iterator[tuple[int, int, int, int]]:
+        """(epoch, shard, start, stop) of every unit, in training order."""
+        for epoch in range(self.epochs):
+            for shard, start in enumerate(range(0, self.num_samples, self.shard_size)):
+                yield epoch, shard, start, min(start + self.shard_size, self.num_samples)
+
+    def _commits(self) -> dict[tuple[int, int], dict]:
+        """The commit markers whose objects are all present with their committed sizes."""
+        sizes = self.location.sizes()
+        markers = [k for k in sizes if k.startswith(f"{COMMITS}/") and k != STATIC_MARKER and k.endswith(".json")]
+        committed = {}
+        for key, data in self.location.read_many(markers).items():
+            try:
+                marker = json.loads(data)
+                files = marker["files"]
+            except (ValueError, KeyError, TypeError):
+                continue  # a damaged marker: the unit is redone
+            if all(sizes.get(k) == v["bytes"] for k, v in files.items()):
+                committed[(marker["epoch"], marker["shard"])] = marker
+        return committed
+
+    def pending_units(self) -> list[tuple[int, int, int, int]]:
+        """(epoch, shard, start, stop) of every unit not yet committed, in order."""
+        committed = self._commits()
+        return [unit for unit in self.units() if unit[:2] not in committed]
+
+    def write_unit(self, epoch: int, shard: int, logits: np.ndarray, params: np.ndarray) -> None:
+        """Encode and write one whole shard of logits (float32) and view parameters, then commit it."""
+        start = shard * self.shard_size
+        stop = start + len(logits)
+        fields = self.codec.encode(logits)
+        samples = self.order(epoch)[start:stop]
+        objects = self.backend.encode(epoch, shard, start, fields, params, samples, self.labels[samples])
+        for key, data in objects.items():
+            self.location.write(key, data)
+        marker = {"epoch": epoch, "shard": shard, "start": start, "stop": stop,
+                  "files": {key: file_entry(data) for key, data in objects.items()}}
+        self.location.write(self._marker(epoch, shard), json_bytes(marker))
+
+    def finish(self) -> dict:
+        """Check every unit is committed and present, then write the manifest last."""
+        committed = self._commits()
+        missing = [unit for unit in self.units() if unit[:2] not in committed]
+        if missing:
+            raise ArchiveError(f"archive {self.location} still has {len(missing)} uncommitted shard(s)")
+        static = json.loads(self.location.read(STATIC_MARKER))["files"]
+        sizes = self.location.sizes()
+        files = dict(static)
+        shards = []
+        for epoch, shard, start, stop in self.units():
+            marker = committed[(epoch, shard)]
+            shards.append({"epoch": epoch, "shard": shard, "start": start, "stop": stop, "files": sorted(marker["files"])})
+            files.update(marker["files"])
+        for key, entry in static.items():
+            if sizes.get(key) != entry["bytes"]:
+                raise ArchiveError(f"archive {self.location} lost {key}; re-run with --overwrite")
+        for key in sizes:
+            if key not in files and key != PLAN and not key.startswith(f"{COMMITS}/"):
+                self.location.delete(key)  # a temporary file left by a killed writer
+        manifest = dict(self.plan)
+        manifest["shards"] = shards
+        manifest["files"] = dict(sorted(files.items()))
+        manifest["total_bytes"] = sum(f["bytes"] for f in files.values())
+        self.location.write(MANIFEST, json_bytes(manifest))
+        self.location.delete(COMMITS, recursive=True)
+        self.location.delete(PLAN)
+        return manifest
+
+
+class ArchiveReader:
+    """Reads a finished archive: logits in training order, verified before use.
+
+    Opens nothing but the manifest and the small objects when made; open a reader in
+    the process that uses it (a DataLoader worker opens its own).
+    """
+
+    def __init__(self, location: Location | str | os.PathLike, storage_options: dict | None = None,
+                 local_cache: str | os.PathLike | None = None):
+        self.location = location if isinstance(location, Location) else Location(location, storage_options)
+        self.manifest = read_manifest(self.location)
+        layout = self.manifest["layout"]
+        self.epochs, self.num_samples = layout["epochs"], layout["num_samples"]
+        self.views, self.num_classes = layout["views_per_sample"], layout["num_classes"]
+        self.shard_size = layout["positions_per_shard"]
+        self.local_cache = Path(local_cache) if local_cache else None
+        self.codec = codec_from_manifest(self.manifest)
+        self.backend = _backend(self.manifest, self.codec)
+        self._shard: tuple[tuple[int, int], dict[str, np.ndarray]] | None = None
+        self.backend.open(self.fetch)
+
+    def fetch(self, key: str) -> bytes:
+        """The bytes of `key`, checked against the manifest's sha256."""
+        entry = self.manifest["files"].get(key)
+        if entry is None:
+            raise ArchiveError(f"archive {self.location} is damaged: its manifest does not list {key}")
+        cached = self.local_cache / entry["sha256"][:2] / entry["sha256"] if self.local_cache else None
+        if cached is not None and cached.is_file():
+            data = cached.read_bytes()
+            if sha256(data) == entry["sha256"]:
+                return data
+        data = self.location.read(key)
+        if len(data) != entry["bytes"]:
+            raise ArchiveError(
+                f"archive {self.location} is damaged: {key} has {len(data)} bytes, not {entry['bytes']}; fetch a fresh copy"
+            )
+        if sha256(data) != entry["sha256"]:
+            raise ArchiveError(f"archive {self.location} is damaged: {key} fails its checksum; fetch a fresh copy")
+        if cached is not None:
+            Location(cached.parent).write(cached.name, data)
+        return data
+
+    def verify(self) -> list[str]:
+        """Every object's problem (missing, wrong size, wrong checksum); empty when sound."""
+        problems = []
+        for key in self.manifest["files"]:
+            try:
+                self.fetch(key)
+            except ArchiveError as exc:
+                problems.append(str(exc))
+        return problems
+
+    def _load_shard(self, epoch: int, shard: int) -> dict[str, np.ndarray]:
+        if self._shard is None or self._shard[0] != (epoch, shard):
+            self._shard = None  # free the previous shard before decoding the next
+            self._shard = ((epoch, shard), self.backend.decode(epoch, shard))
+        return self._shard[1]
+
+    def read_fields(self, epoch: int, start: int, stop: int) -> dict[str, np.ndarray]:
+        """The stored arrays of positions [start, stop) of `epoch`: the codec's fields,
+        `view_params`, `sample_index` and `label`."""
+        if not (0 <= epoch < self.epochs and 0 <= start < stop <= self.num_samples):
+            raise ArchiveError(f"archive {self.location} has no positions {start}-{stop - 1} in epoch {epoch}")
+        parts = []
+        for shard in range(start // self.shard_size, (stop - 1) // self.shard_size + 1):
+            base = shard * self.shard_size
+            arrays = self._load_shard(epoch, shard)
+            rows = slice(max(start, base) - base, min(stop, base + self.shard_size) - base)
+            parts.append({name: array[rows] for name, array in arrays.items()})
+        if len(parts) == 1:
+            return parts[0]
+        return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+
+    def read(self, epoch: int, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Logits (float32, decoded), view parameters and sample indices of positions [start, stop)."""
+        fields = self.read_fields(epoch, start, stop)
+        return self.codec.decode(fields), fields["view_params"], fields["sample_index"]

@@ -1,0 +1,147 @@
+"""Logit codecs: how a view's pre-softmax logits become stored arrays, and back.
+
+- `dense-fp32`: the logits as float32, lossless.
+- `dense-fp16`: the logits as float16 (the default; half the bytes, ~1e-3 relative error).
+- `topk:K`: the K most likely classes of each view as indices (uint16, or uint32 past
+  65,536 classes) and their log-probabilities quantised to uint8 in steps of 1/16 nat,
+  plus the log of the tail mass (float16). Decoding rebuilds a full logit vector: the
+  top K at their log-probabilities, the other C-K classes sharing the tail mass
+  equally. Log-probabilities are logits up to a constant, so any temperature applied at
+  training time sees the teacher's top-K ratios exactly, and the tail's total mass is
+  kept at T = 1 (the tail's shape is what is lost).
+
+A codec names its fields (shape after (positions,), dtype); backends store each field
+as an array or record member, so adding a codec touches no backend.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import ConfigError, ModelError
+
+LOGPROB_STEP = 1 / 16  # nats per uint8 step: log-probabilities down to -15.9 are kept
+LOG_TAIL_FLOOR = -60.0  # the log tail mass of a view whose tail underflows
+
+
+@dataclass(frozen=True)
+class DenseCodec:
+    dtype: str  # "float16" or "float32"
+
+    @property
+    def name(self) -> str:
+        return "dense-fp16" if self.dtype == "float16" else "dense-fp32"
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype}
+
+    def fields(self, views: int, classes: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        return {"logits": ((views, classes), np.dtype(self.dtype))}
+
+    def encode(self, logits: np.ndarray) -> dict[str, np.ndarray]:
+        """(n, V, C) float32 logits into stored fields; refuses values the dtype cannot hold."""
+        with np.errstate(over="ignore"):
+            stored = logits.astype(self.dtype)
+        if not np.isfinite(stored).all():
+            raise ModelError(f"the teacher's logits exceed the {self.dtype} range; use --codec dense-fp32")
+        return {"logits": stored}
+
+    def decode(self, fields: dict[str, np.ndarray]) -> np.ndarray:
+        return fields["logits"].astype(np.float32, copy=False)
+
+
+@dataclass(frozen=True)
+class TopKCodec:
+    k: int  # classes kept per view (at most the class count)
+    classes: int
+
+    @property
+    def name(self) -> str:
+        return f"topk:{self.k}"
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "k": self.k, "logprob_step": LOGPROB_STEP, "tail": "uniform"}
+
+    def _index_dtype(self) -> np.dtype:
+        return np.dtype(np.uint16 if self.classes <= 1 << 16 else np.uint32)
+
+    def fields(self, views: int, classes: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        return {
+            "topk_indices": ((views, self.k), self._index_dtype()),
+            "topk_logprobs": ((views, self.k), np.dtype(np.uint8)),
+            "tail_logmass": ((views,), np.dtype(np.float16)),
+        }
+
+    def encode(self, logits: np.ndarray) -> dict[str, np.ndarray]:
+        z = logits.astype(np.float64)
+        log_probs = z - _logsumexp(z, axis=-1)[..., None]
+        top = np.argpartition(-log_probs, self.k - 1, axis=-1)[..., : self.k]
+        top_log_probs = np.take_along_axis(log_probs, top, -1)
+        order = np.argsort(-top_log_probs, axis=-1, kind="stable")
+        top = np.take_along_axis(top, order, -1)
+        top_log_probs = np.take_along_axis(top_log_probs, order, -1)
+        quantised = np.clip(np.rint(-top_log_probs / LOGPROB_STEP), 0, 255).astype(np.uint8)
+        if self.k < self.classes:
+            rest = log_probs.copy()
+            np.put_along_axis(rest, top, -np.inf, -1)
+            tail = np.maximum(_logsumexp(rest, axis=-1), LOG_TAIL_FLOOR)
+        else:
+            tail = np.full(logits.shape[:-1], LOG_TAIL_FLOOR)
+        return {
+            "topk_indices": top.astype(self._index_dtype()),
+            "topk_logprobs": quantised,
+            "tail_logmass": tail.astype(np.float16),
+        }
+
+    def decode(self, fields: dict[str, np.ndarray]) -> np.ndarray:
+        """Full (n, V, C) float32 logits: log-probabilities for the top K, the tail mass
+        spread equally over the rest."""
+        indices = fields["topk_indices"].astype(np.int64)
+        tail = fields["tail_logmass"].astype(np.float32)
+        rest = max(self.classes - self.k, 1)
+        out = np.empty(indices.shape[:-1] + (self.classes,), dtype=np.float32)
+        out[...] = (tail - np.float32(np.log(rest)))[..., None]
+        np.put_along_axis(out, indices, -fields["topk_logprobs"].astype(np.float32) * np.float32(LOGPROB_STEP), -1)
+        return out
+
+
+Codec = DenseCodec | TopKCodec
+CODEC_NAMES = "dense-fp32, dense-fp16 or topk:K"
+
+
+def parse_codec(name: str, classes: int) -> Codec:
+    """A codec from its command-line name; K is capped at the class count."""
+    if name == "dense-fp16":
+        return DenseCodec("float16")
+    if name == "dense-fp32":
+        return DenseCodec("float32")
+    if name.startswith("topk:"):
+        try:
+            k = int(name.split(":", 1)[1])
+        except ValueError:
+            k = 0
+        if k < 1:
+            raise ConfigError(f"--codec {name}: K must be a positive integer, e.g. topk:10")
+        return TopKCodec(min(k, classes), classes)
+    raise ConfigError(f"unknown codec {name!r}; use {CODEC_NAMES}")
+
+
+def check_codec_name(name: str) -> None:
+    """Validate a codec name before the class count is known."""
+    parse_codec(name, classes=1)
+
+
+def codec_from_manifest(manifest: dict) -> Codec:
+    codec, classes = manifest["codec"], manifest["layout"]["num_classes"]
+    if codec["name"].startswith("dense"):
+        return DenseCodec(codec["dtype"])
+    return TopKCodec(codec["k"], classes)
+
+
+def _logsumexp(x: np.ndarray, axis: int) -> np.ndarray:
+    peak = np.max(x, axis=axis, keepdims=True)
+    peak = np.where(np.isfinite(peak), peak, 0.0)
+    with np.errstate(divide="ignore"):
+        return np.log(np.sum(np.exp(x - peak), axis=axis)) + np.squeeze(peak, axis)

@@ -1,0 +1,107 @@
+"""The WebDataset backend: tar shards in training order, for streaming and shipping.
+
+Shard S of epoch E is `shards/eEEEEE-sSSSSS.tar`; it holds one tar member per record,
+`eEEEEE-pPPPPPPPPP.npy`, in position order. A record is one numpy structured scalar:
+
+    epoch, position, sample, label   int64
+    view_params                      float32 (V, P)
+    <codec fields>                   e.g. logits float16 (V, C)
+
+Members are written with mtime 0, uid/gid 0 and no user names, so identical content
+gives identical bytes (and checksums). Stock `webdataset.WebDataset(urls).decode()`
+yields each record as `sample["npy"]`.
+"""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from typing import Callable, Iterator
+
+import numpy as np
+
+from ..errors import ArchiveError
+from .codecs import Codec
+
+META_FIELDS = ("epoch", "position", "sample", "label")
+
+
+def shard_key(epoch: int, shard: int) -> str:
+    return f"shards/e{epoch:06d}-s{shard:05d}.tar"
+
+
+def member_name(epoch: int, position: int) -> str:
+    return f"e{epoch:06d}-p{position:09d}.npy"
+
+
+def _npy_header(dtype: np.dtype) -> bytes:
+    """The .npy header of one scalar record (identical for every record of an archive)."""
+    buffer = io.BytesIO()
+    np.lib.format.write_array(buffer, np.zeros((), dtype=dtype), allow_pickle=False)
+    return buffer.getvalue()[: -dtype.itemsize]
+
+
+class WebDatasetBackend:
+    name = "webdataset"
+
+    def __init__(self, manifest: dict, codec: Codec):
+        layout = manifest["layout"]
+        self.num_samples, self.shard_size = layout["num_samples"], layout["positions_per_shard"]
+        views, classes = layout["views_per_sample"], layout["num_classes"]
+        fields = [(name, "<i8") for name in META_FIELDS]
+        fields.append(("view_params", "<f4", (views, len(layout["view_param_fields"]))))
+        for name, (tail, dtype) in codec.fields(views, classes).items():
+            fields.append((name, dtype.newbyteorder("<"), tail))
+        self.dtype = np.dtype(fields)
+        self.header = _npy_header(self.dtype)
+
+    def static_files(self, labels: np.ndarray, order: Callable[[int], np.ndarray]) -> Iterator[tuple[str, bytes]]:
+        return iter(())  # every record carries its own keys and label
+
+    def encode(self, epoch: int, shard: int, start: int, fields: dict[str, np.ndarray], params: np.ndarray,
+               sample_index: np.ndarray, labels: np.ndarray) -> dict[str, bytes]:
+        records = np.zeros(len(params), dtype=self.dtype)
+        records["epoch"] = epoch
+        records["position"] = np.arange(start, start + len(params))
+        records["sample"] = sample_index
+        records["label"] = labels
+        records["view_params"] = params
+        for name, values in fields.items():
+            records[name] = values
+        out = io.BytesIO()
+        with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for record in records:
+                data = self.header + record.tobytes()
+                info = tarfile.TarInfo(member_name(epoch, int(record["position"])))
+                info.size, info.mtime, info.mode = len(data), 0, 0o644
+                tar.addfile(info, io.BytesIO(data))
+        return {shard_key(epoch, shard): out.getvalue()}
+
+    def open(self, fetch: Callable[[str], bytes]) -> None:
+        self._fetch = fetch
+
+    def decode(self, epoch: int, shard: int) -> dict[str, np.ndarray]:
+        """The records of one shard as arrays, after checking each member's name and layout."""
+        key = shard_key(epoch, shard)
+        data = self._fetch(key)
+        start = shard * self.shard_size
+        count = min(self.shard_size, self.num_samples - start)
+        payloads = []
+        try:
+            with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+                for expected, info in zip(range(start, start + count), tar):
+                    if info.name != member_name(epoch, expected):
+                        raise ArchiveError(f"{key} holds {info.name} where {member_name(epoch, expected)} belongs")
+                    payloads.append(data[info.offset_data: info.offset_data + info.size])
+        except tarfile.TarError as exc:
+            raise ArchiveError(f"{key} is not a readable tar file: {exc}") from None
+        header = len(self.header)
+        if len(payloads) != count or any(p[:header] != self.header or len(p) != header + self.dtype.itemsize for p in payloads):
+            raise ArchiveError(f"{key} does not hold {count} records of this archive's layout")
+        records = np.frombuffer(bytearray(b"".join(p[header:] for p in payloads)), dtype=self.dtype)
+        if (records["epoch"] != epoch).any() or (records["position"] != np.arange(start, start + count)).any():
+            raise ArchiveError(f"{key} holds records of other epochs or positions")
+        out = {name: records[name] for name in self.dtype.names if name not in META_FIELDS}
+        out["sample_index"] = records["sample"]
+        out["label"] = records["label"]
+        return out
