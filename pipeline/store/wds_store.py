@@ -1,21 +1,24 @@
 """The WebDataset backend: tar shards in training order, for streaming and shipping.
 
-Shard S of epoch E is `shards/eEEEEE-sSSSSS.tar`; it holds one tar member per record,
+Shard S of epoch E is `shards/eEEEEE-sSSSSS.tar.gz`, a gzip-compressed tar (a bare tar
+pads every small record to 1 KiB); it holds one tar member per record,
 `eEEEEE-pPPPPPPPPP.npy`, in position order. A record is one numpy structured scalar:
 
     epoch, position, sample, label   int64
     view_params                      float32 (V, P)
     <codec fields>                   e.g. logits float16 (V, C)
 
-Members are written with mtime 0, uid/gid 0 and no user names, so identical content
-gives identical bytes (and checksums). Stock `webdataset.WebDataset(urls).decode()`
+Members are written with mtime 0, uid/gid 0 and no user names, and the gzip header has
+mtime 0 and no file name, so identical content gives identical bytes (and checksums). Stock `webdataset.WebDataset(urls).decode()`
 yields each record as `sample["npy"]`.
 """
 
 from __future__ import annotations
 
+import gzip
 import io
 import tarfile
+import zlib
 from typing import Callable, Iterator
 
 import numpy as np
@@ -27,7 +30,7 @@ META_FIELDS = ("epoch", "position", "sample", "label")
 
 
 def shard_key(epoch: int, shard: int) -> str:
-    return f"shards/e{epoch:06d}-s{shard:05d}.tar"
+    return f"shards/e{epoch:06d}-s{shard:05d}.tar.gz"
 
 
 def member_name(epoch: int, position: int) -> str:
@@ -75,7 +78,7 @@ class WebDatasetBackend:
                 info = tarfile.TarInfo(member_name(epoch, int(record["position"])))
                 info.size, info.mtime, info.mode = len(data), 0, 0o644
                 tar.addfile(info, io.BytesIO(data))
-        return {shard_key(epoch, shard): out.getvalue()}
+        return {shard_key(epoch, shard): gzip.compress(out.getvalue(), compresslevel=6, mtime=0)}
 
     def open(self, fetch: Callable[[str], bytes]) -> None:
         self._fetch = fetch
@@ -83,7 +86,10 @@ class WebDatasetBackend:
     def decode(self, epoch: int, shard: int) -> dict[str, np.ndarray]:
         """The records of one shard as arrays, after checking each member's name and layout."""
         key = shard_key(epoch, shard)
-        data = self._fetch(key)
+        try:
+            data = gzip.decompress(self._fetch(key))
+        except (OSError, EOFError, zlib.error) as exc:
+            raise ArchiveError(f"{key} is not a readable gzip file: {exc}") from None
         start = shard * self.shard_size
         count = min(self.shard_size, self.num_samples - start)
         payloads = []
