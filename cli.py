@@ -208,6 +208,73 @@ def train_student_command(
     typer.echo(json.dumps(summary))
 
 
+@app.command("inspect")
+@_user_errors
+def inspect_command(
+    archive: Annotated[str, typer.Argument(help="Archive: a local folder, or an s3://, gs:// or http(s):// URL.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text.")] = False,
+    stats: Annotated[bool, typer.Option(help="Read every view for agreement and entropy statistics.")] = True,
+    storage_option: StorageOpt = None,
+    local_cache: LocalCacheOpt = None,
+) -> None:
+    """Describe an archive: recipe, teacher and dataset fingerprints, shapes, codec,
+    completeness, bytes per view, and the teacher's agreement with the labels and entropy."""
+    from pipeline.audit import inspect_archive
+
+    report = inspect_archive(archive, parse_storage_options(storage_option), local_cache, stats=stats)
+    typer.echo(json.dumps(report, indent=1) if as_json else _format_report(report))
+
+
+@app.command("verify")
+@_user_errors
+def verify_command(
+    archive: Annotated[str, typer.Argument(help="Archive: a local folder, or an s3://, gs:// or http(s):// URL.")],
+    teacher: Annotated[Optional[str], typer.Option(help="The archive's teacher, to recompute views with.")] = None,
+    weights: Annotated[Optional[str], typer.Option(help="Teacher weights file.")] = None,
+    num_classes: Annotated[Optional[int], typer.Option(help="Teacher classes. [default: the data's class count]")] = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    data: Annotated[Optional[str], typer.Option(help="The data the archive was cached from (needed by --recompute).")] = None,
+    recompute: Annotated[int, typer.Option(help="Recompute this many random samples (all their views) with the teacher.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed choosing the samples to recompute.")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text.")] = False,
+    storage_option: StorageOpt = None,
+) -> None:
+    """Check every object of an archive against its sha256 and, with --teacher, --data and
+    --recompute N, compare N freshly computed samples with the stored logits.
+
+    Exit code 0 when the archive is sound, 1 when something failed (each listed).
+    """
+    from pipeline.audit import verify_archive
+
+    if recompute and (teacher is None or data is None):
+        raise ConfigError("--recompute needs --teacher MODEL (with --weights) and --data")
+    if recompute < 0:
+        raise ConfigError("--recompute must be a non-negative number of samples")
+    spec = _model_spec(teacher, num_classes, weights, mean, std) if teacher else None
+    report = verify_archive(archive, parse_storage_options(storage_option), spec, data, recompute, seed)
+    typer.echo(json.dumps(report, indent=1) if as_json else _format_report(report))
+    if report["problems"]:
+        raise typer.Exit(1)
+
+
+def _format_report(report: dict, indent: str = "") -> str:
+    """A nested report as indented `key: value` lines."""
+    lines = []
+    for key, value in report.items():
+        if isinstance(value, dict):
+            lines.append(f"{indent}{key}:")
+            lines.append(_format_report(value, indent + "  "))
+        elif isinstance(value, list):
+            lines.append(f"{indent}{key}: {'none' if not value else ''}")
+            lines.extend(f"{indent}  - {item}" for item in value)
+        elif isinstance(value, float):
+            lines.append(f"{indent}{key}: {value:,.4g}")
+        else:
+            lines.append(f"{indent}{key}: {value}")
+    return "\n".join(lines)
+
+
 @app.command("quickstart")
 @_user_errors
 def quickstart_command(

@@ -1,4 +1,6 @@
-"""The zarr teacher archive: what it records, how it is committed, and what it refuses."""
+"""The teacher archive: what it records, how it is committed, and what it refuses.
+
+Most tests run against both backends (zarr and webdataset) through the `backend` fixture."""
 
 import hashlib
 import json
@@ -21,19 +23,31 @@ from pipeline.errors import ArchiveError
 from .conftest import KDPIPE, REPO, assert_user_error, cli_json, run_cli, subprocess_env
 
 
-def _cache(data, out, *extra):
+@pytest.fixture(params=["zarr", "webdataset"])
+def backend(request):
+    return request.param
+
+
+def _cache(data, out, *extra, backend="zarr"):
     return cli_json(
         "cache-teacher", "--data", data, "--teacher", "tests.toy_models:tiny_cnn", "--out", out, "--epochs", 2,
-        "--views-per-sample", 2, "--size", 16, "--workers", 0, "--shard-size", 4, *extra,
+        "--views-per-sample", 2, "--size", 16, "--workers", 0, "--shard-size", 4, "--format", backend, *extra,
     )
+
+
+def _shard_file(archive: Path, epoch: int, shard: int) -> str:
+    """The manifest key of the object holding the logits of shard `shard` of `epoch`."""
+    entry = next(s for s in read_manifest(archive)["shards"] if (s["epoch"], s["shard"]) == (epoch, shard))
+    return next(key for key in entry["files"] if key.startswith(("logits/", "shards/")))
 
 
 def _archive_files(root: Path) -> dict[str, str]:
     return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def test_manifest_records_what_was_cached(image_folder, tmp_path):
-    result = _cache(image_folder, tmp_path / "a.zarr", "--codec", "dense-fp32", "--seed", 5, "--color-jitter", 0.2)
+def test_manifest_records_what_was_cached(image_folder, tmp_path, backend):
+    result = _cache(image_folder, tmp_path / "a.zarr", "--codec", "dense-fp32", "--seed", 5, "--color-jitter", 0.2,
+                    backend=backend)
     manifest = read_manifest(tmp_path / "a.zarr")
     assert manifest["format"] == "kdpipe-archive" and manifest["schema_version"] == SCHEMA_VERSION
     recipe = ViewRecipe.from_dict(manifest["recipe"])
@@ -43,7 +57,7 @@ def test_manifest_records_what_was_cached(image_folder, tmp_path):
     assert manifest["dataset"]["classes"] == ["cat", "dog", "fox"]
     teacher = build_model(ModelSpec("tests.toy_models:tiny_cnn", num_classes=3))
     assert manifest["teacher"]["fingerprint"] == model_fingerprint(teacher)
-    assert manifest["codec"] == {"name": "dense-fp32", "dtype": "float32"}
+    assert manifest["codec"] == {"name": "dense-fp32", "dtype": "float32"} and manifest["backend"] == backend
     layout = manifest["layout"]
     assert (layout["epochs"], layout["num_samples"], layout["views_per_sample"], layout["num_classes"]) == (2, 18, 2, 3)
     assert set(manifest["libraries"]) >= {"kdpipe", "torch", "torchvision", "zarr", "numcodecs", "numpy"}
@@ -68,6 +82,8 @@ def test_manifest_records_what_was_cached(image_folder, tmp_path):
         with torch.inference_mode():
             expected = teacher(sample["views"]).numpy()
         np.testing.assert_allclose(logits[0], expected, rtol=1e-5, atol=1e-5)
+    if backend != "zarr":
+        return
     group = zarr.open_group(str(tmp_path / "a.zarr"), mode="r")
     order = group["sample_index"][1]
     assert np.array_equal(group["position_index"][1][order], np.arange(18))
@@ -80,11 +96,11 @@ def test_float16_is_the_default_and_halves_the_logits(image_folder, tmp_path):
     assert read_manifest(tmp_path / "h.zarr")["codec"]["dtype"] == "float16"
 
 
-def test_finished_archive_is_kept_unless_overwrite(image_folder, tmp_path):
+def test_finished_archive_is_kept_unless_overwrite(image_folder, tmp_path, backend):
     out = tmp_path / "a.zarr"
-    _cache(image_folder, out)
+    _cache(image_folder, out, backend=backend)
     before = _archive_files(out)
-    again = _cache(image_folder, out)  # the same job: nothing to do
+    again = _cache(image_folder, out, backend=backend)  # the same job: nothing to do
     assert again["computed_views"] == 0 and _archive_files(out) == before
     assert_user_error(
         run_cli("cache-teacher", "--data", image_folder, "--teacher", "tests.toy_models:tiny_cnn", "--out", out,
@@ -92,7 +108,7 @@ def test_finished_archive_is_kept_unless_overwrite(image_folder, tmp_path):
         "already exists", "--overwrite",
     )
     assert _archive_files(out) == before
-    replaced = _cache(image_folder, out, "--seed", 9, "--overwrite")
+    replaced = _cache(image_folder, out, "--seed", 9, "--overwrite", backend=backend)
     assert replaced["computed_views"] == 72 and read_manifest(out)["recipe"]["seed"] == 9
 
 
@@ -105,8 +121,8 @@ def test_a_folder_that_is_not_an_archive_is_never_replaced(image_folder, tmp_pat
     assert (tmp_path / "precious" / "thesis.txt").read_text() == "do not delete"
 
 
-def test_archive_without_manifest_is_refused_as_unfinished(image_folder, tmp_path):
-    _cache(image_folder, tmp_path / "a.zarr")
+def test_archive_without_manifest_is_refused_as_unfinished(image_folder, tmp_path, backend):
+    _cache(image_folder, tmp_path / "a.zarr", backend=backend)
     (tmp_path / "a.zarr" / "manifest.json").unlink()
     with pytest.raises(ArchiveError, match="not a kdpipe archive"):
         ArchiveReader(tmp_path / "a.zarr")
@@ -140,9 +156,10 @@ def test_logits_beyond_float16_are_refused(image_folder, tmp_path):
 
 
 @pytest.mark.parametrize("damage", ["flip a byte", "truncate", "delete"])
-def test_damaged_shards_are_never_trained_on(image_folder, tmp_path, damage):
-    _cache(image_folder, tmp_path / "a.zarr")
-    shard = tmp_path / "a.zarr" / "logits" / "c" / "1" / "2" / "0" / "0"
+def test_damaged_shards_are_never_trained_on(image_folder, tmp_path, damage, backend):
+    _cache(image_folder, tmp_path / "a.zarr", backend=backend)
+    key = _shard_file(tmp_path / "a.zarr", epoch=1, shard=2)
+    shard = tmp_path / "a.zarr" / key
     data = bytearray(shard.read_bytes())
     if damage == "flip a byte":
         data[len(data) // 2] ^= 0xFF
@@ -154,7 +171,7 @@ def test_damaged_shards_are_never_trained_on(image_folder, tmp_path, damage):
     result = run_cli("train-student", "--data", image_folder, "--student", "kdpipe:mlp", "--out", tmp_path / "run",
                      "--cache", tmp_path / "a.zarr", "--epochs", 2, "--workers", 0)
     # shards are verified when first read: epoch 0 trains, epoch 1 stops before using the bad shard
-    assert_user_error(result, "damaged", "logits/c/1/2/0/0", after_epochs=True)
+    assert_user_error(result, "damaged", key, after_epochs=True)
     assert not (tmp_path / "run" / "student.pt").exists()
 
 
@@ -179,13 +196,13 @@ def test_unfinished_archive_of_another_job_is_refused(image_folder, tmp_path):
     )
 
 
-def test_interrupted_cache_completes_to_the_same_archive(tmp_path, image_folder):
+def test_interrupted_cache_completes_to_the_same_archive(tmp_path, image_folder, backend):
     """Kill cache-teacher mid-run, re-run it: the result equals an uninterrupted run, byte for byte."""
     def command(out):
         return KDPIPE + [
             "cache-teacher", "--data", str(image_folder), "--teacher", "tests.toy_models:slow_teacher",
             "--out", str(out), "--epochs", "3", "--views-per-sample", "2", "--size", "16", "--shard-size", "3",
-            "--batch-size", "3", "--workers", "0",
+            "--batch-size", "3", "--workers", "0", "--format", backend,
         ]
 
     interrupted = tmp_path / "interrupted.zarr"
@@ -209,3 +226,25 @@ def test_interrupted_cache_completes_to_the_same_archive(tmp_path, image_folder)
     straight = subprocess.run(command(reference), cwd=REPO, env=subprocess_env(), capture_output=True, text=True)
     assert straight.returncode == 0, straight.stderr
     assert _archive_files(interrupted) == _archive_files(reference)
+
+
+def test_stock_webdataset_reads_the_shards(image_folder, tmp_path):
+    """webdataset.WebDataset over the tar shards yields every record, in training order,
+    equal to what kdpipe's reader returns; identical jobs give identical shard bytes."""
+    import webdataset
+
+    _cache(image_folder, tmp_path / "w", "--codec", "dense-fp32", backend="webdataset")
+    manifest = read_manifest(tmp_path / "w")
+    urls = [str(tmp_path / "w" / key) for shard in manifest["shards"] for key in shard["files"]]
+    records = [sample["npy"] for sample in webdataset.WebDataset(urls, shardshuffle=False).decode()]
+    assert len(records) == 2 * 18
+    reader = ArchiveReader(tmp_path / "w")
+    for epoch in range(2):
+        logits, params, indices = reader.read(epoch, 0, 18)
+        stock = records[epoch * 18: (epoch + 1) * 18]
+        assert [int(r["position"]) for r in stock] == list(range(18))
+        assert np.array_equal(np.stack([r["logits"] for r in stock]), logits)
+        assert np.array_equal(np.stack([r["view_params"] for r in stock]), params)
+        assert np.array_equal([int(r["sample"]) for r in stock], indices)
+    _cache(image_folder, tmp_path / "again", "--codec", "dense-fp32", backend="webdataset")
+    assert _archive_files(tmp_path / "w") == _archive_files(tmp_path / "again")

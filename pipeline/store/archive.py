@@ -21,7 +21,6 @@ content hash, so a remote archive is downloaded once per machine.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -29,7 +28,7 @@ from typing import Iterator
 
 import numpy as np
 
-from ..config import ViewRecipe, first_difference
+from ..config import ViewRecipe, first_difference, sha256_hex
 from ..errors import ArchiveError
 from ..views import epoch_order
 from .codecs import Codec, codec_from_manifest
@@ -54,12 +53,8 @@ def plan_layout(num_samples: int, bytes_per_position: int, positions_per_shard: 
     return {"positions_per_shard": shard, "positions_per_chunk": chunk}
 
 
-def sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def file_entry(data: bytes) -> dict:
-    return {"bytes": len(data), "sha256": sha256(data)}
+    return {"bytes": len(data), "sha256": sha256_hex(data)}
 
 
 def _backend(manifest: dict, codec: Codec):
@@ -196,11 +191,50 @@ class ArchiveWriter:
         return manifest
 
 
+class VerifiedObjects:
+    """Fetches an archive's objects, each checked against the manifest's sha256; with a
+    local cache, verified copies are kept on disk by content hash."""
+
+    def __init__(self, location: Location, manifest: dict, local_cache: str | os.PathLike | None = None):
+        self.location, self.files = location, manifest["files"]
+        self.local_cache = Path(local_cache) if local_cache else None
+
+    def __call__(self, key: str) -> bytes:
+        entry = self.files.get(key)
+        if entry is None:
+            raise ArchiveError(f"archive {self.location} is damaged: its manifest does not list {key}")
+        cached = self.local_cache / entry["sha256"][:2] / entry["sha256"] if self.local_cache else None
+        if cached is not None and cached.is_file():
+            data = cached.read_bytes()
+            if sha256_hex(data) == entry["sha256"]:
+                return data
+        data = self.location.read(key)
+        if len(data) != entry["bytes"]:
+            raise ArchiveError(
+                f"archive {self.location} is damaged: {key} has {len(data)} bytes, not {entry['bytes']}; fetch a fresh copy"
+            )
+        if sha256_hex(data) != entry["sha256"]:
+            raise ArchiveError(f"archive {self.location} is damaged: {key} fails its checksum; fetch a fresh copy")
+        if cached is not None:
+            Location(cached.parent).write(cached.name, data)
+        return data
+
+    def problems(self) -> list[str]:
+        """Every object's problem (missing, wrong size, wrong checksum); empty when sound."""
+        problems = []
+        for key in self.files:
+            try:
+                self(key)
+            except ArchiveError as exc:
+                problems.append(str(exc))
+        return problems
+
+
 class ArchiveReader:
     """Reads a finished archive: logits in training order, verified before use.
 
-    Opens nothing but the manifest and the small objects when made; open a reader in
-    the process that uses it (a DataLoader worker opens its own).
+    Reads the manifest and the small objects when made, shards on demand; open a reader
+    in the process that uses it (a DataLoader worker opens its own).
     """
 
     def __init__(self, location: Location | str | os.PathLike, storage_options: dict | None = None,
@@ -211,42 +245,11 @@ class ArchiveReader:
         self.epochs, self.num_samples = layout["epochs"], layout["num_samples"]
         self.views, self.num_classes = layout["views_per_sample"], layout["num_classes"]
         self.shard_size = layout["positions_per_shard"]
-        self.local_cache = Path(local_cache) if local_cache else None
+        self.fetch = VerifiedObjects(self.location, self.manifest, local_cache)
         self.codec = codec_from_manifest(self.manifest)
         self.backend = _backend(self.manifest, self.codec)
         self._shard: tuple[tuple[int, int], dict[str, np.ndarray]] | None = None
         self.backend.open(self.fetch)
-
-    def fetch(self, key: str) -> bytes:
-        """The bytes of `key`, checked against the manifest's sha256."""
-        entry = self.manifest["files"].get(key)
-        if entry is None:
-            raise ArchiveError(f"archive {self.location} is damaged: its manifest does not list {key}")
-        cached = self.local_cache / entry["sha256"][:2] / entry["sha256"] if self.local_cache else None
-        if cached is not None and cached.is_file():
-            data = cached.read_bytes()
-            if sha256(data) == entry["sha256"]:
-                return data
-        data = self.location.read(key)
-        if len(data) != entry["bytes"]:
-            raise ArchiveError(
-                f"archive {self.location} is damaged: {key} has {len(data)} bytes, not {entry['bytes']}; fetch a fresh copy"
-            )
-        if sha256(data) != entry["sha256"]:
-            raise ArchiveError(f"archive {self.location} is damaged: {key} fails its checksum; fetch a fresh copy")
-        if cached is not None:
-            Location(cached.parent).write(cached.name, data)
-        return data
-
-    def verify(self) -> list[str]:
-        """Every object's problem (missing, wrong size, wrong checksum); empty when sound."""
-        problems = []
-        for key in self.manifest["files"]:
-            try:
-                self.fetch(key)
-            except ArchiveError as exc:
-                problems.append(str(exc))
-        return problems
 
     def _load_shard(self, epoch: int, shard: int) -> dict[str, np.ndarray]:
         if self._shard is None or self._shard[0] != (epoch, shard):

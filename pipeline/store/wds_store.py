@@ -104,10 +104,11 @@ class WebDatasetBackend:
         header = len(self.header)
         if len(payloads) != count or any(p[:header] != self.header or len(p) != header + self.dtype.itemsize for p in payloads):
             raise ArchiveError(f"{key} does not hold {count} records of this archive's layout")
-        records = np.frombuffer(bytearray(b"".join(p[header:] for p in payloads)), dtype=self.dtype)
+        records = np.frombuffer(b"".join(p[header:] for p in payloads), dtype=self.dtype)
         if (records["epoch"] != epoch).any() or (records["position"] != np.arange(start, start + count)).any():
             raise ArchiveError(f"{key} holds records of other epochs or positions")
-        out = {name: records[name] for name in self.dtype.names if name not in META_FIELDS}
-        out["sample_index"] = records["sample"]
-        out["label"] = records["label"]
+        # contiguous, writable copies of each field (a field of a record array is strided)
+        out = {name: np.ascontiguousarray(records[name]) for name in self.dtype.names if name not in META_FIELDS}
+        out["sample_index"] = np.ascontiguousarray(records["sample"])
+        out["label"] = np.ascontiguousarray(records["label"])
         return out

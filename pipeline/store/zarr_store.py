@@ -34,6 +34,13 @@ def _compressor(dtype: np.dtype) -> BloscCodec:
     return BloscCodec(cname="zstd", clevel=5, shuffle="shuffle", typesize=dtype.itemsize)
 
 
+def _never_stored(dtype: np.dtype):
+    """A fill value no real shard consists of: zarr writes no object for a shard that is
+    all fill value, and every shard must exist (NaN logits are refused at caching time,
+    and no top-k index or log-probability field is all at its dtype's maximum)."""
+    return float("nan") if dtype.kind == "f" else int(np.iinfo(dtype).max)
+
+
 def shard_key(array: str, epoch: int, shard: int, ndim: int) -> str:
     """The store key of one shard (zarr v3 default chunk keys, '/' separated)."""
     return f"{array}/c/{epoch}/{shard}" + "/0" * (ndim - 2)
@@ -64,7 +71,8 @@ class ZarrBackend:
         for name, (tail, dtype) in self.fields.items():
             group.create_array(
                 name, shape=(E, N, *tail), dtype=dtype, shards=(1, self.shard_size, *tail),
-                chunks=(1, self.chunk, *tail), compressors=_compressor(dtype), **common,
+                chunks=(1, self.chunk, *tail), compressors=_compressor(dtype),
+                **(common | {"fill_value": _never_stored(dtype)}),
             )
         for name in INDEX_ARRAYS:
             group.create_array(name, shape=(E, N), dtype=np.int64, chunks=(1, N), **common)
@@ -99,6 +107,8 @@ class ZarrBackend:
             array = self._staging[name]
             array[epoch, start:stop] = values
             key = shard_key(name, epoch, shard, array.ndim)
+            if key not in self._store:
+                raise ArchiveError(f"zarr wrote no object for {key}: every value equals the fill value")
             out[key] = self._store.pop(key).to_bytes()
         return out
 

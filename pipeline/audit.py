@@ -1,0 +1,171 @@
+"""`kdpipe inspect` and `kdpipe verify`: what an archive holds, and whether it is sound.
+
+inspect reads the manifest (or, for an unfinished archive, the plan and its commit
+markers) and, with stats on, every view's logits once: the teacher's top-1 agreement
+with the labels and the entropy of its distributions.
+
+verify checks every object against the manifest's sha256 and, given the teacher and the
+data, recomputes N random views and compares the teacher's fresh logits with the stored
+ones. Dense codecs compare logits (error relative to the view's largest logit); top-k
+compares the log-probabilities of the stored classes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from .config import ModelSpec, ViewRecipe
+from .data import ViewDataset, open_source
+from .errors import ArchiveError
+from .models import Teacher, with_num_classes
+from .store import ArchiveReader, Location, TopKCodec, check_archive_matches, read_manifest
+from .store.archive import COMMITS, STATIC_MARKER, VerifiedObjects
+from .store.codecs import LOGPROB_STEP
+from .store.manifest import MANIFEST, PLAN, read_json
+
+# A recomputed view passes when its error is within these bounds.
+DENSE_RELATIVE_TOLERANCE = 0.02  # covers float16 storage and bf16 autocast on a GPU
+TOPK_LOGPROB_TOLERANCE = LOGPROB_STEP / 2 + 0.02  # half a quantisation step, plus float noise
+
+
+def inspect_archive(url: str, storage_options: dict | None = None, local_cache: str | None = None,
+                    stats: bool = True) -> dict:
+    """A description of the archive at `url`; `stats` adds a pass over every view."""
+    location = Location(url, storage_options)
+    if not location.exists(MANIFEST) and location.exists(PLAN):
+        return _describe_unfinished(location)
+    reader = ArchiveReader(location, local_cache=local_cache)
+    manifest = reader.manifest
+    layout = manifest["layout"]
+    views = layout["epochs"] * layout["num_samples"] * layout["views_per_sample"]
+    report = {
+        "archive": str(location),
+        "complete": True,
+        "backend": manifest.get("backend", "zarr"),
+        "schema_version": manifest["schema_version"],
+        "codec": manifest["codec"],
+        "recipe": manifest["recipe"],
+        "teacher": {"name": manifest["teacher"]["spec"]["name"], "fingerprint": manifest["teacher"]["fingerprint"],
+                    "num_classes": manifest["teacher"]["num_classes"]},
+        "dataset": {k: manifest["dataset"].get(k) for k in ("fingerprint", "num_samples", "labelled", "location")}
+                   | {"num_classes": len(manifest["dataset"].get("classes") or [])},
+        "shape": {"epochs": layout["epochs"], "positions": layout["num_samples"],
+                  "views_per_sample": layout["views_per_sample"], "classes": layout["num_classes"]},
+        "shards": len(manifest["shards"]),
+        "files": len(manifest["files"]),
+        "views": views,
+        "total_bytes": manifest["total_bytes"],
+        "bytes_per_view": manifest["total_bytes"] / views,
+        "libraries": manifest["libraries"],
+    }
+    if stats:
+        report["stats"] = _logit_stats(reader)
+    return report
+
+
+def _describe_unfinished(location: Location) -> dict:
+    plan = read_json(location, PLAN, "plan")
+    layout = plan["layout"]
+    total = layout["epochs"] * -(-layout["num_samples"] // layout["positions_per_shard"])
+    committed = sum(1 for key in location.sizes(COMMITS) if key != STATIC_MARKER and key.endswith(".json"))
+    return {
+        "archive": str(location),
+        "complete": False,
+        "backend": plan.get("backend", "zarr"),
+        "codec": plan["codec"],
+        "recipe": plan["recipe"],
+        "teacher": {"name": plan["teacher"]["spec"]["name"], "fingerprint": plan["teacher"]["fingerprint"]},
+        "shards_committed": committed,
+        "shards_total": total,
+        "note": "unfinished: re-run the cache-teacher command that made it to complete it",
+    }
+
+
+def _logit_stats(reader: ArchiveReader) -> dict:
+    """Top-1 agreement with the labels and entropy (nats) of the teacher's distributions."""
+    agree = labelled = 0
+    entropies = []
+    for epoch in range(reader.epochs):
+        for start in range(0, reader.num_samples, reader.shard_size):
+            stop = min(start + reader.shard_size, reader.num_samples)
+            fields = reader.read_fields(epoch, start, stop)
+            log_probs = torch.from_numpy(reader.codec.decode(fields)).log_softmax(-1)
+            entropies.append(-(log_probs.exp() * log_probs).sum(-1).flatten())
+            labels = torch.from_numpy(np.asarray(fields["label"]))[:, None].expand(-1, reader.views)
+            known = labels >= 0
+            labelled += int(known.sum())
+            agree += int((log_probs.argmax(-1)[known] == labels[known]).sum())
+    entropy = torch.cat(entropies).double()
+    quantiles = torch.quantile(entropy, torch.tensor([0.05, 0.5, 0.95], dtype=torch.float64)).tolist()
+    return {
+        "top1_agreement_with_labels": 100.0 * agree / labelled if labelled else None,
+        "labelled_views": labelled,
+        "entropy_mean": float(entropy.mean()),
+        "entropy_p05": quantiles[0],
+        "entropy_median": quantiles[1],
+        "entropy_p95": quantiles[2],
+        "entropy_max_possible": math.log(reader.num_classes),
+    }
+
+
+def verify_archive(url: str, storage_options: dict | None = None, teacher: ModelSpec | None = None,
+                   data: str | None = None, recompute: int = 0, seed: int = 0) -> dict:
+    """Check every object's checksum; with a teacher and data, recompute `recompute`
+    random views. Returns a report whose `problems` list is empty when the archive is sound."""
+    location = Location(url, storage_options)
+    manifest = read_manifest(location)  # an unfinished or foreign archive is a user error
+    problems = VerifiedObjects(location, manifest).problems()
+    report = {"archive": str(location), "files_checked": len(manifest["files"])}
+    if recompute and not problems:
+        report["recomputed"] = _recompute(ArchiveReader(location), teacher, data, recompute, seed, problems)
+    report["problems"] = problems
+    return report
+
+
+def _recompute(reader: ArchiveReader, teacher_spec: ModelSpec, data: str, count: int, seed: int,
+               problems: list[str]) -> dict:
+    manifest = reader.manifest
+    source = open_source(data)
+    check_archive_matches(manifest, str(reader.location), dataset__fingerprint=source.describe()["fingerprint"])
+    recipe = ViewRecipe.from_dict(manifest["recipe"])
+    teacher = Teacher(with_num_classes(teacher_spec, source.classes, "teacher"), recipe.size)
+    check_archive_matches(manifest, str(reader.location), teacher__fingerprint=teacher.fingerprint)
+    dataset = ViewDataset(source, recipe)
+    rng = np.random.default_rng(seed)
+    picks = sorted(set(map(int, rng.choice(len(dataset), size=min(count, len(dataset)), replace=False))))
+    topk = isinstance(reader.codec, TopKCodec)
+    worst_abs = worst_rel = 0.0
+    for item in picks:
+        sample = dataset[item]
+        epoch, position = sample["epoch"], sample["position"]
+        fields = reader.read_fields(epoch, position, position + 1)
+        try:
+            fresh = teacher(sample["views"]).cpu()
+        except Exception as exc:  # noqa: BLE001 - a user model failing on its input
+            raise ArchiveError(f"the teacher failed on epoch {epoch}, position {position}: {exc}") from None
+        if topk:
+            indices = torch.from_numpy(fields["topk_indices"][0].astype(np.int64))
+            stored = -torch.from_numpy(fields["topk_logprobs"][0].astype(np.float32)) * LOGPROB_STEP
+            expected = fresh.log_softmax(-1).gather(-1, indices)
+            kept = fields["topk_logprobs"][0] < 255  # entries clipped at the floor carry no value
+            error = (stored - expected).abs()[torch.from_numpy(kept)]
+            abs_error = float(error.max()) if error.numel() else 0.0
+            rel_error = abs_error
+            bad = abs_error > TOPK_LOGPROB_TOLERANCE
+        else:
+            stored = torch.from_numpy(reader.codec.decode(fields)[0])
+            abs_error = float((stored - fresh).abs().max())
+            rel_error = abs_error / max(float(fresh.abs().max()), 1e-6)
+            bad = rel_error > DENSE_RELATIVE_TOLERANCE
+        worst_abs, worst_rel = max(worst_abs, abs_error), max(worst_rel, rel_error)
+        if bad:
+            problems.append(
+                f"epoch {epoch}, position {position} (sample {sample['index']}): stored logits differ from the "
+                f"teacher's by {abs_error:.4g} (relative {rel_error:.4g})"
+            )
+    return {"views": len(picks) * recipe.views_per_sample, "samples": len(picks),
+            "max_abs_error": worst_abs, "max_rel_error": worst_rel,
+            "compared": "log-probabilities of the stored classes" if topk else "logits"}
