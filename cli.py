@@ -10,9 +10,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipeline.config import IMAGENET_MEAN, IMAGENET_STD, CacheSpec, ModelSpec, TrainSpec, ViewRecipe
+from pipeline.config import IMAGENET_MEAN, IMAGENET_STD, CacheSpec, ModelSpec, TrainSpec, ViewRecipe, parse_storage_options
 from pipeline.errors import ConfigError, KdpipeError
-from pipeline.store.location import parse_storage_options
 
 app = typer.Typer(
     add_completion=False,

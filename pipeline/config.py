@@ -43,6 +43,26 @@ def _from_dict(cls, data: dict[str, Any]):
     return cls(**values)
 
 
+def parse_storage_options(pairs: list[str] | None) -> dict:
+    """`KEY=VALUE` pairs into fsspec storage options. Values are read as JSON when they
+    parse (numbers, true/false), else kept as text; `a.b=VALUE` nests (`client_kwargs.region_name=...`)."""
+    options: dict = {}
+    for pair in pairs or []:
+        key, sep, text = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--storage-option takes KEY=VALUE, got {pair!r}")
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = text
+        *parents, leaf = key.split(".")
+        node = options
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return options
+
+
 def first_difference(expected: Any, actual: Any, prefix: str = "") -> str | None:
     """The dotted name of the first field where two JSON-like values differ, or None."""
     if isinstance(expected, dict) and isinstance(actual, dict):

@@ -193,65 +193,69 @@ def train_student(spec: TrainSpec, recipe_options: dict | None = None, resume: b
         )
     batches = iter(loader)
     train_seconds, train_views = 0.0, 0
-    with views_progress() as progress:
-        for epoch in range(start_epoch, spec.epochs):
-            student.train()
-            epoch_started = time.perf_counter()
-            sums: dict[str, float] = {}
-            task = progress.add_task(f"epoch {epoch + 1}/{spec.epochs}", total=num_samples * views)
-            for step in range(steps_per_epoch):
-                batch = next(batches)
-                count = len(batch["index"])
-                images = batch["views"].flatten(0, 1).to(device, non_blocking=True)
-                labels = batch["label"].repeat_interleave(views).to(device)
-                teacher_logits = None
-                if reader is not None:
-                    teacher_logits = batch["teacher_logits"].flatten(0, 1).to(device, non_blocking=True)
-                elif teacher is not None:
-                    teacher_logits = teacher(images).clone()  # clone: leave inference mode
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                    student_logits = student(images)
-                terms = loss_terms(student_logits, teacher_logits, labels, spec)
-                if not torch.isfinite(terms["loss"]):
-                    raise TrainingError(
-                        f"the loss became {terms['loss'].item()} at epoch {epoch + 1}, step {step + 1}; "
-                        "lower --lr or check the data and teacher"
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                terms["loss"].backward()
-                torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-                optimizer.step()
-                scheduler.step()
-                for name, value in terms.items():
-                    sums[name] = sums.get(name, 0.0) + value.item() * count
-                progress.advance(task, count * views)
-            progress.remove_task(task)
-            seconds = time.perf_counter() - epoch_started
-            train_seconds += seconds
-            train_views += num_samples * views
-            if val_loader is not None:
-                val_top1 = evaluate(student, val_loader, device)
-            record = {"epoch": epoch + 1} | {k: v / num_samples for k, v in sorted(sums.items())} | {
-                "val_top1": val_top1,
-                "seconds": seconds,
-                "views_per_sec": num_samples * views / seconds,
-            }
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-            _save_atomic(
-                {
-                    "model": student.net.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "torch_rng": torch.get_rng_state(),
-                    "epoch": epoch,
+    try:
+        with views_progress() as progress:
+            for epoch in range(start_epoch, spec.epochs):
+                student.train()
+                epoch_started = time.perf_counter()
+                sums: dict[str, float] = {}
+                task = progress.add_task(f"epoch {epoch + 1}/{spec.epochs}", total=num_samples * views)
+                for step in range(steps_per_epoch):
+                    batch = next(batches)
+                    count = len(batch["index"])
+                    images = batch["views"].flatten(0, 1).to(device, non_blocking=True)
+                    labels = batch["label"].repeat_interleave(views).to(device)
+                    teacher_logits = None
+                    if reader is not None:
+                        teacher_logits = batch["teacher_logits"].flatten(0, 1).to(device, non_blocking=True)
+                    elif teacher is not None:
+                        teacher_logits = teacher(images).clone()  # clone: leave inference mode
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                        student_logits = student(images)
+                    terms = loss_terms(student_logits, teacher_logits, labels, spec)
+                    if not torch.isfinite(terms["loss"]):
+                        raise TrainingError(
+                            f"the loss became {terms['loss'].item()} at epoch {epoch + 1}, step {step + 1}; "
+                            "lower --lr or check the data and teacher"
+                        )
+                    optimizer.zero_grad(set_to_none=True)
+                    terms["loss"].backward()
+                    torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+                    optimizer.step()
+                    scheduler.step()
+                    for name, value in terms.items():
+                        sums[name] = sums.get(name, 0.0) + value.item() * count
+                    progress.advance(task, count * views)
+                progress.remove_task(task)
+                seconds = time.perf_counter() - epoch_started
+                train_seconds += seconds
+                train_views += num_samples * views
+                if val_loader is not None:
+                    val_top1 = evaluate(student, val_loader, device)
+                record = {"epoch": epoch + 1} | {k: v / num_samples for k, v in sorted(sums.items())} | {
                     "val_top1": val_top1,
-                    "config": config,
-                },
-                out / CHECKPOINT,
-            )
-            shown = f"  val_top1 {val_top1:.2f}%" if val_top1 is not None else ""
-            say(f"[{spec.mode}] epoch {epoch + 1}/{spec.epochs}  loss {record['loss']:.4f}{shown}  {record['views_per_sec']:,.0f} views/s")
+                    "seconds": seconds,
+                    "views_per_sec": num_samples * views / seconds,
+                }
+                with open(out / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                _save_atomic(
+                    {
+                        "model": student.net.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "torch_rng": torch.get_rng_state(),
+                        "epoch": epoch,
+                        "val_top1": val_top1,
+                        "config": config,
+                    },
+                    out / CHECKPOINT,
+                )
+                shown = f"  val_top1 {val_top1:.2f}%" if val_top1 is not None else ""
+                say(f"[{spec.mode}] epoch {epoch + 1}/{spec.epochs}  loss {record['loss']:.4f}{shown}  {record['views_per_sec']:,.0f} views/s")
+    except BaseException:
+        del batches  # the traceback keeps this frame: let the DataLoader workers go now
+        raise
 
     _save_atomic(student.net.state_dict(), out / "student.pt")
     summary = {

@@ -3,7 +3,7 @@ any store (local folder, s3://, gs://, http(s)://)."""
 
 from .archive import ArchiveReader, ArchiveWriter, plan_layout
 from .codecs import CODEC_NAMES, Codec, DenseCodec, TopKCodec, parse_codec
-from .location import Location, parse_storage_options
+from .location import Location
 from .manifest import ARCHIVE_FORMAT, SCHEMA_VERSION, check_archive_matches, read_manifest
 
 
@@ -20,7 +20,6 @@ __all__ = [
     "TopKCodec",
     "check_archive_matches",
     "parse_codec",
-    "parse_storage_options",
     "plan_layout",
     "read_manifest",
 ]

@@ -13,7 +13,7 @@ that opens a Location gets its own connection pool.
 
 from __future__ import annotations
 
-import json
+import logging
 import os
 import uuid
 from pathlib import Path
@@ -26,25 +26,11 @@ READ_WRITE_SCHEMES = ("file", "local", "s3", "s3a", "gs", "gcs", "memory")
 READ_ONLY_SCHEMES = ("http", "https")
 PACKAGE_FOR_SCHEME = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "http": "aiohttp", "https": "aiohttp"}
 
-
-def parse_storage_options(pairs: list[str] | None) -> dict:
-    """`KEY=VALUE` pairs into fsspec storage options. Values are read as JSON when they
-    parse (numbers, true/false), else kept as text; `a.b=VALUE` nests (`client_kwargs.region_name=...`)."""
-    options: dict = {}
-    for pair in pairs or []:
-        key, sep, text = pair.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--storage-option takes KEY=VALUE, got {pair!r}")
-        try:
-            value = json.loads(text)
-        except ValueError:
-            value = text
-        *parents, leaf = key.split(".")
-        node = options
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return options
+# The store libraries log their retries and fallbacks (gcsfs with whole tracebacks). With
+# no logging configured, Python would print those records on stderr, around the one-line
+# error that a failure becomes; a NullHandler keeps them for whoever configures logging.
+for _library in ("fsspec", "s3fs", "gcsfs"):
+    logging.getLogger(_library).addHandler(logging.NullHandler())
 
 
 def is_local(url: str | os.PathLike) -> bool:

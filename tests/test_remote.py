@@ -1,0 +1,380 @@
+"""Archives on remote stores: s3:// against a moto S3 server and http:// against a static
+file server, both real servers on 127.0.0.1. Pins that a remote archive holds exactly the
+bytes of a local one, that students trained from it (in forked DataLoader workers) get the
+same weights bit for bit, that --local-cache keeps verified objects only, and that every
+storage failure is one line and exit code 2."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import http.server
+import json
+import socket
+import subprocess
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import boto3
+import pytest
+import s3fs
+import torch
+from moto.core import enable_iam_authentication
+from moto.server import ThreadedMotoServer
+
+from .conftest import KDPIPE, REPO, assert_user_error, cli_json, run_cli, subprocess_env, write_image_folder
+
+BUCKET = "kdpipe-test"
+KEY, SECRET = "testing", "testing"  # moto accepts any credentials until IAM checks are switched on
+# Two epochs of 18 samples in shards of 4 positions: several shards per epoch, and
+# batches of 8 that straddle shard boundaries. float32 so that nothing is rounded.
+CACHE_ARGS = ("--teacher", "tests.toy_models:tiny_cnn", "--epochs", 2, "--views-per-sample", 2, "--size", 16,
+              "--shard-size", 4, "--codec", "dense-fp32", "--workers", 0)
+# Two workers, so that the archive is opened inside forked DataLoader worker processes.
+TRAIN_ARGS = ("--student", "kdpipe:mlp", "--epochs", 2, "--batch-size", 8, "--workers", 2)
+MAIN_PROCESS_TRAIN_ARGS = TRAIN_ARGS[:-1] + (0,)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def local_files(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run / "student.pt", map_location="cpu", weights_only=True)
+
+
+def assert_same_weights(run: Path, expected: dict[str, torch.Tensor]) -> None:
+    got = weights(run)
+    assert got.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(got[name], tensor), f"{name} differs from the reference run"
+
+
+@dataclass
+class Finished:
+    """A kdpipe child process, shaped like CliRunner's result so `assert_user_error` reads it."""
+
+    exit_code: int
+    stdout: str
+    stderr: str
+    exception: None = None
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+
+def run_kdpipe(*args, env: dict) -> Finished:
+    """Run kdpipe in a fresh process with `env`, as a user would from the shell."""
+    child = subprocess.run(KDPIPE + [str(a) for a in args], cwd=REPO, env=env, capture_output=True, text=True,
+                           timeout=120)
+    return Finished(child.returncode, child.stdout, child.stderr)
+
+
+def kdpipe_json(*args, env: dict) -> dict:
+    result = run_kdpipe(*args, env=env)
+    assert result.exit_code == 0, f"exit {result.exit_code}: {result.output}"
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+# --- servers -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    """A moto S3 server on 127.0.0.1 with one bucket; its URL."""
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=KEY, aws_secret_access_key=SECRET,
+                 region_name="us-east-1").create_bucket(Bucket=BUCKET)
+    yield endpoint
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(s3_endpoint) -> dict:
+    """The environment of a kdpipe child process that finds the S3 server the standard
+    way, through AWS_* variables alone (no storage options)."""
+    return subprocess_env() | {
+        "AWS_ACCESS_KEY_ID": KEY, "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": s3_endpoint,
+    }
+
+
+@pytest.fixture
+def s3_options(s3_endpoint) -> list[str]:
+    """--storage-option flags that reach the S3 server with no AWS_* variable set."""
+    return ["--storage-option", f"endpoint_url={s3_endpoint}", "--storage-option", f"key={KEY}",
+            "--storage-option", f"secret={SECRET}"]
+
+
+@pytest.fixture
+def s3(s3_endpoint) -> s3fs.S3FileSystem:
+    return s3fs.S3FileSystem(endpoint_url=s3_endpoint, key=KEY, secret=SECRET, skip_instance_cache=True)
+
+
+@pytest.fixture
+def prefix(request) -> str:
+    """A fresh folder in the bucket for this test: s3://bucket/<test>-<random>."""
+    name = "".join(c if c.isalnum() else "-" for c in request.node.name)
+    return f"s3://{BUCKET}/{name}-{uuid.uuid4().hex[:8]}"
+
+
+class StaticFiles(http.server.SimpleHTTPRequestHandler):
+    """Plain files only, like a CDN or a bucket's public URL: no directory listings, no log lines."""
+
+    def list_directory(self, path):
+        self.send_error(404, "no directory listings here")
+        return None
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def http_server():
+    """Serve a folder's files over http:// from 127.0.0.1; call it with the folder, get the base URL."""
+    servers = []
+
+    def serve(folder: Path) -> str:
+        handler = functools.partial(StaticFiles, directory=str(folder))
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}"
+
+    yield serve
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+# --- local references ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return write_image_folder(tmp_path_factory.mktemp("remote") / "data")
+
+
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory):
+    """The local archive of the job, per format, and the student trained from it (computed once)."""
+    made: dict[str, tuple[Path, dict]] = {}
+
+    def get(format: str) -> tuple[Path, dict[str, torch.Tensor]]:
+        if format not in made:
+            root = tmp_path_factory.mktemp(f"reference-{format}")
+            cli_json("cache-teacher", "--data", data, "--out", root / "archive", "--format", format, *CACHE_ARGS)
+            cli_json("train-student", "--data", data, "--out", root / "run", "--cache", root / "archive", *TRAIN_ARGS)
+            made[format] = (root / "archive", weights(root / "run"))
+        return made[format]
+
+    return get
+
+
+# --- s3:// ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("format", ["zarr", "webdataset"])
+def test_s3_archive_is_the_local_archive_and_trains_the_same_student(format, data, tmp_path, s3_env, s3, prefix,
+                                                                     reference, monkeypatch):
+    """Through AWS_* variables alone (AWS_ENDPOINT_URL included): cache-teacher, in a fresh
+    process, writes to s3:// exactly the bytes of a local run; a student trained from s3://
+    (the archive opened in forked workers) equals, bit for bit, one trained from a copy."""
+    url = f"{prefix}/archive"
+    kdpipe_json("cache-teacher", "--data", data, "--out", url, "--format", format, *CACHE_ARGS, env=s3_env)
+    local_archive, _ = reference(format)
+    remote = {path[len(url) - len("s3://") + 1:]: s3.cat_file(path) for path in s3.find(url)}
+    assert remote == local_files(local_archive)
+    assert "manifest.json" in remote and not any(k.startswith(("commits/", "plan.json")) for k in remote)
+
+    # the same variables for an in-process run (fsspec keeps the filesystem it makes from
+    # them, which is harmless: every test here sees the same server)
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL"):
+        monkeypatch.setenv(name, s3_env[name])
+    summary = cli_json("train-student", "--data", data, "--out", tmp_path / "remote-run", "--cache", url, *TRAIN_ARGS)
+    assert summary["mode"] == "cached" and summary["epochs"] == 2
+    s3.get(url, str(tmp_path / "copy"), recursive=True)
+    assert local_files(tmp_path / "copy") == remote
+    cli_json("train-student", "--data", data, "--out", tmp_path / "copy-run", "--cache", tmp_path / "copy", *TRAIN_ARGS)
+    assert_same_weights(tmp_path / "remote-run", weights(tmp_path / "copy-run"))
+
+
+def test_storage_option_endpoint_needs_no_environment(data, tmp_path, s3_options, s3, prefix, reference, monkeypatch):
+    """--storage-option endpoint_url=... (with key/secret) reaches the store with no AWS_*
+    variable set; the archive is complete and trains the reference student."""
+    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    url = f"{prefix}/archive"
+    cli_json("cache-teacher", "--data", data, "--out", url, *CACHE_ARGS, *s3_options)
+    assert s3.exists(f"{url}/manifest.json")
+    cli_json("train-student", "--data", data, "--out", tmp_path / "run", "--cache", url, *TRAIN_ARGS, *s3_options)
+    assert_same_weights(tmp_path / "run", reference("zarr")[1])
+
+
+def test_local_cache_keeps_verified_objects_by_hash(data, tmp_path, s3_options, s3, prefix, reference):
+    """--local-cache: objects are kept under their sha256; a second run reads them from
+    the cache (the remote shards are gone) and re-fetches a corrupted one rather than use it."""
+    url, cache = f"{prefix}/archive", tmp_path / "cache"
+    cli_json("cache-teacher", "--data", data, "--out", url, *CACHE_ARGS, *s3_options)
+    train = ("train-student", "--data", data, "--cache", url, "--local-cache", cache, *TRAIN_ARGS, *s3_options)
+    cli_json(*train, "--out", tmp_path / "first")
+    expected = reference("zarr")[1]
+    assert_same_weights(tmp_path / "first", expected)
+
+    manifest = json.loads(s3.cat_file(f"{url}/manifest.json"))
+    cached = {p.name: p for p in cache.rglob("*") if p.is_file()}
+    for name, path in cached.items():
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == name and path.parent.name == name[:2]
+    assert set(cached) <= {entry["sha256"] for entry in manifest["files"].values()}
+    shards = {k: v["sha256"] for k, v in manifest["files"].items() if k.startswith("logits/c/")}
+    assert len(shards) == 2 * 5 and set(shards.values()) <= set(cached)
+
+    # corrupt one cached shard, and delete every other shard from the store: the second
+    # run must take the others from the cache and fetch the corrupted one afresh
+    corrupted_key = "logits/c/1/2/0/0"
+    corrupted = cached[shards[corrupted_key]]
+    good = corrupted.read_bytes()
+    corrupted.write_bytes(bytes([good[0] ^ 0xFF]) + good[1:])
+    for key in shards:
+        if key != corrupted_key:
+            s3.rm(f"{url}/{key}")
+    cli_json(*train, "--out", tmp_path / "second")
+    assert_same_weights(tmp_path / "second", expected)
+    assert corrupted.read_bytes() == good
+
+
+# --- http:// -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("format", ["zarr", "webdataset"])
+def test_train_from_http(format, data, tmp_path, reference, http_server):
+    """A local archive served over plain http:// trains the reference student, in forked
+    workers: reading fetches only the objects the manifest names (the server lists nothing)."""
+    archive, expected = reference(format)
+    base = http_server(archive.parent)
+    cli_json("train-student", "--data", data, "--out", tmp_path / "run", "--cache", f"{base}/{archive.name}", *TRAIN_ARGS)
+    assert_same_weights(tmp_path / "run", expected)
+
+
+def test_http_is_read_only(data, tmp_path, http_server):
+    """cache-teacher --out http://... is refused before anything is computed."""
+    (tmp_path / "served").mkdir()
+    base = http_server(tmp_path / "served")
+    result = run_cli("cache-teacher", "--data", data, "--out", f"{base}/archive", *CACHE_ARGS)
+    assert_user_error(result, "read-only", f"{base}/archive")
+    assert not any((tmp_path / "served").iterdir())
+
+
+# --- what is refused -------------------------------------------------------------------
+
+
+@pytest.fixture
+def iam_user(s3_endpoint):
+    """Real credentials of an IAM user allowed everything: (access key id, secret)."""
+    iam = boto3.client("iam", endpoint_url=s3_endpoint, aws_access_key_id=KEY, aws_secret_access_key=SECRET,
+                       region_name="us-east-1")
+    name = f"user-{uuid.uuid4().hex[:8]}"
+    iam.create_user(UserName=name)
+    policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}
+    iam.put_user_policy(UserName=name, PolicyName="all", PolicyDocument=json.dumps(policy))
+    key = iam.create_access_key(UserName=name)["AccessKey"]
+    return key["AccessKeyId"], key["SecretAccessKey"]
+
+
+def test_wrong_secret_key_is_a_user_error(data, tmp_path, s3_env, s3_endpoint, s3_options, prefix, iam_user):
+    """With moto's IAM checks on (moto accepts any key otherwise), a valid key id with the
+    wrong secret is refused in one line, for reading (through AWS_* variables) and for
+    writing (through --storage-option), and is not mistaken for a missing archive."""
+    key_id, secret = iam_user
+    url = f"{prefix}/archive"
+    cli_json("cache-teacher", "--data", data, "--out", url, *CACHE_ARGS, *s3_options)
+    with enable_iam_authentication():
+        # the right secret reads the archive: what follows fails for the secret alone
+        right = s3fs.S3FileSystem(endpoint_url=s3_endpoint, key=key_id, secret=secret, skip_instance_cache=True)
+        assert right.cat_file(f"{url}/manifest.json")
+        bad_env = s3_env | {"AWS_ACCESS_KEY_ID": key_id, "AWS_SECRET_ACCESS_KEY": "not-the-secret"}
+        result = run_kdpipe("train-student", "--data", data, "--out", tmp_path / "run", "--cache", url, *TRAIN_ARGS,
+                            env=bad_env)
+        assert_user_error(result, url)
+        assert "does not exist" not in result.stderr
+        assert not (tmp_path / "run" / "summary.json").exists()
+
+        bad_options = ["--storage-option", f"endpoint_url={s3_endpoint}", "--storage-option", f"key={key_id}",
+                       "--storage-option", "secret=not-the-secret"]
+        result = run_cli("cache-teacher", "--data", data, "--out", f"{prefix}/other", *CACHE_ARGS, *bad_options)
+        assert_user_error(result, f"{prefix}/other")
+    assert not right.exists(f"{prefix}/other")
+
+
+@pytest.mark.parametrize("command", ["train-student", "cache-teacher"])
+def test_unreachable_endpoint_fails_fast(command, data, tmp_path):
+    """An endpoint where nothing listens: one line naming the archive, within seconds when
+    botocore's retries are turned down through nested storage options (its default
+    retries with back-off take about 5-10 s here)."""
+    closed = f"http://127.0.0.1:{free_port()}"
+    options = ["--storage-option", f"endpoint_url={closed}", "--storage-option", f"key={KEY}",
+               "--storage-option", f"secret={SECRET}", "--storage-option", "config_kwargs.connect_timeout=1",
+               "--storage-option", "config_kwargs.retries.max_attempts=1"]
+    url = f"s3://{BUCKET}/nowhere"
+    if command == "train-student":
+        args = ("--out", tmp_path / "run", "--cache", url, *TRAIN_ARGS)
+    else:
+        args = ("--out", url, *CACHE_ARGS)
+    started = time.monotonic()
+    result = run_cli(command, "--data", data, *args, *options)
+    assert_user_error(result, url, "cannot reach")
+    assert time.monotonic() - started < 15
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_archive_on_s3(data, tmp_path, s3_options, prefix):
+    """A URL in a reachable bucket where no archive was ever written."""
+    result = run_cli("train-student", "--data", data, "--out", tmp_path / "run", "--cache", f"{prefix}/nothing",
+                     *TRAIN_ARGS, *s3_options)
+    assert_user_error(result, f"{prefix}/nothing", "does not exist")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("command", ["cache-teacher", "train-student"])
+def test_unknown_url_scheme(command, data, tmp_path):
+    """foo:// is named as an unknown scheme, for writing and for reading."""
+    if command == "cache-teacher":
+        args = ("--out", "foo://x", *CACHE_ARGS)
+    else:
+        args = ("--out", tmp_path / "run", "--cache", "foo://x", *TRAIN_ARGS)
+    result = run_cli(command, "--data", data, *args)
+    assert_user_error(result, "unknown URL scheme", "foo://")
+
+
+@pytest.mark.parametrize("reader", ["main process", "workers"])
+def test_damaged_object_on_s3_is_never_trained_on(reader, data, tmp_path, s3_env, s3_options, s3, prefix):
+    """An object overwritten with other bytes of the same size: train-student names it and
+    stops in the first step (no epoch done), whether it is read in the main process or in a
+    DataLoader worker (whose error must still come out as one line)."""
+    url = f"{prefix}/archive"
+    cli_json("cache-teacher", "--data", data, "--out", url, *CACHE_ARGS, *s3_options)
+    key = "logits/c/0/1/0/0"
+    good = s3.cat_file(f"{url}/{key}")
+    s3.pipe_file(f"{url}/{key}", bytes([good[0] ^ 0xFF]) + good[1:])
+    train = ("train-student", "--data", data, "--out", tmp_path / "run", "--cache", url)
+    if reader == "main process":
+        result = run_cli(*train, *MAIN_PROCESS_TRAIN_ARGS, *s3_options)
+    else:
+        # in a child process: in-process, the failed run's DataLoader workers would live on
+        # until garbage collection, whose shutdown of them waits ~5 s per worker
+        result = run_kdpipe(*train, *TRAIN_ARGS, env=s3_env)
+    assert_user_error(result, "damaged", url, key)
+    assert not (tmp_path / "run" / "summary.json").exists() and not (tmp_path / "run" / "student.pt").exists()
