@@ -142,13 +142,29 @@ class StaticFiles(http.server.SimpleHTTPRequestHandler):
         pass
 
 
+class FlakyFiles(StaticFiles):
+    """Answers a share of requests with 503, like an overloaded server: `fail_every` = 2
+    fails every second request, 1 fails them all."""
+
+    fail_every = 2
+    requests = 0
+
+    def send_head(self):
+        FlakyFiles.requests += 1
+        if FlakyFiles.requests % self.fail_every == 0:
+            self.send_error(503, "try again")
+            return None
+        return super().send_head()
+
+
 @pytest.fixture
 def http_server():
-    """Serve a folder's files over http:// from 127.0.0.1; call it with the folder, get the base URL."""
+    """Serve a folder's files over http:// from 127.0.0.1; call it with the folder (and a
+    handler class), get the base URL."""
     servers = []
 
-    def serve(folder: Path) -> str:
-        handler = functools.partial(StaticFiles, directory=str(folder))
+    def serve(folder: Path, handler_class=StaticFiles) -> str:
+        handler = functools.partial(handler_class, directory=str(folder))
         server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         servers.append(server)
@@ -267,6 +283,26 @@ def test_train_from_http(format, data, tmp_path, reference, http_server):
     base = http_server(archive.parent)
     cli_json("train-student", "--data", data, "--out", tmp_path / "run", "--cache", f"{base}/{archive.name}", *TRAIN_ARGS)
     assert_same_weights(tmp_path / "run", expected)
+
+
+def test_transient_failures_are_retried_and_persistent_ones_reported(data, tmp_path, reference, http_server,
+                                                                     monkeypatch):
+    """A server failing every second request still trains the reference student (each
+    failed read is retried with backoff); one failing every request gives one line
+    naming the object and the number of tries, and nothing is trained."""
+    archive, expected = reference("zarr")
+    monkeypatch.setattr(FlakyFiles, "fail_every", 2)
+    base = http_server(archive.parent, FlakyFiles)
+    cli_json("train-student", "--data", data, "--out", tmp_path / "run", "--cache", f"{base}/{archive.name}",
+             *MAIN_PROCESS_TRAIN_ARGS)
+    assert_same_weights(tmp_path / "run", expected)
+    assert FlakyFiles.requests > 10
+
+    monkeypatch.setattr(FlakyFiles, "fail_every", 1)
+    result = run_cli("train-student", "--data", data, "--out", tmp_path / "down", "--cache", f"{base}/{archive.name}",
+                     *MAIN_PROCESS_TRAIN_ARGS)
+    assert_user_error(result, f"{base}/{archive.name}/manifest.json", "after 5 tries", "503")
+    assert not (tmp_path / "down" / "summary.json").exists()
 
 
 def test_http_is_read_only(data, tmp_path, http_server):

@@ -3,7 +3,10 @@
 Every archive read and write goes through a `Location`, so both backends work on any
 store the same way. Writes of whole objects are atomic: a local file is written beside
 its name, fsynced and renamed into place; an object store shows a PUT only once it is
-complete. Errors name the object and say what to do; nothing leaks a traceback.
+complete. A remote operation that fails for a reason other than "missing" or
+"forbidden" is retried with exponential backoff (0.25 s, doubling, 5 tries in all), on
+top of whatever retries the store library makes itself. Errors name the object and say
+what to do; nothing leaks a traceback.
 
 Credentials and endpoints come the standard way (AWS_* variables, AWS_ENDPOINT_URL,
 GOOGLE_APPLICATION_CREDENTIALS) or from `--storage-option KEY=VALUE`. fsspec caches one
@@ -15,12 +18,18 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import uuid
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import fsspec
 
-from ..errors import ArchiveError, ConfigError
+from ..errors import ArchiveError, ConfigError, KdpipeError
+
+T = TypeVar("T")
+RETRIES = 4  # further tries of a failed remote operation
+RETRY_DELAY = 0.25  # seconds before the first retry, doubled before each next one
 
 READ_WRITE_SCHEMES = ("file", "local", "s3", "s3a", "gs", "gcs", "memory")
 READ_ONLY_SCHEMES = ("http", "https")
@@ -71,72 +80,79 @@ class Location:
         """The filesystem path of `key` (for local locations, a path on disk)."""
         return f"{self.root}/{key}" if key else self.root
 
-    def _fail(self, action: str, key: str, exc: BaseException) -> ArchiveError:
-        where = f"{self.url}/{key}" if key else self.url
-        return ArchiveError(f"cannot {action} {where}: {_reason(exc)}")
+    def _call(self, action: str, key: str, call: Callable[[], T]) -> T:
+        """Run one store operation. A remote failure other than "missing" or "forbidden"
+        may be transient (a dropped connection, a 5xx), so it is retried with exponential
+        backoff before it becomes one ArchiveError naming the object."""
+        for attempt in range(RETRIES + 1):
+            try:
+                return call()
+            except (FileNotFoundError, PermissionError, KdpipeError):
+                raise
+            except Exception as exc:  # noqa: BLE001 - remote stores raise many types
+                if self.local or attempt == RETRIES:
+                    where = f"{self.url}/{key}" if key else self.url
+                    tries = "" if self.local else f" (after {RETRIES + 1} tries)"
+                    raise ArchiveError(f"cannot {action} {where}{tries}: {_reason(exc)}") from None
+                time.sleep(RETRY_DELAY * 2**attempt)
+        raise AssertionError("unreachable")
+
+    def _denied(self, action: str, key: str, exc: PermissionError) -> ArchiveError:
+        return ArchiveError(f"cannot {action} {self.url}/{key}: permission denied ({_reason(exc)}); check the credentials")
 
     def exists(self, key: str = "") -> bool:
         try:
-            return self.fs.exists(self.path(key))
-        except Exception as exc:  # noqa: BLE001 - remote stores raise many types
-            raise self._fail("reach", key, exc) from None
+            return self._call("reach", key, lambda: self.fs.exists(self.path(key)))
+        except PermissionError as exc:
+            raise self._denied("reach", key, exc) from None
 
     def read(self, key: str) -> bytes:
         """The bytes of `key`; an ArchiveError naming it when it is missing or unreachable."""
+        data = self.read_if_present(key)
+        if data is None:
+            raise ArchiveError(f"{self.url}/{key} is missing")
+        return data
+
+    def read_if_present(self, key: str) -> bytes | None:
+        """The bytes of `key`, or None when it does not exist (other failures are errors:
+        some stores answer an existence check with "no" when they are merely down)."""
         try:
-            return self.fs.cat_file(self.path(key))
+            return self._call("read", key, lambda: self.fs.cat_file(self.path(key)))
         except FileNotFoundError:
-            raise ArchiveError(f"{self.url}/{key} is missing") from None
-        except Exception as exc:  # noqa: BLE001
-            raise self._fail("read", key, exc) from None
+            return None
+        except PermissionError as exc:
+            raise self._denied("read", key, exc) from None
 
     def read_many(self, keys: list[str]) -> dict[str, bytes]:
-        """Several small objects at once (concurrently on object stores)."""
-        if not keys:
-            return {}
+        """Several small objects at once (concurrently on object stores); any that fail
+        are read again one by one, with retries."""
         paths = [self.path(k) for k in keys]
-        try:
-            found = self.fs.cat(paths, on_error="return")
-        except Exception as exc:  # noqa: BLE001
-            raise self._fail("read", keys[0], exc) from None
-        out = {}
-        for key, path in zip(keys, paths):
-            value = found.get(path)
-            if isinstance(value, BaseException):
-                if isinstance(value, FileNotFoundError):
-                    raise ArchiveError(f"{self.url}/{key} is missing")
-                raise self._fail("read", key, value)
-            out[key] = value
-        return out
+        found = self._call("read", keys[0], lambda: self.fs.cat(paths, on_error="return")) if keys else {}
+        return {
+            key: value if isinstance(value := found.get(path), bytes) else self.read(key)
+            for key, path in zip(keys, paths)
+        }
 
     def write(self, key: str, data: bytes) -> None:
         """Write `key` whole and atomically."""
         if not self.writable:
             raise ConfigError(f"{self.url} is read-only (http); write archives to a local path, s3:// or gs://")
-        path = self.path(key)
         try:
             if self.local:
-                target = Path(path)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, target)
+                self._call("write", key, lambda: _write_local_atomic(Path(self.path(key)), data))
             else:
-                self.fs.pipe_file(path, data)
-        except Exception as exc:  # noqa: BLE001
-            raise self._fail("write", key, exc) from None
+                self._call("write", key, lambda: self.fs.pipe_file(self.path(key), data))
+        except (FileNotFoundError, PermissionError) as exc:
+            raise ArchiveError(f"cannot write {self.url}/{key}: {_reason(exc)}") from None
 
     def sizes(self, prefix: str = "") -> dict[str, int]:
         """Every object below `prefix` (recursively) with its size in bytes."""
         try:
-            found = self.fs.find(self.path(prefix), detail=True)
+            found = self._call("list", prefix, lambda: self.fs.find(self.path(prefix), detail=True))
         except FileNotFoundError:
             return {}
-        except Exception as exc:  # noqa: BLE001
-            raise self._fail("list", prefix, exc) from None
+        except PermissionError as exc:
+            raise self._denied("list", prefix, exc) from None
         root = self.root + "/"
         return {
             path[len(root):] if path.startswith(root) else path: int(info.get("size") or 0)
@@ -145,11 +161,14 @@ class Location:
         }
 
     def delete(self, key: str = "", recursive: bool = False) -> None:
-        try:
+        def remove():
             if self.fs.exists(self.path(key)):
                 self.fs.rm(self.path(key), recursive=recursive)
-        except Exception as exc:  # noqa: BLE001
-            raise self._fail("delete", key, exc) from None
+
+        try:
+            self._call("delete", key, remove)
+        except (FileNotFoundError, PermissionError) as exc:
+            raise ArchiveError(f"cannot delete {self.url}/{key}: {_reason(exc)}") from None
 
     def is_file(self) -> bool:
         """Whether the root itself is a file (a mistaken --out)."""
@@ -157,3 +176,18 @@ class Location:
             return self.fs.isfile(self.root)
         except Exception:  # noqa: BLE001
             return False
+
+
+def _write_local_atomic(target: Path, data: bytes) -> None:
+    """Write beside `target`, fsync, rename into place; no partial file survives a failure."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

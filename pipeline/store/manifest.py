@@ -64,27 +64,31 @@ def json_bytes(obj: Any) -> bytes:
     return (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()
 
 
-def read_json(location: Location, key: str, what: str) -> dict:
-    data = location.read(key)
+def _parse_json(data: bytes, location: Location, key: str, what: str) -> dict:
     try:
         return json.loads(data)
     except ValueError as exc:
         raise ArchiveError(f"the {what} {location}/{key} is not valid JSON ({exc}); fetch a fresh copy") from None
 
 
+def read_json(location: Location, key: str, what: str) -> dict:
+    return _parse_json(location.read(key), location, key, what)
+
+
 def read_manifest(location: Location | str | os.PathLike, storage_options: dict | None = None) -> dict:
     """The manifest of a finished archive; a clear error for anything else."""
     if not isinstance(location, Location):
         location = Location(location, storage_options)
-    if not location.exists(MANIFEST):
-        if location.exists(PLAN):
+    data = location.read_if_present(MANIFEST)
+    if data is None:
+        if location.read_if_present(PLAN) is not None:
             raise ArchiveError(
                 f"archive {location} is unfinished (no {MANIFEST}); re-run the cache-teacher command that made it to complete it"
             )
         if not location.exists():
             raise ArchiveError(f"archive {location} does not exist")
         raise ArchiveError(f"{location} is not a kdpipe archive (no {MANIFEST})")
-    manifest = read_json(location, MANIFEST, "manifest")
+    manifest = _parse_json(data, location, MANIFEST, "manifest")
     if not isinstance(manifest, dict) or manifest.get("format") != ARCHIVE_FORMAT:
         raise ArchiveError(f"{location}/{MANIFEST} is not a kdpipe archive manifest")
     version = manifest.get("schema_version")
