@@ -264,13 +264,13 @@ def _format_report(report: dict, indent: str = "") -> str:
         if isinstance(value, dict):
             lines.append(f"{indent}{key}:")
             lines.append(_format_report(value, indent + "  "))
-        elif isinstance(value, list):
-            lines.append(f"{indent}{key}: {'none' if not value else ''}")
+        elif isinstance(value, list) and all(isinstance(item, str) for item in value):
+            lines.append(f"{indent}{key}: {'none' if not value else ''}".rstrip())
             lines.extend(f"{indent}  - {item}" for item in value)
         elif isinstance(value, float):
             lines.append(f"{indent}{key}: {value:,.4g}")
         else:
-            lines.append(f"{indent}{key}: {value}")
+            lines.append(f"{indent}{key}: {value if isinstance(value, str) else json.dumps(value)}")
     return "\n".join(lines)
 
 

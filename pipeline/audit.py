@@ -23,7 +23,7 @@ from .errors import ArchiveError
 from .models import Teacher, with_num_classes
 from .store import ArchiveReader, Location, TopKCodec, check_archive_matches, read_manifest
 from .store.archive import COMMITS, STATIC_MARKER, VerifiedObjects
-from .store.codecs import LOGPROB_STEP
+from .store.codecs import LOGPROB_STEP, codec_from_manifest
 from .store.manifest import MANIFEST, PLAN, read_json
 
 # A recomputed view passes when its error is within these bounds.
@@ -117,6 +117,7 @@ def verify_archive(url: str, storage_options: dict | None = None, teacher: Model
     random views. Returns a report whose `problems` list is empty when the archive is sound."""
     location = Location(url, storage_options)
     manifest = read_manifest(location)  # an unfinished or foreign archive is a user error
+    codec_from_manifest(manifest)  # and so is one this kdpipe cannot decode
     problems = VerifiedObjects(location, manifest).problems()
     report = {"archive": str(location), "files_checked": len(manifest["files"])}
     if recompute and not problems:

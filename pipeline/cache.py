@@ -15,6 +15,7 @@ from .errors import ArchiveError, ModelError
 from .models import Teacher, with_num_classes
 from .progress import say, views_progress
 from .store import ARCHIVE_FORMAT, SCHEMA_VERSION, ArchiveWriter, Codec, Location, parse_codec, plan_layout
+from .store.archive import finish_cleanup
 from .store.manifest import MANIFEST, job_identity, library_versions, read_manifest
 from .views import VIEW_PARAM_FIELDS
 
@@ -54,39 +55,43 @@ def cache_teacher(spec: CacheSpec) -> dict:
     total_views = sum(stop - start for *_, start, stop in units) * views
     if units and len(units) < recipe.epochs * writer.shards_per_epoch:
         say(f"resuming {spec.out}: {len(units)} shard(s) left to compute")
-    loader = DataLoader(
-        ViewDataset(source, recipe),
-        batch_sampler=RangeBatches([(e, start, stop) for e, _, start, stop in units], num_samples, spec.batch_size),
-        num_workers=spec.workers,
-        pin_memory=teacher.device.type == "cuda",
-    )
-    compute_started = time.perf_counter()
-    pending = iter(units)
-    unit = next(pending, None)
-    with views_progress() as progress:
-        task = progress.add_task("cache-teacher", total=total_views)
-        for batch in loader:
-            epoch, shard, start, stop = unit
-            if batch["position"][0] == start:
-                logits_buffer = np.empty((stop - start, views, classes), dtype=np.float32)
-                params_buffer = np.empty((stop - start, views, len(VIEW_PARAM_FIELDS)), dtype=np.float32)
-            count = len(batch["index"])
-            logits = teacher(batch["views"].flatten(0, 1)).cpu().view(count, views, classes)
-            if not torch.isfinite(logits).all():
-                bad = int(batch["index"][(~torch.isfinite(logits)).flatten(1).any(1)][0])
-                raise ModelError(
-                    f"the teacher gave NaN or Inf logits for sample {bad} in epoch {epoch}; "
-                    "check its weights and input normalisation (nothing was stored for this shard)"
-                )
-            rows = slice(int(batch["position"][0]) - start, int(batch["position"][-1]) - start + 1)
-            logits_buffer[rows] = logits.float().numpy()
-            params_buffer[rows] = batch["params"].numpy()
-            if rows.stop == stop - start:
-                writer.write_unit(epoch, shard, logits_buffer, params_buffer)
-                unit = next(pending, None)
-            progress.advance(task, count * views)
-    compute_seconds = time.perf_counter() - compute_started
-    manifest = writer.finish()
+    try:
+        loader = DataLoader(
+            ViewDataset(source, recipe),
+            batch_sampler=RangeBatches([(e, start, stop) for e, _, start, stop in units], num_samples, spec.batch_size),
+            num_workers=spec.workers,
+            pin_memory=teacher.device.type == "cuda",
+        )
+        compute_started = time.perf_counter()
+        pending = iter(units)
+        unit = next(pending, None)
+        with views_progress() as progress:
+            task = progress.add_task("cache-teacher", total=total_views)
+            for batch in loader:
+                epoch, shard, start, stop = unit
+                if batch["position"][0] == start:
+                    logits_buffer = np.empty((stop - start, views, classes), dtype=np.float32)
+                    params_buffer = np.empty((stop - start, views, len(VIEW_PARAM_FIELDS)), dtype=np.float32)
+                count = len(batch["index"])
+                logits = teacher(batch["views"].flatten(0, 1)).cpu().view(count, views, classes)
+                if not torch.isfinite(logits).all():
+                    bad = int(batch["index"][(~torch.isfinite(logits)).flatten(1).any(1)][0])
+                    raise ModelError(
+                        f"the teacher gave NaN or Inf logits for sample {bad} in epoch {epoch}; "
+                        "check its weights and input normalisation (nothing was stored for this shard)"
+                    )
+                rows = slice(int(batch["position"][0]) - start, int(batch["position"][-1]) - start + 1)
+                logits_buffer[rows] = logits.float().numpy()
+                params_buffer[rows] = batch["params"].numpy()
+                if rows.stop == stop - start:
+                    writer.write_unit(epoch, shard, logits_buffer, params_buffer)
+                    unit = next(pending, None)
+                progress.advance(task, count * views)
+        compute_seconds = time.perf_counter() - compute_started
+        manifest = writer.finish()
+    except BaseException:
+        writer.lease.release()  # the committed shards stay; a re-run resumes
+        raise
     return archive_summary(manifest, spec.out) | {
         "seconds": time.perf_counter() - started,
         "computed_views": total_views,
@@ -131,4 +136,5 @@ def _finished_same_job(spec: CacheSpec, location: Location, plan: dict) -> dict 
             f"archive {spec.out} already exists for a different job ({where} differs); "
             "pass --overwrite to replace it, or choose another --out"
         )
+    finish_cleanup(location)  # a run killed just after writing the manifest left these
     return manifest

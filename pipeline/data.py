@@ -47,6 +47,18 @@ def _is_image(name: str) -> bool:
     return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
+def _rgb8(image: Image.Image) -> np.ndarray:
+    """Any PIL image as uint8 RGB (H, W, 3). 16-bit and 32-bit grayscale are scaled down
+    to 8 bits (PIL's own conversion would clip them at 255); other modes (palette, CMYK,
+    LA, RGBA, ...) go through PIL's RGB conversion."""
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if image.mode.startswith("I;16") or values.max(initial=0) > 255 else 255.0
+        gray = np.clip(np.rint(values * (255.0 / peak)), 0, 255).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=2)
+    return np.asarray(image.convert("RGB"))
+
+
 class ImageFolder:
     """Images under `root`: `root/CLASS/**/*.png` (labelled, classes sorted by name) or
     `root/*.png` (unlabelled). Any PIL-readable format and mode is converted to RGB."""
@@ -97,7 +109,7 @@ class ImageFolder:
         path = self.paths[index]
         try:
             with Image.open(path) as image:
-                array = np.asarray(image.convert("RGB"))
+                array = _rgb8(image)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise DataError(f"cannot read image {path}: {reason}; fix or remove the file") from None

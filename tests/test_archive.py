@@ -248,3 +248,35 @@ def test_stock_webdataset_reads_the_shards(image_folder, tmp_path):
         assert np.array_equal([int(r["sample"]) for r in stock], indices)
     _cache(image_folder, tmp_path / "again", "--codec", "dense-fp32", backend="webdataset")
     assert _archive_files(tmp_path / "w") == _archive_files(tmp_path / "again")
+
+
+def test_a_second_writer_is_refused_while_the_first_lives(tmp_path, image_folder):
+    """Two cache-teacher processes on one archive: the second refuses with one line naming
+    the first, which finishes a sound archive; after a SIGKILL, the lease is taken over."""
+    def args(out):
+        return ["cache-teacher", "--data", str(image_folder), "--teacher", "tests.toy_models:slow_teacher",
+                "--out", str(out), "--epochs", "2", "--size", "16", "--shard-size", "3", "--batch-size", "3",
+                "--workers", "0"]
+
+    def start(out):
+        return subprocess.Popen(KDPIPE + args(out), cwd=REPO, env=subprocess_env(),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    first = start(tmp_path / "a")
+    deadline = time.monotonic() + 120
+    while not list((tmp_path / "a" / "commits").glob("*.*.json")) and time.monotonic() < deadline:
+        assert first.poll() is None, first.communicate()
+        time.sleep(0.05)
+    assert_user_error(run_cli(*args(tmp_path / "a")), "being written by another cache-teacher", f"pid {first.pid}")
+    assert first.wait(timeout=120) == 0, first.communicate()
+    assert run_cli("verify", tmp_path / "a").exit_code == 0
+    assert not (tmp_path / "a" / "writer.json").exists()
+
+    killed = start(tmp_path / "b")
+    while not list((tmp_path / "b" / "commits").glob("*.*.json")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert (tmp_path / "b" / "writer.json").exists()  # left behind by the dead process
+    cli_json(*args(tmp_path / "b"))
+    assert _archive_files(tmp_path / "b") == _archive_files(tmp_path / "a")

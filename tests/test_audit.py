@@ -112,3 +112,13 @@ def test_verify_refuses_another_teacher_or_missing_options(image_folder, tmp_pat
                               "--recompute", 2), "teacher.fingerprint")
     assert_user_error(run_cli("verify", tmp_path / "a", "--recompute", 2), "--recompute needs --teacher")
     assert_user_error(run_cli("verify", tmp_path / "nothing"), "does not exist")
+
+
+def test_an_unknown_codec_is_refused_by_every_command(image_folder, tmp_path, teacher_weights):
+    _cache(image_folder, tmp_path / "a", teacher_weights)
+    path = tmp_path / "a" / "manifest.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | {"codec": {"name": "zfp"}}))
+    for args in (("inspect", tmp_path / "a"), ("verify", tmp_path / "a"),
+                 ("train-student", "--data", image_folder, "--student", "kdpipe:mlp", "--cache", tmp_path / "a",
+                  "--out", tmp_path / "run", "--workers", 0)):
+        assert_user_error(run_cli(*args), "codec 'zfp' is unknown", "upgrade kdpipe")

@@ -23,6 +23,9 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import time
+import uuid
 from pathlib import Path
 from typing import Iterator
 
@@ -37,6 +40,8 @@ from .manifest import MANIFEST, PLAN, job_identity, json_bytes, read_json, read_
 
 COMMITS = "commits"
 STATIC_MARKER = f"{COMMITS}/static.json"
+LEASE = "writer.json"  # who is writing an unfinished archive
+LEASE_SECONDS = 600  # a lease from another host not renewed for this long is abandoned
 # Aim for shards of about this many uncompressed bytes, and (zarr) chunks, the unit of
 # decompression on read, of about this many.
 TARGET_SHARD_BYTES = 16 << 20
@@ -68,8 +73,76 @@ def _backend(manifest: dict, codec: Codec):
     return backends[name](manifest, codec)
 
 
+class WriterLease:
+    """One writer per archive at a time: `writer.json` names the process that holds the
+    archive (host, pid, a random owner id) and when it last committed a shard.
+
+    A second cache-teacher on the same archive refuses while the holder lives. The
+    holder counts as gone when it ran on this host and its pid is dead (killed, crashed),
+    or, from another host, when it has not renewed the lease for LEASE_SECONDS.
+    """
+
+    def __init__(self, location: Location):
+        self.location = location
+        self.record = {"owner": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(),
+                       "since": time.time(), "renewed": time.time()}
+
+    def acquire(self) -> None:
+        for _ in range(3):
+            if self.location.create_exclusive(LEASE, json_bytes(self.record)):
+                return
+            current = self.location.read_if_present(LEASE)
+            holder = _parse_lease(current)
+            if holder is not None and _alive(holder):
+                since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder["since"]))
+                raise ArchiveError(
+                    f"archive {self.location} is being written by another cache-teacher (pid {holder['pid']} on "
+                    f"{holder['host']}, since {since}); wait for it to finish, then re-run to check it"
+                )
+            if self.location.read_if_present(LEASE) == current:  # abandoned: take it over
+                self.location.delete(LEASE)
+        raise ArchiveError(f"archive {self.location}: could not take over the writer lease; re-run the command")
+
+    def renew(self) -> None:
+        """Refresh the lease after a commit; stop if another process has taken it."""
+        holder = _parse_lease(self.location.read_if_present(LEASE))
+        if holder is None or holder["owner"] != self.record["owner"]:
+            raise ArchiveError(
+                f"archive {self.location}: another cache-teacher took over this archive; "
+                "this run stops (its committed shards stay)"
+            )
+        self.record["renewed"] = time.time()
+        self.location.write(LEASE, json_bytes(self.record))
+
+    def release(self) -> None:
+        holder = _parse_lease(self.location.read_if_present(LEASE))
+        if holder is not None and holder["owner"] == self.record["owner"]:
+            self.location.delete(LEASE)
+
+
+def _parse_lease(data: bytes | None) -> dict | None:
+    try:
+        record = json.loads(data) if data is not None else None
+        return record if record and {"owner", "host", "pid", "since", "renewed"} <= set(record) else None
+    except ValueError:
+        return None
+
+
+def _alive(holder: dict) -> bool:
+    if holder["host"] == socket.gethostname():
+        try:
+            os.kill(int(holder["pid"]), 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    return time.time() - holder["renewed"] < LEASE_SECONDS
+
+
 class ArchiveWriter:
-    """Creates an archive, or resumes an unfinished one with the same plan."""
+    """Creates an archive, or resumes an unfinished one with the same plan. Holds the
+    archive's writer lease from creation until `finish` (or `release`)."""
 
     def __init__(self, location: Location, plan: dict, labels: np.ndarray, overwrite: bool = False):
         self.location = location
@@ -83,7 +156,18 @@ class ArchiveWriter:
         self.recipe = ViewRecipe.from_dict(plan["recipe"])
         self._orders: dict[int, np.ndarray] = {}
         self.labels = np.asarray(labels, dtype=np.int64)
-        self._claim(overwrite)
+        self._check_target(overwrite)
+        self.lease = WriterLease(location)
+        self.lease.acquire()
+        try:
+            self._claim(overwrite)
+            self._write_static()
+        except BaseException:
+            self.lease.release()
+            raise
+
+    def _write_static(self) -> None:
+        location = self.location
         if not location.exists(STATIC_MARKER):
             entries = {}
             for key, data in self.backend.static_files(self.labels, self.order):
@@ -91,16 +175,22 @@ class ArchiveWriter:
                 entries[key] = file_entry(data)
             location.write(STATIC_MARKER, json_bytes({"files": entries}))
 
-    def _claim(self, overwrite: bool) -> None:
-        """Make the location ours: new, replaced (only with overwrite), or an unfinished run of this plan."""
+    def _check_target(self, overwrite: bool) -> None:
+        """Refuse a location that is a file or a folder of other things, before touching it."""
         location = self.location
         if location.is_file():
             raise ArchiveError(f"{location} exists and is a file; choose another --out")
-        has_manifest, has_plan = location.exists(MANIFEST), location.exists(PLAN)
-        if not (has_manifest or has_plan) and location.sizes():
+        if not (location.exists(MANIFEST) or location.exists(PLAN)) and set(location.sizes()) - {LEASE}:
             raise ArchiveError(f"{location} exists and is not a kdpipe archive; choose another --out")
+
+    def _claim(self, overwrite: bool) -> None:
+        """Make the location ours: new, replaced (only with overwrite), or an unfinished run of this plan."""
+        location = self.location
+        has_manifest, has_plan = location.exists(MANIFEST), location.exists(PLAN)
         if (has_manifest or has_plan) and overwrite:
-            location.delete(recursive=True)
+            for key in location.sizes():
+                if key != LEASE:
+                    location.delete(key)
         elif has_manifest:
             raise ArchiveError(f"archive {location} is already finished; pass --overwrite to replace it")
         elif has_plan:
@@ -160,6 +250,7 @@ class ArchiveWriter:
         marker = {"epoch": epoch, "shard": shard, "start": start, "stop": stop,
                   "files": {key: file_entry(data) for key, data in objects.items()}}
         self.location.write(self._marker(epoch, shard), json_bytes(marker))
+        self.lease.renew()
 
     def finish(self) -> dict:
         """Check every unit is committed and present, then write the manifest last."""
@@ -179,16 +270,22 @@ class ArchiveWriter:
             if sizes.get(key) != entry["bytes"]:
                 raise ArchiveError(f"archive {self.location} lost {key}; re-run with --overwrite")
         for key in sizes:
-            if key not in files and key != PLAN and not key.startswith(f"{COMMITS}/"):
+            if key not in files and key not in (PLAN, LEASE) and not key.startswith(f"{COMMITS}/"):
                 self.location.delete(key)  # a temporary file left by a killed writer
         manifest = dict(self.plan)
         manifest["shards"] = shards
         manifest["files"] = dict(sorted(files.items()))
         manifest["total_bytes"] = sum(f["bytes"] for f in files.values())
         self.location.write(MANIFEST, json_bytes(manifest))
-        self.location.delete(COMMITS, recursive=True)
-        self.location.delete(PLAN)
+        finish_cleanup(self.location)
+        self.lease.release()
         return manifest
+
+
+def finish_cleanup(location: Location) -> None:
+    """Remove what only an unfinished archive has, once its manifest is written."""
+    location.delete(COMMITS, recursive=True)
+    location.delete(PLAN)
 
 
 class VerifiedObjects:

@@ -1,7 +1,7 @@
 """Logit codecs: how a view's pre-softmax logits become stored arrays, and back.
 
 - `dense-fp32`: the logits as float32, lossless.
-- `dense-fp16`: the logits as float16 (the default; half the bytes, ~1e-3 relative error).
+- `dense-fp16`: the logits as float16 (the default; half the bytes, relative rounding error at most 2^-11).
 - `topk:K`: the K most likely classes of each view as indices (uint16, or uint32 past
   65,536 classes) and their log-probabilities quantised to uint8 in steps of 1/16 nat,
   plus the log of the tail mass (float16). Decoding rebuilds a full logit vector: the
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import ConfigError, ModelError
+from ..errors import ArchiveError, ConfigError, ModelError
 
 LOGPROB_STEP = 1 / 16  # nats per uint8 step: log-probabilities down to -15.9 are kept
 LOG_TAIL_FLOOR = -60.0  # the log tail mass of a view whose tail underflows
@@ -135,9 +135,12 @@ def check_codec_name(name: str) -> None:
 
 def codec_from_manifest(manifest: dict) -> Codec:
     codec, classes = manifest["codec"], manifest["layout"]["num_classes"]
-    if codec["name"].startswith("dense"):
+    name = codec.get("name")
+    if name in ("dense-fp16", "dense-fp32") and codec.get("dtype") in ("float16", "float32"):
         return DenseCodec(codec["dtype"])
-    return TopKCodec(codec["k"], classes)
+    if isinstance(name, str) and name.startswith("topk:") and isinstance(codec.get("k"), int):
+        return TopKCodec(codec["k"], classes)
+    raise ArchiveError(f"the archive's codec {name!r} is unknown to this kdpipe; upgrade kdpipe")
 
 
 def _logsumexp(x: np.ndarray, axis: int) -> np.ndarray:

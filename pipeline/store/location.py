@@ -145,6 +145,30 @@ class Location:
         except (FileNotFoundError, PermissionError) as exc:
             raise ArchiveError(f"cannot write {self.url}/{key}: {_reason(exc)}") from None
 
+    def create_exclusive(self, key: str, data: bytes) -> bool:
+        """Create `key` only if it does not exist; False if it does. Atomic on a local
+        disk (O_EXCL); on object stores, a write followed by a read-back, so the later of
+        two racing writers is the one that keeps the object."""
+        if self.local:
+            path = Path(self.path(key))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return False
+            except OSError as exc:
+                raise ArchiveError(f"cannot write {self.url}/{key}: {_reason(exc)}") from None
+            with os.fdopen(descriptor, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            return True
+        if self.read_if_present(key) is not None:
+            return False
+        self.write(key, data)
+        time.sleep(0.5)  # let a racing writer's PUT land, then see whose object stayed
+        return self.read_if_present(key) == data
+
     def sizes(self, prefix: str = "") -> dict[str, int]:
         """Every object below `prefix` (recursively) with its size in bytes."""
         try:
