@@ -3,6 +3,7 @@ one function in `pipeline`. User errors print one line on stderr and exit 2."""
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import sys
@@ -22,6 +23,10 @@ app = typer.Typer(
 )
 
 
+# Failures of the machine rather than of kdpipe: a full disk, a read-only place.
+ENVIRONMENT_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
 def _user_errors(command):
     """Turn a KdpipeError into one line on stderr and exit code 2."""
 
@@ -31,6 +36,12 @@ def _user_errors(command):
             return command(*args, **kwargs)
         except KdpipeError as exc:
             typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+        except OSError as exc:
+            if exc.errno not in ENVIRONMENT_ERRORS:
+                raise
+            where = f" ({exc.filename})" if exc.filename else ""
+            typer.echo(f"error: {exc.strerror}{where}; free space or choose a writable location, then re-run", err=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             typer.echo("interrupted; re-run the same command to continue (train-student: add --resume)", err=True)

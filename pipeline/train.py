@@ -100,8 +100,11 @@ def _prepare_run_dir(out: Path, config: dict, resume: bool) -> dict | None:
         where = first_difference(json.loads((out / "config.json").read_text()), config)
         if where is not None:
             raise ConfigError(f"cannot resume {out}: {where} differs from the run being resumed")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(config, indent=1, sort_keys=True) + "\n")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(config, indent=1, sort_keys=True) + "\n")
+    except OSError as exc:
+        raise ConfigError(f"cannot write the run directory {out}: {exc.strerror or exc}; choose another --out") from None
     if resume and (out / CHECKPOINT).exists():
         return torch.load(out / CHECKPOINT, map_location="cpu", weights_only=False)
     return None

@@ -132,6 +132,18 @@ def test_archive_without_manifest_is_refused_as_unfinished(image_folder, tmp_pat
     assert_user_error(result, "unfinished")
 
 
+def test_an_edited_manifest_is_refused(image_folder, tmp_path, backend):
+    _cache(image_folder, tmp_path / "a.zarr", backend=backend)
+    path = tmp_path / "a.zarr" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["recipe"]["seed"] = 1  # as if someone made the archive claim another recipe
+    path.write_text(json.dumps(manifest))
+    result = run_cli("train-student", "--data", image_folder, "--student", "kdpipe:mlp", "--out", tmp_path / "run",
+                     "--cache", tmp_path / "a.zarr", "--workers", 0)
+    assert_user_error(result, "manifest of archive", "was changed after it was written")
+    assert not (tmp_path / "run").exists()
+
+
 def test_newer_schema_is_refused(image_folder, tmp_path):
     _cache(image_folder, tmp_path / "a.zarr")
     path = tmp_path / "a.zarr" / "manifest.json"

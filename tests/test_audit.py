@@ -10,7 +10,7 @@ from pipeline.config import ModelSpec
 from pipeline.models import build_model
 from pipeline.store import ArchiveReader, ArchiveWriter, Location, read_manifest
 from pipeline.store.archive import file_entry
-from pipeline.store.manifest import json_bytes
+from pipeline.store.manifest import json_bytes, seal
 
 from .conftest import assert_user_error, cli_json, run_cli
 
@@ -99,7 +99,7 @@ def test_verify_recompute_catches_logits_that_are_not_the_teachers(image_folder,
     for key, data in objects.items():
         (tmp_path / "a" / key).write_bytes(data)
         manifest["files"][key] = file_entry(data)
-    (tmp_path / "a" / "manifest.json").write_bytes(json_bytes(manifest))
+    (tmp_path / "a" / "manifest.json").write_bytes(json_bytes(seal(manifest)))
     assert run_cli("verify", tmp_path / "a").exit_code == 0  # checksums alone cannot tell
     result = run_cli("verify", tmp_path / "a", "--teacher", "kdpipe:cnn", "--weights", teacher_weights,
                      "--data", image_folder, "--recompute", 36)
@@ -117,7 +117,7 @@ def test_verify_refuses_another_teacher_or_missing_options(image_folder, tmp_pat
 def test_an_unknown_codec_is_refused_by_every_command(image_folder, tmp_path, teacher_weights):
     _cache(image_folder, tmp_path / "a", teacher_weights)
     path = tmp_path / "a" / "manifest.json"
-    path.write_text(json.dumps(json.loads(path.read_text()) | {"codec": {"name": "zfp"}}))
+    path.write_bytes(json_bytes(seal(json.loads(path.read_text()) | {"codec": {"name": "zfp"}})))  # a future kdpipe's
     for args in (("inspect", tmp_path / "a"), ("verify", tmp_path / "a"),
                  ("train-student", "--data", image_folder, "--student", "kdpipe:mlp", "--cache", tmp_path / "a",
                   "--out", tmp_path / "run", "--workers", 0)):

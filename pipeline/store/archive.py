@@ -36,7 +36,7 @@ from ..errors import ArchiveError
 from ..views import epoch_order
 from .codecs import Codec, codec_from_manifest
 from .location import Location
-from .manifest import MANIFEST, PLAN, job_identity, json_bytes, read_json, read_manifest
+from .manifest import MANIFEST, PLAN, job_identity, json_bytes, read_json, read_manifest, seal
 
 COMMITS = "commits"
 STATIC_MARKER = f"{COMMITS}/static.json"
@@ -276,6 +276,7 @@ class ArchiveWriter:
         manifest["shards"] = shards
         manifest["files"] = dict(sorted(files.items()))
         manifest["total_bytes"] = sum(f["bytes"] for f in files.values())
+        manifest = seal(manifest)
         self.location.write(MANIFEST, json_bytes(manifest))
         finish_cleanup(self.location)
         self.lease.release()

@@ -16,6 +16,7 @@ that opens a Location gets its own connection pool.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import time
@@ -93,7 +94,10 @@ class Location:
                 if self.local or attempt == RETRIES:
                     where = f"{self.url}/{key}" if key else self.url
                     tries = "" if self.local else f" (after {RETRIES + 1} tries)"
-                    raise ArchiveError(f"cannot {action} {where}{tries}: {_reason(exc)}") from None
+                    advice = ""
+                    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                        advice = "; free some space and re-run the same command (committed shards are kept)"
+                    raise ArchiveError(f"cannot {action} {where}{tries}: {_reason(exc)}{advice}") from None
                 time.sleep(RETRY_DELAY * 2**attempt)
         raise AssertionError("unreachable")
 

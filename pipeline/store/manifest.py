@@ -10,7 +10,7 @@ import json
 import os
 from typing import Any
 
-from ..config import first_difference
+from ..config import first_difference, fingerprint
 from ..errors import ArchiveError, ArchiveMismatchError
 from .location import Location
 
@@ -42,8 +42,16 @@ def library_versions() -> dict[str, str]:
 
 # Manifest fields that only a finished archive has, and fields that record where things
 # were found rather than what they are: neither decides whether two runs are the same job.
-MANIFEST_ONLY = ("shards", "files", "total_bytes")
+MANIFEST_ONLY = ("shards", "files", "total_bytes", "manifest_fingerprint")
+SEAL = "manifest_fingerprint"
 INFORMATIONAL = (("dataset", "location"), ("teacher", "spec", "weights"))
+
+
+def seal(manifest: dict) -> dict:
+    """The manifest with its own fingerprint (over every other field) added, so an edit
+    by hand or a damaged copy is caught when it is read."""
+    body = {k: v for k, v in manifest.items() if k != SEAL}
+    return body | {SEAL: fingerprint(body)}
 
 
 def job_identity(plan: dict) -> dict:
@@ -95,6 +103,11 @@ def read_manifest(location: Location | str | os.PathLike, storage_options: dict 
     if not isinstance(version, int) or version > SCHEMA_VERSION:
         raise ArchiveError(
             f"archive {location} has schema version {version}; this kdpipe reads up to {SCHEMA_VERSION}: upgrade kdpipe"
+        )
+    if seal(manifest).get(SEAL) != manifest.get(SEAL):
+        raise ArchiveError(
+            f"the manifest of archive {location} was changed after it was written (its {SEAL} does not match); "
+            "fetch a fresh copy"
         )
     return manifest
 
