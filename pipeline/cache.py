@@ -111,7 +111,7 @@ def _plan(spec: CacheSpec, codec: Codec, dataset: dict, teacher: dict, num_sampl
         "views_per_sample": recipe.views_per_sample,
         "num_classes": classes,
         "view_param_fields": list(VIEW_PARAM_FIELDS),
-    } | plan_layout(num_samples, bytes_per_position, spec.positions_per_shard)
+    } | plan_layout(num_samples, bytes_per_position, spec.positions_per_shard, buffer_bytes_per_position=views * classes * 4)
     return {
         "format": ARCHIVE_FORMAT,
         "schema_version": SCHEMA_VERSION,

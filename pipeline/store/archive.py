@@ -46,12 +46,21 @@ LEASE_SECONDS = 600  # a lease from another host not renewed for this long is ab
 # decompression on read, of about this many.
 TARGET_SHARD_BYTES = 16 << 20
 TARGET_CHUNK_BYTES = 256 << 10
+TARGET_BUFFER_BYTES = 256 << 20
 
 
-def plan_layout(num_samples: int, bytes_per_position: int, positions_per_shard: int | None) -> dict:
-    """Positions per shard and per chunk: chunks divide shards, shards cover positions."""
+def plan_layout(num_samples: int, bytes_per_position: int, positions_per_shard: int | None,
+                buffer_bytes_per_position: int = 0) -> dict:
+    """Positions per shard and per chunk: chunks divide shards, shards cover positions.
+
+    A shard holds about TARGET_SHARD_BYTES stored, and the writer's float32 buffer of a
+    shard (`buffer_bytes_per_position` each) at most TARGET_BUFFER_BYTES: a compact codec
+    (top-k) would otherwise make shards of so many positions that their full-width
+    logits fill the memory while they are computed.
+    """
     chunk = max(1, min(num_samples, TARGET_CHUNK_BYTES // bytes_per_position))
-    shard = positions_per_shard or max(chunk, TARGET_SHARD_BYTES // bytes_per_position)
+    by_buffer = TARGET_BUFFER_BYTES // buffer_bytes_per_position if buffer_bytes_per_position else num_samples
+    shard = positions_per_shard or max(chunk, min(TARGET_SHARD_BYTES // bytes_per_position, by_buffer))
     shard = min(shard, num_samples)
     chunk = min(chunk, shard)
     shard = -(-shard // chunk) * chunk  # a whole number of chunks

@@ -24,6 +24,7 @@ from ..errors import ArchiveError, ConfigError, ModelError
 
 LOGPROB_STEP = 1 / 16  # nats per uint8 step: log-probabilities down to -15.9 are kept
 LOG_TAIL_FLOOR = -60.0  # the log tail mass of a view whose tail underflows
+ENCODE_ROWS = 4096  # positions encoded at a time
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,12 @@ class TopKCodec:
         }
 
     def encode(self, logits: np.ndarray) -> dict[str, np.ndarray]:
+        """(n, V, C) float32 logits into the top-k fields, a slice of rows at a time (the
+        float64 work arrays are several times the input)."""
+        parts = [self._encode(logits[i: i + ENCODE_ROWS]) for i in range(0, len(logits), ENCODE_ROWS)]
+        return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+
+    def _encode(self, logits: np.ndarray) -> dict[str, np.ndarray]:
         z = logits.astype(np.float64)
         log_probs = z - _logsumexp(z, axis=-1)[..., None]
         top = np.argpartition(-log_probs, self.k - 1, axis=-1)[..., : self.k]

@@ -104,7 +104,12 @@ def read_manifest(location: Location | str | os.PathLike, storage_options: dict 
         raise ArchiveError(
             f"archive {location} has schema version {version}; this kdpipe reads up to {SCHEMA_VERSION}: upgrade kdpipe"
         )
-    if seal(manifest).get(SEAL) != manifest.get(SEAL):
+    if SEAL not in manifest:
+        raise ArchiveError(
+            f"the manifest of archive {location} has no {SEAL} (written by a pre-release kdpipe, or edited); "
+            "re-create the archive with cache-teacher --overwrite"
+        )
+    if seal(manifest)[SEAL] != manifest[SEAL]:
         raise ArchiveError(
             f"the manifest of archive {location} was changed after it was written (its {SEAL} does not match); "
             "fetch a fresh copy"
