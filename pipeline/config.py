@@ -229,6 +229,8 @@ class TrainSpec:
             raise ConfigError("--teacher is not used in supervised mode; drop it or choose --mode online")
         if self.epochs < 1 or self.batch_size < 1:
             raise ConfigError("epochs and batch size must be at least 1")
+        if "://" in str(self.out):
+            raise ConfigError(f"--out {self.out} must be a local folder: a run directory is written on this machine")
         if self.temperature <= 0:
             raise ConfigError(f"temperature must be positive, got {self.temperature}")
         if not (0 <= self.alpha <= 1):

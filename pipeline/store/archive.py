@@ -189,7 +189,8 @@ class ArchiveWriter:
         location = self.location
         if location.is_file():
             raise ArchiveError(f"{location} exists and is a file; choose another --out")
-        if not (location.exists(MANIFEST) or location.exists(PLAN)) and set(location.sizes()) - {LEASE}:
+        ours = {LEASE} | {key for key in location.sizes() if key.rsplit("/", 1)[-1].startswith(".")}  # temp files
+        if not (location.exists(MANIFEST) or location.exists(PLAN)) and set(location.sizes()) - ours:
             raise ArchiveError(f"{location} exists and is not a kdpipe archive; choose another --out")
 
     def _claim(self, overwrite: bool) -> None:

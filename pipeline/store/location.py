@@ -155,8 +155,8 @@ class Location:
         two racing writers is the one that keeps the object."""
         if self.local:
             path = Path(self.path(key))
-            path.parent.mkdir(parents=True, exist_ok=True)
             try:
+                path.parent.mkdir(parents=True, exist_ok=True)
                 descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 return False
