@@ -189,8 +189,9 @@ class ArchiveWriter:
         location = self.location
         if location.is_file():
             raise ArchiveError(f"{location} exists and is a file; choose another --out")
-        ours = {LEASE} | {key for key in location.sizes() if key.rsplit("/", 1)[-1].startswith(".")}  # temp files
-        if not (location.exists(MANIFEST) or location.exists(PLAN)) and set(location.sizes()) - ours:
+        foreign = [key for key in location.sizes()
+                   if key != LEASE and not key.rsplit("/", 1)[-1].startswith(".")]  # not a lease or temp file
+        if foreign and not (location.exists(MANIFEST) or location.exists(PLAN)):
             raise ArchiveError(f"{location} exists and is not a kdpipe archive; choose another --out")
 
     def _claim(self, overwrite: bool) -> None:
@@ -228,9 +229,9 @@ class ArchiveWriter:
             for shard, start in enumerate(range(0, self.num_samples, self.shard_size)):
                 yield epoch, shard, start, min(start + self.shard_size, self.num_samples)
 
-    def _commits(self) -> dict[tuple[int, int], dict]:
-        """The commit markers whose objects are all present with their committed sizes."""
-        sizes = self.location.sizes()
+    def _commits(self, sizes: dict[str, int]) -> dict[tuple[int, int], dict]:
+        """The commit markers whose objects are all present with their committed sizes
+        (`sizes`: a listing of the archive)."""
         markers = [k for k in sizes if k.startswith(f"{COMMITS}/") and k != STATIC_MARKER and k.endswith(".json")]
         committed = {}
         for key, data in self.location.read_many(markers).items():
@@ -245,7 +246,7 @@ class ArchiveWriter:
 
     def pending_units(self) -> list[tuple[int, int, int, int]]:
         """(epoch, shard, start, stop) of every unit not yet committed, in order."""
-        committed = self._commits()
+        committed = self._commits(self.location.sizes())
         return [unit for unit in self.units() if unit[:2] not in committed]
 
     def write_unit(self, epoch: int, shard: int, logits: np.ndarray, params: np.ndarray) -> None:
@@ -264,12 +265,12 @@ class ArchiveWriter:
 
     def finish(self) -> dict:
         """Check every unit is committed and present, then write the manifest last."""
-        committed = self._commits()
+        sizes = self.location.sizes()
+        committed = self._commits(sizes)
         missing = [unit for unit in self.units() if unit[:2] not in committed]
         if missing:
             raise ArchiveError(f"archive {self.location} still has {len(missing)} uncommitted shard(s)")
         static = json.loads(self.location.read(STATIC_MARKER))["files"]
-        sizes = self.location.sizes()
         files = dict(static)
         shards = []
         for epoch, shard, start, stop in self.units():
