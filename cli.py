@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 import typer
 
 from pipeline.config import IMAGENET_MEAN, IMAGENET_STD, CacheSpec, ModelSpec, TrainSpec, ViewRecipe, parse_storage_options
-from pipeline.errors import ConfigError, KdpipeError
+from pipeline.errors import NO_SPACE, ConfigError, KdpipeError
 
 app = typer.Typer(
     add_completion=False,
@@ -24,7 +24,7 @@ app = typer.Typer(
 
 
 # Failures of the machine rather than of kdpipe: a full disk, a read-only place.
-ENVIRONMENT_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM)
+NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 def _user_errors(command):
@@ -38,10 +38,11 @@ def _user_errors(command):
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from None
         except OSError as exc:
-            if exc.errno not in ENVIRONMENT_ERRORS:
+            if exc.errno not in NO_SPACE + NOT_WRITABLE:
                 raise
             where = f" ({exc.filename})" if exc.filename else ""
-            typer.echo(f"error: {exc.strerror}{where}; free space or choose a writable location, then re-run", err=True)
+            advice = "free some space" if exc.errno in NO_SPACE else "choose a writable location"
+            typer.echo(f"error: {exc.strerror}{where}; {advice}, then re-run", err=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             typer.echo("interrupted; re-run the same command to continue (train-student: add --resume)", err=True)
@@ -133,6 +134,7 @@ def cache_teacher_command(
     Re-running an interrupted command completes the archive; a finished archive is
     left alone unless --overwrite is given.
     """
+    from pipeline import distributed
     from pipeline.cache import cache_teacher
 
     recipe = ViewRecipe.from_dict(
@@ -146,8 +148,10 @@ def cache_teacher_command(
         data=data, teacher=_model_spec(teacher, num_classes, weights, mean, std), out=out, recipe=recipe,
         codec=codec, format=format, storage_options=parse_storage_options(storage_option), positions_per_shard=shard_size, batch_size=batch_size, workers=workers, overwrite=overwrite,
     )
-    result = cache_teacher(spec)
-    typer.echo(json.dumps(result))
+    with distributed.job() as ranks:
+        result = cache_teacher(spec)
+    if ranks.main:
+        typer.echo(json.dumps(result))
 
 
 @app.command("train-student")
@@ -187,6 +191,8 @@ def train_student_command(
     mean: MeanOpt = None,
     std: StdOpt = None,
     workers: WorkersOpt = 2,
+    compile: Annotated[bool, typer.Option("--compile", help="Compile the student with torch.compile (pays a start-up cost once).")] = False,
+    teacher_batch_size: Annotated[Optional[int], typer.Option(help="Views per teacher forward pass in online mode. [default: the whole step]")] = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run in --out from its last epoch.")] = False,
 ) -> None:
     """Train a student on the views of a teacher archive (cached), with a live teacher
@@ -195,6 +201,7 @@ def train_student_command(
     In cached mode the view recipe is the archive's; view options given here must agree
     with it.
     """
+    from pipeline import distributed
     from pipeline.train import train_student
 
     if mode is None:
@@ -208,14 +215,16 @@ def train_student_command(
         data=data, student=_model_spec(student, num_classes, student_weights, mean, std), out=out, mode=mode,
         cache=cache, storage_options=parse_storage_options(storage_option), local_cache=local_cache, teacher=teacher_spec, val=val, epochs=epochs, cycle_epochs=cycle_epochs, batch_size=batch_size,
         optimizer=optimizer, lr=lr, weight_decay=weight_decay, momentum=momentum, temperature=temperature,
-        alpha=alpha, seed=init_seed, workers=workers,
+        alpha=alpha, seed=init_seed, workers=workers, compile=compile, teacher_batch_size=teacher_batch_size,
     )
     options = _recipe_options(
         size=size, scale=scale, ratio=ratio, flip_prob=flip_prob, color_jitter=color_jitter,
         views_per_sample=views_per_sample, seed=seed,
     )
-    summary = train_student(spec, options, resume=resume)
-    typer.echo(json.dumps(summary))
+    with distributed.job() as ranks:
+        summary = train_student(spec, options, resume=resume)
+    if ranks.main:
+        typer.echo(json.dumps(summary))
 
 
 @app.command("inspect")
@@ -296,6 +305,44 @@ def quickstart_command(
     from pipeline.quickstart import run_quickstart
 
     run_quickstart(out, seeds=seeds)
+
+
+@app.command("bench")
+@_user_errors
+def bench_command(
+    teacher: Annotated[str, typer.Option(help="Teacher model (random weights: speed does not depend on them).")] = "torchvision:resnet50",
+    student: Annotated[str, typer.Option(help="Student model.")] = "torchvision:mobilenet_v3_small",
+    samples: Annotated[int, typer.Option(help="JPEG images to write and train on.")] = 256,
+    classes: Annotated[int, typer.Option(help="Classes of the images.")] = 10,
+    image_size: Annotated[int, typer.Option(help="Side of each JPEG image in pixels.")] = 320,
+    size: Annotated[int, typer.Option(help="Side of each rendered view in pixels.")] = 224,
+    views_per_sample: Annotated[int, typer.Option(help="Views rendered per decode (V).")] = 4,
+    epochs: Annotated[int, typer.Option(help="Epochs of each training case.")] = 2,
+    batch_size: Annotated[int, typer.Option(help="Samples per step (each gives V views).")] = 32,
+    teacher_batch_size: Annotated[Optional[int], typer.Option(help="Views per teacher forward pass. [default: the whole batch]")] = None,
+    workers: WorkersOpt = 2,
+    repeats: Annotated[int, typer.Option(help="Measure every case this many times; report the best.")] = 1,
+    compile: Annotated[bool, typer.Option("--compile", help="Compile the student with torch.compile.")] = False,
+    workdir: Annotated[Optional[str], typer.Option(help="Folder for the images, archives and runs (kept). [default: a temporary folder, removed]")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Measure, side by side on this machine, supervised, cached-KD and online-KD training,
+    the teacher alone, cache-teacher and logit reads; print the speeds and their ratios."""
+    import tempfile
+
+    from pipeline.bench import BenchSpec, format_bench, run_bench
+
+    if min(samples, classes, image_size, size, views_per_sample, epochs, batch_size, repeats) < 1:
+        raise ConfigError("bench sizes and counts must be at least 1")
+    with tempfile.TemporaryDirectory(prefix="kdpipe-bench-") as scratch:
+        spec = BenchSpec(
+            teacher=_model_spec(teacher, classes, None, None, None), student=_model_spec(student, classes, None, None, None),
+            workdir=workdir or scratch, num_samples=samples, num_classes=classes, image_size=image_size, size=size,
+            views_per_sample=views_per_sample, epochs=epochs, batch_size=batch_size,
+            teacher_batch_size=teacher_batch_size, workers=workers, repeats=repeats, compile=compile,
+        )
+        report = run_bench(spec)
+    typer.echo(json.dumps(report, indent=1) if as_json else format_bench(report))
 
 
 def main() -> None:

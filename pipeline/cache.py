@@ -4,11 +4,13 @@ its per-view logits, shard by shard, in an archive that replays exactly those vi
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from . import distributed
 from .config import CacheSpec, first_difference
 from .data import RangeBatches, ViewDataset, open_source
 from .errors import ArchiveError, ModelError
@@ -45,16 +47,22 @@ def cache_teacher(spec: CacheSpec) -> dict:
     codec = parse_codec(spec.codec, teacher.num_classes)
     plan = _plan(spec, codec, source.describe(), teacher.describe(), len(source))
     num_samples, views, classes = len(source), recipe.views_per_sample, teacher.num_classes
-    done = _finished_same_job(spec, location, plan)
+    ranks = distributed.ranks()
+    done = distributed.broadcast(_finished_same_job(spec, location, plan) if ranks.main else None)
     if done is not None:
         say(f"archive {spec.out} is already complete for this job; nothing to do")
         return archive_summary(done, spec.out) | {"seconds": 0.0, "views_per_sec": None, "computed_views": 0}
 
-    writer = ArchiveWriter(location, plan, source.labels, overwrite=spec.overwrite)
-    units = writer.pending_units()
+    # Rank 0 takes the lease and lays the archive out; then every rank computes its share
+    # of the uncommitted (epoch, shard) units, taken in turn, and writes them itself.
+    writer = ArchiveWriter(location, plan, source.labels, overwrite=spec.overwrite) if ranks.main else None
+    pending = distributed.broadcast(writer.pending_units() if ranks.main else None)
+    if writer is None:
+        writer = ArchiveWriter(location, plan, source.labels, lead=False)
+    if pending and len(pending) < recipe.epochs * writer.shards_per_epoch:
+        say(f"resuming {spec.out}: {len(pending)} shard(s) left to compute")
+    units = pending[ranks.rank :: ranks.world]
     total_views = sum(stop - start for *_, start, stop in units) * views
-    if units and len(units) < recipe.epochs * writer.shards_per_epoch:
-        say(f"resuming {spec.out}: {len(units)} shard(s) left to compute")
     try:
         loader = DataLoader(
             ViewDataset(source, recipe),
@@ -63,10 +71,13 @@ def cache_teacher(spec: CacheSpec) -> dict:
             pin_memory=teacher.device.type == "cuda",
         )
         compute_started = time.perf_counter()
-        pending = iter(units)
-        unit = next(pending, None)
-        with views_progress() as progress:
+        queue = iter(units)
+        unit = next(queue, None)
+        # A finished shard is encoded and written on a thread while the teacher computes
+        # the next one; at most one shard is in flight, so commits stay in order.
+        with ThreadPoolExecutor(1, thread_name_prefix="kdpipe-store") as storing, views_progress() as progress:
             task = progress.add_task("cache-teacher", total=total_views)
+            stored = None
             for batch in loader:
                 epoch, shard, start, stop = unit
                 if batch["position"][0] == start:
@@ -84,18 +95,25 @@ def cache_teacher(spec: CacheSpec) -> dict:
                 logits_buffer[rows] = logits.float().numpy()
                 params_buffer[rows] = batch["params"].numpy()
                 if rows.stop == stop - start:
-                    writer.write_unit(epoch, shard, logits_buffer, params_buffer)
-                    unit = next(pending, None)
+                    if stored is not None:
+                        stored.result()  # raises the store's error, if any
+                    stored = storing.submit(writer.write_unit, epoch, shard, logits_buffer, params_buffer)
+                    unit = next(queue, None)
                 progress.advance(task, count * views)
+            if stored is not None:
+                stored.result()
+        distributed.barrier()  # every rank's shards are committed
         compute_seconds = time.perf_counter() - compute_started
-        manifest = writer.finish()
+        manifest = writer.finish() if ranks.main else None
     except BaseException:
-        writer.lease.release()  # the committed shards stay; a re-run resumes
+        writer.release()
         raise
-    return archive_summary(manifest, spec.out) | {
+    computed = sum(stop - start for *_, start, stop in pending) * views
+    return archive_summary(distributed.broadcast(manifest), spec.out) | {
         "seconds": time.perf_counter() - started,
-        "computed_views": total_views,
-        "views_per_sec": total_views / compute_seconds if total_views else None,
+        "computed_views": computed,
+        "views_per_sec": computed / compute_seconds if computed else None,
+        "ranks": ranks.world,
     }
 
 

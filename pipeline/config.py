@@ -213,6 +213,8 @@ class TrainSpec:
     alpha: float = 0.0
     seed: int = 0
     workers: int = 2
+    compile: bool = False
+    teacher_batch_size: int | None = None
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -229,6 +231,8 @@ class TrainSpec:
             raise ConfigError("--teacher is not used in supervised mode; drop it or choose --mode online")
         if self.epochs < 1 or self.batch_size < 1:
             raise ConfigError("epochs and batch size must be at least 1")
+        if self.teacher_batch_size is not None and (self.teacher_batch_size < 1 or self.mode != "online"):
+            raise ConfigError("--teacher-batch-size must be at least 1 and is used only in online mode")
         if "://" in str(self.out):
             raise ConfigError(f"--out {self.out} must be a local folder: a run directory is written on this machine")
         if self.temperature <= 0:

@@ -19,6 +19,7 @@ from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
 from .config import ViewRecipe, canonical_json, fingerprint
+from .distributed import Ranks
 from .errors import DataError
 from .views import epoch_order, full_view, render, sample_view
 
@@ -213,16 +214,18 @@ class ViewDataset(Dataset):
 class RangeBatches(Sampler):
     """Batches of ViewDataset items over position ranges: for each (epoch, start, stop),
     consecutive runs of `batch_size` positions. A batch never crosses a range, so the
-    batch composition of two stages matches whenever their ranges do."""
+    batch composition of two stages matches whenever their ranges do. Under
+    torch.distributed each rank gets its contiguous part of every batch."""
 
-    def __init__(self, ranges: list[tuple[int, int, int]], num_samples: int, batch_size: int):
-        self.ranges, self.num_samples, self.batch_size = ranges, num_samples, batch_size
+    def __init__(self, ranges: list[tuple[int, int, int]], num_samples: int, batch_size: int, ranks: Ranks = Ranks()):
+        self.ranges, self.num_samples, self.batch_size, self.ranks = ranges, num_samples, batch_size, ranks
 
     def __iter__(self) -> Iterator[list[int]]:
         for epoch, start, stop in self.ranges:
             base = epoch * self.num_samples
             for first in range(start, stop, self.batch_size):
-                yield list(range(base + first, base + min(first + self.batch_size, stop)))
+                batch = list(range(base + first, base + min(first + self.batch_size, stop)))
+                yield batch[self.ranks.part(len(batch))]
 
     def __len__(self) -> int:
         return sum(-(-(stop - start) // self.batch_size) for _, start, stop in self.ranges)

@@ -1,5 +1,10 @@
 """The errors a user can cause. The CLI prints their message on one line and exits 2."""
 
+import errno
+
+# errnos of a full disk, a quota, a file-size limit: the user frees space and re-runs
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
 
 class KdpipeError(Exception):
     """Base class of every error that is the user's to fix (bad input, mismatched archive)."""

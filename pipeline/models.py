@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import distributed
 from .config import ModelSpec
 from .errors import ModelError
 
@@ -157,10 +158,6 @@ def output_classes(model: nn.Module, size: int) -> int:
     return int(out.shape[1])
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def with_num_classes(spec: ModelSpec, classes: list[str] | None, role: str) -> ModelSpec:
     """`spec` with its class count resolved from the data's class folders, or a clear
     error when the two disagree or the data has no labels to count."""
@@ -177,25 +174,34 @@ def with_num_classes(spec: ModelSpec, classes: list[str] | None, role: str) -> M
 
 
 class Teacher:
-    """A model run for its logits only: eval mode, inference mode, bf16 autocast on CUDA."""
+    """A model run for its logits only: eval mode, inference mode; on a GPU, bf16
+    autocast and channels-last memory."""
 
     def __init__(self, spec: ModelSpec, size: int, device: torch.device | None = None):
         self.spec = spec
-        self.device = device or default_device()
+        self.device = device or distributed.device()
         self.model = build_model(spec).eval()
         self.num_classes = output_classes(self.model, size)
         if self.num_classes != spec.num_classes:
             raise ModelError(f"model {spec.name} gives {self.num_classes} logits, not the {spec.num_classes} classes asked for")
         self.fingerprint = model_fingerprint(self.model)
         self.model.to(self.device)
+        if self.device.type == "cuda":
+            self.model.to(memory_format=torch.channels_last)
 
     def describe(self) -> dict:
         return {"spec": self.spec.to_dict(), "fingerprint": self.fingerprint, "num_classes": self.num_classes}
 
-    def __call__(self, views: torch.Tensor) -> torch.Tensor:
-        """float32 logits for a batch of [0, 1] views, on the teacher's device."""
+    def __call__(self, views: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+        """float32 logits for a batch of [0, 1] views, on the teacher's device; computed
+        `batch_size` views at a time when given (a big teacher may need smaller batches
+        than its student)."""
+        if batch_size is not None and len(views) > batch_size:
+            return torch.cat([self(chunk) for chunk in views.split(batch_size)])
         with torch.inference_mode():
             views = views.to(self.device, non_blocking=True)
+            if self.device.type == "cuda":
+                views = views.contiguous(memory_format=torch.channels_last)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
                 logits = self.model(views)
             return logits.float()

@@ -8,6 +8,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn, TimeRemainingColumn
 from rich.text import Text
 
+from .distributed import ranks
+
 console = Console(stderr=True, highlight=False)
 
 
@@ -20,10 +22,12 @@ def views_progress() -> Progress:
     """A progress bar counting views, with views/s."""
     return Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _ViewsPerSecond(),
-        TimeRemainingColumn(), console=console, disable=not sys.stderr.isatty(), transient=True,
+        TimeRemainingColumn(), console=console, disable=not (sys.stderr.isatty() and ranks().main), transient=True,
     )
 
 
 def say(message: str) -> None:
-    """One status line on stderr (stdout stays free for results)."""
+    """One status line on stderr (stdout stays free for results); from rank 0 only."""
+    if not ranks().main:
+        return
     console.print(message, soft_wrap=True, markup=False)

@@ -13,6 +13,7 @@ clipping at 1.0 as in Beyer et al. (2022); SGD with momentum on request.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -23,15 +24,18 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
+from . import distributed
 from .config import TrainSpec, ViewRecipe, first_difference
 from .data import RangeBatches, ValDataset, ViewDataset, open_source
-from .errors import ArchiveMismatchError, ConfigError, DataError, TrainingError
+from .distributed import check_batches
+from .errors import NO_SPACE, ArchiveMismatchError, ConfigError, DataError, TrainingError
 from .losses import kd_loss
-from .models import Teacher, build_model, default_device, with_num_classes
+from .models import Teacher, build_model, with_num_classes
 from .progress import say, views_progress
-from .store import ArchiveReader, check_archive_matches
+from .store import ArchiveReader, check_archive_matches, write_local_atomic
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -79,10 +83,24 @@ def _make_optimizer(spec: TrainSpec, model: torch.nn.Module) -> torch.optim.Opti
     return torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
 
 
-def _save_atomic(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def _write_run_file(path: Path, data: bytes) -> None:
+    """Write one file of the run directory whole (temp file, fsync, rename), so a kill
+    leaves the old file or the new one and a resumed run never reads a torn one."""
+    try:
+        write_local_atomic(path, data)
+    except OSError as exc:
+        advice = "free some space, then re-run with --resume" if exc.errno in NO_SPACE else "choose another --out"
+        raise ConfigError(f"cannot write {path}: {exc.strerror or exc}; {advice}") from None
+
+
+def _save_torch(obj, path: Path) -> None:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    _write_run_file(path, buffer.getvalue())
+
+
+def _write_json(path: Path, obj) -> None:
+    _write_run_file(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
 
 
 def _prepare_run_dir(out: Path, config: dict, resume: bool) -> dict | None:
@@ -91,20 +109,23 @@ def _prepare_run_dir(out: Path, config: dict, resume: bool) -> dict | None:
         raise ConfigError(f"{out} already holds a finished run; choose another --out")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out} exists and is a file; choose another --out")
-    has_run = (out / "config.json").exists()
+    config_path = out / "config.json"
+    if config_path.is_file() and config_path.stat().st_size == 0:
+        config_path.unlink()  # left by a kdpipe killed while creating it (before writes were atomic)
+    has_run = config_path.exists()
     if has_run and not resume:
         raise ConfigError(f"{out} holds an unfinished run; pass --resume to continue it, or choose another --out")
     if not has_run and out.exists() and any(out.iterdir()):
         raise ConfigError(f"{out} exists, is not empty and holds no run; choose another --out")
     if has_run:
-        where = first_difference(json.loads((out / "config.json").read_text()), config)
+        where = first_difference(json.loads(config_path.read_text()), config)
         if where is not None:
             raise ConfigError(f"cannot resume {out}: {where} differs from the run being resumed")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(config, indent=1, sort_keys=True) + "\n")
     except OSError as exc:
-        raise ConfigError(f"cannot write the run directory {out}: {exc.strerror or exc}; choose another --out") from None
+        raise ConfigError(f"cannot create the run directory {out}: {exc.strerror or exc}; choose another --out") from None
+    _write_json(config_path, config)
     if resume and (out / CHECKPOINT).exists():
         return torch.load(out / CHECKPOINT, map_location="cpu", weights_only=False)
     return None
@@ -158,10 +179,17 @@ def train_student(spec: TrainSpec, recipe_options: dict | None = None, resume: b
         raise DataError(f"the class folders of {spec.val} differ from those of {spec.data}")
     spec = replace(spec, student=student_spec, recipe=recipe)
     config = spec.to_dict()
-    checkpoint = _prepare_run_dir(out, config, resume)
+    ranks = distributed.ranks()
+    check_batches(spec.batch_size, len(source), ranks.world)
+    checkpoint = _prepare_run_dir(out, config, resume) if ranks.main else None
+    distributed.barrier()  # the run directory is checked and made before any rank reads it
+    if not ranks.main and resume and (out / CHECKPOINT).exists():
+        checkpoint = torch.load(out / CHECKPOINT, map_location="cpu", weights_only=False)
 
-    device = default_device()
+    device = distributed.device()
     student = build_model(student_spec, seed=spec.seed).to(device)
+    if device.type == "cuda":
+        student = student.to(memory_format=torch.channels_last)
     optimizer = _make_optimizer(spec, student)
     num_samples, views = len(source), recipe.views_per_sample
     steps_per_epoch = math.ceil(num_samples / spec.batch_size)
@@ -176,7 +204,14 @@ def train_student(spec: TrainSpec, recipe_options: dict | None = None, resume: b
         start_epoch = checkpoint["epoch"] + 1
         val_top1 = checkpoint["val_top1"]
         say(f"resuming {out} after epoch {checkpoint['epoch'] + 1}")
-    _keep_metrics_until(out / "metrics.jsonl", start_epoch)
+    if ranks.main:
+        _keep_metrics_until(out / "metrics.jsonl", start_epoch)
+    # The model each step runs: DDP averages gradients over ranks; compiled on request.
+    model = student
+    if ranks.world > 1:
+        model = DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
+    if spec.compile:
+        model = torch.compile(model)
 
     ranges = [(epoch % recipe.epochs, 0, num_samples) for epoch in range(start_epoch, spec.epochs)]
     views_dataset = ViewDataset(source, recipe)
@@ -184,12 +219,12 @@ def train_student(spec: TrainSpec, recipe_options: dict | None = None, resume: b
         views_dataset = CachedViews(views_dataset, spec.cache, spec.storage_options, spec.local_cache)
     loader = DataLoader(
         views_dataset,
-        batch_sampler=RangeBatches(ranges, num_samples, spec.batch_size),
+        batch_sampler=RangeBatches(ranges, num_samples, spec.batch_size, ranks),
         num_workers=spec.workers,
         pin_memory=device.type == "cuda",
     )
     val_loader = None
-    if val_source is not None:
+    if val_source is not None and ranks.main:
         val_loader = DataLoader(
             ValDataset(val_source, recipe.size), batch_size=256, num_workers=spec.workers,
             persistent_workers=spec.workers > 0,
@@ -206,15 +241,16 @@ def train_student(spec: TrainSpec, recipe_options: dict | None = None, resume: b
                 for step in range(steps_per_epoch):
                     batch = next(batches)
                     count = len(batch["index"])
-                    images = batch["views"].flatten(0, 1).to(device, non_blocking=True)
+                    global_count = min(spec.batch_size, num_samples - step * spec.batch_size)
+                    images = _to_device(batch["views"].flatten(0, 1), device)
                     labels = batch["label"].repeat_interleave(views).to(device)
                     teacher_logits = None
                     if reader is not None:
                         teacher_logits = batch["teacher_logits"].flatten(0, 1).to(device, non_blocking=True)
                     elif teacher is not None:
-                        teacher_logits = teacher(images).clone()  # clone: leave inference mode
+                        teacher_logits = teacher(images, spec.teacher_batch_size).clone()  # clone: leave inference mode
                     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                        student_logits = student(images)
+                        student_logits = model(images)
                     terms = loss_terms(student_logits, teacher_logits, labels, spec)
                     if not torch.isfinite(terms["loss"]):
                         raise TrainingError(
@@ -222,17 +258,22 @@ def train_student(spec: TrainSpec, recipe_options: dict | None = None, resume: b
                             "lower --lr or check the data and teacher"
                         )
                     optimizer.zero_grad(set_to_none=True)
-                    terms["loss"].backward()
+                    # Each rank's mean over its part, weighted so that DDP's average over
+                    # ranks is the mean over the whole global batch.
+                    (terms["loss"] * (count * ranks.world / global_count)).backward()
                     torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
                     optimizer.step()
                     scheduler.step()
                     for name, value in terms.items():
                         sums[name] = sums.get(name, 0.0) + value.item() * count
-                    progress.advance(task, count * views)
+                    progress.advance(task, global_count * views)
                 progress.remove_task(task)
+                sums = distributed.sum_across(sums, device)
                 seconds = time.perf_counter() - epoch_started
                 train_seconds += seconds
                 train_views += num_samples * views
+                if not ranks.main:
+                    continue
                 if val_loader is not None:
                     val_top1 = evaluate(student, val_loader, device)
                 record = {"epoch": epoch + 1} | {k: v / num_samples for k, v in sorted(sums.items())} | {
@@ -240,9 +281,8 @@ def train_student(spec: TrainSpec, recipe_options: dict | None = None, resume: b
                     "seconds": seconds,
                     "views_per_sec": num_samples * views / seconds,
                 }
-                with open(out / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(record) + "\n")
-                _save_atomic(
+                _append_metrics(out / "metrics.jsonl", record)
+                _save_torch(
                     {
                         "model": student.net.state_dict(),
                         "optimizer": optimizer.state_dict(),
@@ -260,7 +300,6 @@ def train_student(spec: TrainSpec, recipe_options: dict | None = None, resume: b
         del batches  # the traceback keeps this frame: let the DataLoader workers go now
         raise
 
-    _save_atomic(student.net.state_dict(), out / "student.pt")
     summary = {
         "mode": spec.mode,
         "val_top1": val_top1,
@@ -270,9 +309,20 @@ def train_student(spec: TrainSpec, recipe_options: dict | None = None, resume: b
         "views_per_sec": train_views / train_seconds if train_seconds else None,
         "student": student_spec.name,
         "run_dir": str(out),
+        "ranks": ranks.world,
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    if ranks.main:
+        _save_torch(student.net.state_dict(), out / "student.pt")
+        _write_json(out / "summary.json", summary)
+    distributed.barrier()  # no rank reports success before the weights are saved
     return summary
+
+
+def _to_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A batch of views on `device`: copied without blocking from pinned memory, and
+    channels-last on a GPU (where convolutions are fastest that way)."""
+    images = images.to(device, non_blocking=True)
+    return images.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else images
 
 
 class CachedViews(Dataset):
@@ -321,7 +371,12 @@ class CachedViews(Dataset):
 
 def _keep_metrics_until(path: Path, epochs_done: int) -> None:
     """Drop metric lines of epochs that were not checkpointed (a resumed run redoes them)."""
-    if not path.exists():
-        return
-    lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["epoch"] <= epochs_done]
-    path.write_text("".join(line + "\n" for line in lines))
+    if path.exists():
+        lines = [line for line in path.read_text().splitlines() if json.loads(line)["epoch"] <= epochs_done]
+        _write_run_file(path, "".join(line + "\n" for line in lines).encode())
+
+
+def _append_metrics(path: Path, record: dict) -> None:
+    """Add one epoch's line, rewriting the (small) file whole so no line is ever torn."""
+    old = path.read_bytes() if path.exists() else b""
+    _write_run_file(path, old + (json.dumps(record) + "\n").encode())

@@ -43,6 +43,11 @@ def image_folder(tmp_path: Path) -> Path:
     return write_image_folder(tmp_path / "data")
 
 
+def archive_files(root: Path) -> dict[str, bytes]:
+    """Every file below `root` (hidden ones included: a leftover temporary file counts)."""
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
 def run_cli(*args):
     """Run kdpipe in-process, as a user would from the shell."""
     return CliRunner().invoke(app, [str(a) for a in args])

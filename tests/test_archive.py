@@ -20,7 +20,7 @@ from pipeline.models import build_model, model_fingerprint
 from pipeline.store import SCHEMA_VERSION, ArchiveReader, read_manifest
 from pipeline.errors import ArchiveError
 
-from .conftest import KDPIPE, REPO, assert_user_error, cli_json, run_cli, subprocess_env
+from .conftest import KDPIPE, REPO, archive_files, assert_user_error, cli_json, run_cli, subprocess_env
 
 
 @pytest.fixture(params=["zarr", "webdataset"])
@@ -41,10 +41,6 @@ def _shard_file(archive: Path, epoch: int, shard: int) -> str:
     return next(key for key in entry["files"] if key.startswith(("logits/", "shards/")))
 
 
-def _archive_files(root: Path) -> dict[str, str]:
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
 def test_manifest_records_what_was_cached(image_folder, tmp_path, backend):
     result = _cache(image_folder, tmp_path / "a.zarr", "--codec", "dense-fp32", "--seed", 5, "--color-jitter", 0.2,
                     backend=backend)
@@ -63,10 +59,10 @@ def test_manifest_records_what_was_cached(image_folder, tmp_path, backend):
     assert set(manifest["libraries"]) >= {"kdpipe", "torch", "torchvision", "zarr", "numcodecs", "numpy"}
     assert len(manifest["shards"]) == 2 * 5  # 18 positions in shards of 4, two epochs
     # every file is listed with its checksum, and nothing else is in the archive
-    files = _archive_files(tmp_path / "a.zarr")
+    files = archive_files(tmp_path / "a.zarr")
     assert set(files) == set(manifest["files"]) | {"manifest.json"}
     for key, entry in manifest["files"].items():
-        assert files[key] == entry["sha256"]
+        assert hashlib.sha256(files[key]).hexdigest() == entry["sha256"]
     assert manifest["total_bytes"] == sum(e["bytes"] for e in manifest["files"].values())
     assert result["bytes"] == manifest["total_bytes"] and result["views"] == 2 * 18 * 2
 
@@ -99,15 +95,15 @@ def test_float16_is_the_default_and_halves_the_logits(image_folder, tmp_path):
 def test_finished_archive_is_kept_unless_overwrite(image_folder, tmp_path, backend):
     out = tmp_path / "a.zarr"
     _cache(image_folder, out, backend=backend)
-    before = _archive_files(out)
+    before = archive_files(out)
     again = _cache(image_folder, out, backend=backend)  # the same job: nothing to do
-    assert again["computed_views"] == 0 and _archive_files(out) == before
+    assert again["computed_views"] == 0 and archive_files(out) == before
     assert_user_error(
         run_cli("cache-teacher", "--data", image_folder, "--teacher", "tests.toy_models:tiny_cnn", "--out", out,
                 "--epochs", 3, "--workers", 0),
         "already exists", "--overwrite",
     )
-    assert _archive_files(out) == before
+    assert archive_files(out) == before
     replaced = _cache(image_folder, out, "--seed", 9, "--overwrite", backend=backend)
     assert replaced["computed_views"] == 72 and read_manifest(out)["recipe"]["seed"] == 9
 
@@ -237,7 +233,7 @@ def test_interrupted_cache_completes_to_the_same_archive(tmp_path, image_folder,
     reference = tmp_path / "reference.zarr"
     straight = subprocess.run(command(reference), cwd=REPO, env=subprocess_env(), capture_output=True, text=True)
     assert straight.returncode == 0, straight.stderr
-    assert _archive_files(interrupted) == _archive_files(reference)
+    assert archive_files(interrupted) == archive_files(reference)
 
 
 def test_stock_webdataset_reads_the_shards(image_folder, tmp_path):
@@ -259,7 +255,7 @@ def test_stock_webdataset_reads_the_shards(image_folder, tmp_path):
         assert np.array_equal(np.stack([r["view_params"] for r in stock]), params)
         assert np.array_equal([int(r["sample"]) for r in stock], indices)
     _cache(image_folder, tmp_path / "again", "--codec", "dense-fp32", backend="webdataset")
-    assert _archive_files(tmp_path / "w") == _archive_files(tmp_path / "again")
+    assert archive_files(tmp_path / "w") == archive_files(tmp_path / "again")
 
 
 def test_a_second_writer_is_refused_while_the_first_lives(tmp_path, image_folder):
@@ -291,4 +287,4 @@ def test_a_second_writer_is_refused_while_the_first_lives(tmp_path, image_folder
     killed.wait()
     assert (tmp_path / "b" / "writer.json").exists()  # left behind by the dead process
     cli_json(*args(tmp_path / "b"))
-    assert _archive_files(tmp_path / "b") == _archive_files(tmp_path / "a")
+    assert archive_files(tmp_path / "b") == archive_files(tmp_path / "a")

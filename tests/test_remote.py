@@ -25,7 +25,7 @@ import torch
 from moto.core import enable_iam_authentication
 from moto.server import ThreadedMotoServer
 
-from .conftest import KDPIPE, REPO, assert_user_error, cli_json, run_cli, subprocess_env, write_image_folder
+from .conftest import KDPIPE, REPO, archive_files, assert_user_error, cli_json, run_cli, subprocess_env, write_image_folder
 
 BUCKET = "kdpipe-test"
 KEY, SECRET = "testing", "testing"  # moto accepts any credentials until IAM checks are switched on
@@ -42,10 +42,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def local_files(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def weights(run: Path) -> dict[str, torch.Tensor]:
@@ -213,7 +209,7 @@ def test_s3_archive_is_the_local_archive_and_trains_the_same_student(format, dat
     kdpipe_json("cache-teacher", "--data", data, "--out", url, "--format", format, *CACHE_ARGS, env=s3_env)
     local_archive, _ = reference(format)
     remote = {path[len(url) - len("s3://") + 1:]: s3.cat_file(path) for path in s3.find(url)}
-    assert remote == local_files(local_archive)
+    assert remote == archive_files(local_archive)
     assert "manifest.json" in remote and not any(k.startswith(("commits/", "plan.json")) for k in remote)
 
     # the same variables for an in-process run (fsspec keeps the filesystem it makes from
@@ -223,7 +219,7 @@ def test_s3_archive_is_the_local_archive_and_trains_the_same_student(format, dat
     summary = cli_json("train-student", "--data", data, "--out", tmp_path / "remote-run", "--cache", url, *TRAIN_ARGS)
     assert summary["mode"] == "cached" and summary["epochs"] == 2
     s3.get(url, str(tmp_path / "copy"), recursive=True)
-    assert local_files(tmp_path / "copy") == remote
+    assert archive_files(tmp_path / "copy") == remote
     cli_json("train-student", "--data", data, "--out", tmp_path / "copy-run", "--cache", tmp_path / "copy", *TRAIN_ARGS)
     assert_same_weights(tmp_path / "remote-run", weights(tmp_path / "copy-run"))
 

@@ -1,6 +1,9 @@
 """User-code model factories for tests (loaded as `tests.toy_models:NAME`, like a user's own)."""
 
 import hashlib
+import os
+import resource
+import signal
 import time
 from collections import defaultdict
 
@@ -85,3 +88,28 @@ def not_a_module(num_classes: int):
 
 def no_class_count():
     return nn.Linear(3, 3)
+
+
+class Paced(nn.Module):
+    """A teacher that takes `delay` seconds per batch, so a run lasts long enough to be
+    killed at chosen moments. With KDPIPE_TEST_DISK_FULL_AFTER=K in the environment, the
+    disk "fills up" after K batches: the process's file-size limit drops to 0 bytes, so
+    every later write fails with EFBIG, as on a full disk (deleting still works)."""
+
+    def __init__(self, net: nn.Module, delay: float):
+        super().__init__()
+        self.net, self.delay, self.batches = net, delay, 0
+
+    def forward(self, x):
+        if x.shape[0] > 1:  # not the one-image probe that counts the outputs
+            self.batches += 1
+            full_after = os.environ.get("KDPIPE_TEST_DISK_FULL_AFTER")
+            if full_after is not None and self.batches > int(full_after):
+                signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write, do not kill the process
+                resource.setrlimit(resource.RLIMIT_FSIZE, (0, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+        time.sleep(self.delay)
+        return self.net(x)
+
+
+def paced_teacher(num_classes: int) -> nn.Module:
+    return Paced(small_cnn(num_classes, width=8), delay=0.1)

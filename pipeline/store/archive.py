@@ -151,9 +151,14 @@ def _alive(holder: dict) -> bool:
 
 class ArchiveWriter:
     """Creates an archive, or resumes an unfinished one with the same plan. Holds the
-    archive's writer lease from creation until `finish` (or `release`)."""
+    archive's writer lease from creation until `finish` (or `release`).
 
-    def __init__(self, location: Location, plan: dict, labels: np.ndarray, overwrite: bool = False):
+    Under torch.distributed, rank 0 creates the writer that holds the lease; the other
+    ranks join it (`lead=False`) once it exists, and only write their shards: they
+    neither take the lease nor write the plan, the static objects or the manifest.
+    """
+
+    def __init__(self, location: Location, plan: dict, labels: np.ndarray, overwrite: bool = False, lead: bool = True):
         self.location = location
         self.plan = plan
         self.codec = codec_from_manifest(plan)
@@ -165,6 +170,9 @@ class ArchiveWriter:
         self.recipe = ViewRecipe.from_dict(plan["recipe"])
         self._orders: dict[int, np.ndarray] = {}
         self.labels = np.asarray(labels, dtype=np.int64)
+        self.lease: WriterLease | None = None
+        if not lead:
+            return
         self._check_target(overwrite)
         self.lease = WriterLease(location)
         self.lease.acquire()
@@ -172,8 +180,13 @@ class ArchiveWriter:
             self._claim(overwrite)
             self._write_static()
         except BaseException:
-            self.lease.release()
+            self.release()
             raise
+
+    def release(self) -> None:
+        """Give up the lease (the committed shards stay; a re-run resumes)."""
+        if self.lease is not None:
+            self.lease.release()
 
     def _write_static(self) -> None:
         location = self.location
@@ -261,7 +274,8 @@ class ArchiveWriter:
         marker = {"epoch": epoch, "shard": shard, "start": start, "stop": stop,
                   "files": {key: file_entry(data) for key, data in objects.items()}}
         self.location.write(self._marker(epoch, shard), json_bytes(marker))
-        self.lease.renew()
+        if self.lease is not None:
+            self.lease.renew()
 
     def finish(self) -> dict:
         """Check every unit is committed and present, then write the manifest last."""
@@ -290,14 +304,18 @@ class ArchiveWriter:
         manifest = seal(manifest)
         self.location.write(MANIFEST, json_bytes(manifest))
         finish_cleanup(self.location)
-        self.lease.release()
+        self.release()
         return manifest
 
 
 def finish_cleanup(location: Location) -> None:
-    """Remove what only an unfinished archive has, once its manifest is written."""
+    """Remove what only an unfinished archive has, once its manifest is written: the
+    plan, the commit markers, and the lease of a writer that died before releasing it."""
     location.delete(COMMITS, recursive=True)
     location.delete(PLAN)
+    holder = _parse_lease(location.read_if_present(LEASE))
+    if holder is not None and not _alive(holder):
+        location.delete(LEASE)
 
 
 class VerifiedObjects:

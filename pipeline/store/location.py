@@ -16,7 +16,6 @@ that opens a Location gets its own connection pool.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import time
@@ -26,7 +25,7 @@ from typing import Callable, TypeVar
 
 import fsspec
 
-from ..errors import ArchiveError, ConfigError, KdpipeError
+from ..errors import NO_SPACE, ArchiveError, ConfigError, KdpipeError
 
 T = TypeVar("T")
 RETRIES = 4  # further tries of a failed remote operation
@@ -95,7 +94,7 @@ class Location:
                     where = f"{self.url}/{key}" if key else self.url
                     tries = "" if self.local else f" (after {RETRIES + 1} tries)"
                     advice = ""
-                    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                    if isinstance(exc, OSError) and exc.errno in NO_SPACE:
                         advice = "; free some space and re-run the same command (committed shards are kept)"
                     raise ArchiveError(f"cannot {action} {where}{tries}: {_reason(exc)}{advice}") from None
                 time.sleep(RETRY_DELAY * 2**attempt)
@@ -143,7 +142,7 @@ class Location:
             raise ConfigError(f"{self.url} is read-only (http); write archives to a local path, s3:// or gs://")
         try:
             if self.local:
-                self._call("write", key, lambda: _write_local_atomic(Path(self.path(key)), data))
+                self._call("write", key, lambda: write_local_atomic(Path(self.path(key)), data))
             else:
                 self._call("write", key, lambda: self.fs.pipe_file(self.path(key), data))
         except (FileNotFoundError, PermissionError) as exc:
@@ -206,8 +205,9 @@ class Location:
             return False
 
 
-def _write_local_atomic(target: Path, data: bytes) -> None:
-    """Write beside `target`, fsync, rename into place; no partial file survives a failure."""
+def write_local_atomic(target: Path, data: bytes) -> None:
+    """Write beside `target`, fsync, rename into place: a kill or a failure leaves the
+    old file or the new one, never a torn one, and no temporary file."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:

@@ -1,0 +1,208 @@
+"""`kdpipe bench`: what caching the teacher buys, measured side by side on one machine.
+
+Every figure comes from the same run, models, data and recipe, so the ratios hold even
+on a shared, noisy machine: supervised, cached-KD and online-KD training, the teacher's
+inference alone, cache-teacher, and reading the logits back. The images are real JPEG
+files written once (so each view's cost includes a real decode), in class folders.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from . import distributed
+from .cache import cache_teacher
+from .config import CacheSpec, ModelSpec, TrainSpec, ViewRecipe
+from .data import SyntheticImages, ViewDataset, open_source
+from .models import Teacher, with_num_classes
+from .progress import say
+from .store import ArchiveReader
+from .train import train_student
+
+# What each measured figure is, in the order they are taken and printed.
+CASES = {
+    "supervised": "supervised student training, V views per decode",  # training: epochs after the first
+    "supervised_1view": "supervised student training, 1 view per decode",
+    "cached": "cached-KD student training",
+    "online": "online-KD student training (teacher live)",
+    "teacher": "teacher inference alone (views in memory)",
+    "cache_teacher": "cache-teacher (decode, render, teacher, encode, write)",
+    "read": "logit reads (one core, verified, decoded)",
+}
+TARGETS = {
+    "cached/supervised": 0.97,
+    "cached/online vs ideal": 0.9,
+    "cache_teacher/teacher": 0.9,
+    "cached (V views) / supervised (1 view)": 1.0,
+}
+
+
+@dataclass(frozen=True)
+class BenchSpec:
+    """The models, data and recipe every case of one bench run shares."""
+
+    teacher: ModelSpec
+    student: ModelSpec
+    workdir: str
+    num_samples: int = 256
+    num_classes: int = 10
+    image_size: int = 320
+    size: int = 224
+    views_per_sample: int = 4
+    epochs: int = 2
+    batch_size: int = 32
+    teacher_batch_size: int | None = None
+    workers: int = 2
+    repeats: int = 1
+    compile: bool = False
+
+
+def write_jpeg_images(root: Path, num_samples: int, num_classes: int, image_size: int) -> Path:
+    """A labelled folder of seeded JPEG images (each class a colour pattern plus noise)."""
+    if root.is_dir() and len(list(root.rglob("*.jpg"))) == num_samples:
+        return root
+    synthetic = SyntheticImages(num_samples, num_classes, size=image_size)
+    for index in range(num_samples):
+        folder = root / synthetic.classes[int(synthetic.labels[index])]
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = synthetic.load(index).permute(1, 2, 0).numpy()
+        Image.fromarray(pixels).save(folder / f"{index:06d}.jpg", quality=90)
+    return root
+
+
+def _teacher_alone(spec: BenchSpec, data: str, recipe: ViewRecipe) -> float:
+    """Views/s of the teacher's forward passes alone, over views rendered beforehand."""
+    source = open_source(data)
+    teacher = Teacher(with_num_classes(spec.teacher, source.classes, "teacher"), recipe.size)
+    views = ViewDataset(source, recipe)
+    samples = min(len(source), max(spec.batch_size, 512 // recipe.views_per_sample))
+    batches = [
+        torch.cat([views[i]["views"] for i in range(start, min(start + spec.batch_size, samples))])
+        for start in range(0, samples, spec.batch_size)
+    ]
+    teacher(batches[0][:2], spec.teacher_batch_size)  # warm up (kernels, allocator)
+    _synchronize(teacher.device)
+    started = time.perf_counter()
+    for batch in batches:
+        teacher(batch, spec.teacher_batch_size)
+    _synchronize(teacher.device)
+    return sum(len(b) for b in batches) / (time.perf_counter() - started)
+
+
+def _reads(archive: str, batch_size: int) -> float:
+    """Views/s of reading every view's logits back, batch by batch, in training order."""
+    torch.set_num_threads(1)
+    reader = ArchiveReader(archive)
+    layout = reader.manifest["layout"]
+    started = time.perf_counter()
+    for epoch in range(layout["epochs"]):
+        for start in range(0, layout["num_samples"], batch_size):
+            reader.read(epoch, start, min(start + batch_size, layout["num_samples"]))
+    seconds = time.perf_counter() - started
+    return layout["epochs"] * layout["num_samples"] * layout["views_per_sample"] / seconds
+
+
+def _steady_views_per_sec(run: Path) -> float:
+    """Training views/s over the epochs after the first (which also pays for starting the
+    DataLoader workers and warming caches), or over the only epoch."""
+    epochs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steady = epochs[1:] or epochs
+    return sum(e["views_per_sec"] * e["seconds"] for e in steady) / sum(e["seconds"] for e in steady)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_bench(spec: BenchSpec) -> dict:
+    """Measure every case (best of `repeats`), then the ratios and whether each target holds."""
+    workdir = Path(spec.workdir)
+    data = str(write_jpeg_images(workdir / "images", spec.num_samples, spec.num_classes, spec.image_size))
+    recipe = ViewRecipe(size=spec.size, views_per_sample=spec.views_per_sample, epochs=spec.epochs, scale=(0.35, 1.0))
+    threads = torch.get_num_threads()
+    best: dict[str, float] = {}
+
+    def record(case: str, views_per_sec: float) -> None:
+        best[case] = max(best.get(case, 0.0), views_per_sec)
+        say(f"bench: {CASES[case]}: {views_per_sec:,.1f} views/s")
+
+    def train(case: str, mode: str, repeat: int, views: ViewRecipe | None, **changes) -> None:
+        """Train the student in `mode` on the `views` recipe (None: the archive's)."""
+        train_spec = TrainSpec(
+            data=data, student=spec.student, out=str(workdir / f"{case}-{repeat}"), mode=mode, epochs=spec.epochs,
+            batch_size=spec.batch_size, workers=spec.workers, compile=spec.compile, **changes,
+        )
+        train_student(train_spec, views.to_dict() if views is not None else {})
+        record(case, _steady_views_per_sec(Path(train_spec.out)))
+
+    for repeat in range(spec.repeats):
+        archive = str(workdir / f"archive-{repeat}")
+        cached = cache_teacher(CacheSpec(
+            data=data, teacher=spec.teacher, out=archive, recipe=recipe, batch_size=spec.batch_size,
+            workers=spec.workers,
+        ))
+        record("cache_teacher", cached["views_per_sec"])
+        record("teacher", _teacher_alone(spec, data, recipe))
+        train("supervised", "supervised", repeat, recipe)
+        train("supervised_1view", "supervised", repeat, replace(recipe, views_per_sample=1))
+        train("cached", "cached", repeat, None, cache=archive)
+        train("online", "online", repeat, recipe, teacher=spec.teacher, teacher_batch_size=spec.teacher_batch_size)
+        record("read", _reads(archive, spec.batch_size))
+        torch.set_num_threads(threads)
+
+    t_teacher, t_student = 1 / best["teacher"], 1 / best["supervised"]
+    ideal = (t_teacher + t_student) / t_student
+    ratios = {
+        "cached/supervised": best["cached"] / best["supervised"],
+        "cached/online": best["cached"] / best["online"],
+        "ideal cached/online": ideal,
+        "cached/online vs ideal": best["cached"] / best["online"] / ideal,
+        "cache_teacher/teacher": best["cache_teacher"] / best["teacher"],
+        "cached (V views) / supervised (1 view)": best["cached"] / best["supervised_1view"],
+    }
+    return {
+        "setup": {
+            "teacher": spec.teacher.name, "student": spec.student.name, "samples": spec.num_samples,
+            "image_size": spec.image_size, "size": spec.size, "views_per_sample": spec.views_per_sample,
+            "epochs": spec.epochs, "batch_size": spec.batch_size, "workers": spec.workers, "repeats": spec.repeats,
+            "device": _device_name(), "threads": threads, "torch": torch.__version__,
+        },
+        "views_per_sec": best,
+        "ratios": ratios,
+        "targets": {name: {"target": target, "met": bool(ratios[name] >= target)} for name, target in TARGETS.items()},
+    }
+
+
+def _device_name() -> str:
+    device = distributed.device()
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def format_bench(report: dict) -> str:
+    """The report as aligned text: the setup, each case's views/s, the ratios against their targets."""
+    setup = report["setup"]
+    lines = [
+        f"teacher {setup['teacher']}, student {setup['student']}, {setup['samples']} JPEG images "
+        f"({setup['image_size']} px) -> {setup['size']} px views, V = {setup['views_per_sample']} views per decode, "
+        f"{setup['epochs']} epochs, batch {setup['batch_size']} samples, {setup['workers']} workers, "
+        f"best of {setup['repeats']}, on {setup['device']} ({setup['threads']} threads), torch {setup['torch']}",
+        "",
+    ]
+    width = max(len(text) for text in CASES.values())
+    for case, text in CASES.items():
+        lines.append(f"  {text:<{width}}  {report['views_per_sec'][case]:>12,.1f} views/s")
+    lines.append("")
+    width = max(len(name) for name in report["ratios"])
+    for name, value in report["ratios"].items():
+        target = report["targets"].get(name)
+        verdict = f"  (target >= {target['target']:g}: {'met' if target['met'] else 'NOT met'})" if target else ""
+        lines.append(f"  {name:<{width}}  {value:>7.3f}{verdict}")
+    return "\n".join(lines)
+
