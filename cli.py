@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import functools
 import json
+import os
 import sys
 from typing import Annotated, Optional
 
@@ -74,8 +75,44 @@ def _recipe_options(**options) -> dict:
         "color_jitter": options["color_jitter"],
         "views_per_sample": options["views_per_sample"],
         "seed": options["seed"],
+        "mixup": None if options["mixup"] is None else {"mode": options["mixup"], "alpha": options["mix_alpha"] or 0.0},
     }
+    if options["mix_alpha"] is not None and options["mixup"] is None:
+        raise ConfigError("--mix-alpha sets how views are mixed: add --mixup mixup or --mixup cutmix")
     return {k: v for k, v in parsed.items() if v is not None}
+
+
+def _embedding_layer(outputs: str, layer: str | None) -> str | None:
+    """CacheSpec.embedding_layer for --outputs and --embedding-layer: None for logits, "" for the penultimate features."""
+    if outputs not in ("logits", "embeddings"):
+        raise ConfigError(f"--outputs must be logits or embeddings, got {outputs!r}")
+    if outputs == "logits":
+        if layer is not None:
+            raise ConfigError("--embedding-layer chooses what embeddings to cache: add --outputs embeddings")
+        return None
+    return layer or ""
+
+
+def _schedule(text: str | None) -> tuple[tuple[str, int], ...] | None:
+    """--schedule NAME:EPOCHS,... as (name, epochs) pairs."""
+    if text is None:
+        return None
+    try:
+        return tuple((name, int(epochs)) for name, epochs in (part.split(":") for part in text.split(",")))
+    except ValueError:
+        raise ConfigError(f"--schedule {text!r} must be NAME:EPOCHS,..., e.g. resnet152:10,resnet50:20") from None
+
+
+def _loss_options(pairs: list[str] | None) -> dict[str, float]:
+    """--loss-option KEY=VALUE pairs as numbers."""
+    options = {}
+    for pair in pairs or []:
+        key, _, value = pair.partition("=")
+        try:
+            options[key.strip()] = float(value)
+        except ValueError:
+            raise ConfigError(f"--loss-option {pair!r} must be KEY=NUMBER, e.g. beta=8") from None
+    return options
 
 
 def _model_spec(name: str, num_classes: int | None, weights: str | None, mean: str | None, std: str | None) -> ModelSpec:
@@ -94,6 +131,8 @@ ScaleOpt = Annotated[Optional[str], typer.Option(help="Random-resized-crop area 
 RatioOpt = Annotated[Optional[str], typer.Option(help="Random-resized-crop aspect-ratio range MIN,MAX. [default: 0.75,1.333]")]
 FlipOpt = Annotated[Optional[float], typer.Option(help="Horizontal flip probability. [default: 0.5]")]
 JitterOpt = Annotated[Optional[float], typer.Option(help="Colour jitter strength j: brightness, contrast, saturation in [1-j, 1+j]. [default: 0]")]
+MixupOpt = Annotated[Optional[str], typer.Option(help="Mix each view with the same view of a seeded partner: mixup or cutmix (the teacher sees the mixed pixels). [default: no mixing]")]
+MixAlphaOpt = Annotated[Optional[float], typer.Option(help="lam ~ Beta(A, A) for A > 0; 0 draws lam ~ U(0, 1), as in function matching. [default: 0]")]
 ViewsOpt = Annotated[Optional[int], typer.Option(help="Views per sample and epoch. [default: 1]")]
 SeedOpt = Annotated[Optional[int], typer.Option(help="Seed of the view stream and epoch order. [default: 0]")]
 WorkersOpt = Annotated[int, typer.Option(help="DataLoader worker processes (0 = decode in the main process).")]
@@ -113,6 +152,8 @@ def cache_teacher_command(
     num_classes: Annotated[Optional[int], typer.Option(help="Teacher classes. [default: the data's class count]")] = None,
     epochs: Annotated[int, typer.Option(help="Epochs of views to cache.")] = 1,
     views_per_sample: ViewsOpt = None,
+    mixup: MixupOpt = None,
+    mix_alpha: MixAlphaOpt = None,
     seed: SeedOpt = None,
     size: SizeOpt = None,
     scale: ScaleOpt = None,
@@ -128,6 +169,10 @@ def cache_teacher_command(
     batch_size: Annotated[int, typer.Option(help="Samples per teacher batch (each gives its views).")] = 256,
     workers: WorkersOpt = 2,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing archive at --out.")] = False,
+    teacher_name: Annotated[str, typer.Option(help="Name of this teacher. Another name than 'main' adds it to the finished archive at --out, on the same views.")] = "main",
+    teacher_classes: Annotated[Optional[str], typer.Option(help="Class names of the teacher's outputs, comma-separated, when it knows a subset of the data's classes. [default: the data's class folders]")] = None,
+    outputs: Annotated[str, typer.Option(help="What to cache: logits, or embeddings (a layer's L2-normalised output, for --loss seed).")] = "logits",
+    embedding_layer: Annotated[Optional[str], typer.Option(help="With --outputs embeddings: the module whose output is cached (a name from model.named_modules()). [default: the input of the last Linear layer]")] = None,
 ) -> None:
     """Run the teacher over a seeded stream of augmented views and store its logits per view.
 
@@ -141,12 +186,14 @@ def cache_teacher_command(
         {"epochs": epochs}
         | _recipe_options(
             size=size, scale=scale, ratio=ratio, flip_prob=flip_prob, color_jitter=color_jitter,
-            views_per_sample=views_per_sample, seed=seed,
+            views_per_sample=views_per_sample, seed=seed, mixup=mixup, mix_alpha=mix_alpha,
         )
     )
     spec = CacheSpec(
         data=data, teacher=_model_spec(teacher, num_classes, weights, mean, std), out=out, recipe=recipe,
         codec=codec, format=format, storage_options=parse_storage_options(storage_option), positions_per_shard=shard_size, batch_size=batch_size, workers=workers, overwrite=overwrite,
+        teacher_name=teacher_name, teacher_classes=tuple(teacher_classes.split(",")) if teacher_classes else None,
+        embedding_layer=_embedding_layer(outputs, embedding_layer),
     )
     with distributed.job() as ranks:
         result = cache_teacher(spec)
@@ -178,10 +225,17 @@ def train_student_command(
     lr: Annotated[float, typer.Option(help="Peak learning rate (cosine decay to 0).")] = 1e-3,
     weight_decay: Annotated[float, typer.Option(help="Weight decay.")] = 0.05,
     momentum: Annotated[float, typer.Option(help="SGD momentum.")] = 0.9,
+    teachers: Annotated[Optional[str], typer.Option(help="Teachers of the archive to learn from, comma-separated: main (the one it was made with) and those added with cache-teacher --teacher-name. [default: main]")] = None,
+    combine: Annotated[str, typer.Option(help="How several teachers are combined: mean (of their probabilities; teachers of different classes each teach theirs).")] = "mean",
+    schedule: Annotated[Optional[str], typer.Option(help="Progressive distillation: one teacher at a time, NAME:EPOCHS,... summing to --epochs (see order-teachers).")] = None,
+    loss: Annotated[str, typer.Option(help="Distillation loss: kd (Hinton), dkd (decoupled KD), dist (DIST), ls (logit standardisation + KD), mse (on logits), or seed (SEED, on an archive of embeddings).")] = "kd",
+    loss_option: Annotated[Optional[list[str]], typer.Option(help="A loss hyper-parameter KEY=VALUE (repeatable): dkd alpha, beta; dist beta, gamma; seed queue, teacher_temperature, student_temperature.")] = None,
     temperature: Annotated[float, typer.Option(help="KD temperature T.")] = 1.0,
     alpha: Annotated[float, typer.Option(help="Weight of cross-entropy on labels (0 = pure function matching).")] = 0.0,
     init_seed: Annotated[int, typer.Option(help="Seed of the student's initialisation.")] = 0,
     views_per_sample: ViewsOpt = None,
+    mixup: MixupOpt = None,
+    mix_alpha: MixAlphaOpt = None,
     seed: SeedOpt = None,
     size: SizeOpt = None,
     scale: ScaleOpt = None,
@@ -193,6 +247,8 @@ def train_student_command(
     workers: WorkersOpt = 2,
     compile: Annotated[bool, typer.Option("--compile", help="Compile the student with torch.compile (pays a start-up cost once).")] = False,
     teacher_batch_size: Annotated[Optional[int], typer.Option(help="Views per teacher forward pass in online mode. [default: the whole step]")] = None,
+    probe_data: Annotated[Optional[str], typer.Option(help="--loss seed: labelled images the linear probe (the val_top1 of an embedding student) is fitted on. [default: --data]")] = None,
+    student_size: Annotated[Optional[int], typer.Option(help="Side of the student's views in pixels, rendered from the same view parameters as the teacher's. [default: --size, or the archive's]")] = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run in --out from its last epoch.")] = False,
 ) -> None:
     """Train a student on the views of a teacher archive (cached), with a live teacher
@@ -216,10 +272,13 @@ def train_student_command(
         cache=cache, storage_options=parse_storage_options(storage_option), local_cache=local_cache, teacher=teacher_spec, val=val, epochs=epochs, cycle_epochs=cycle_epochs, batch_size=batch_size,
         optimizer=optimizer, lr=lr, weight_decay=weight_decay, momentum=momentum, temperature=temperature,
         alpha=alpha, seed=init_seed, workers=workers, compile=compile, teacher_batch_size=teacher_batch_size,
+        student_size=student_size, loss=loss, loss_options=_loss_options(loss_option),
+        teachers=tuple(teachers.split(",")) if teachers else None, combine=combine, schedule=_schedule(schedule),
+        probe_data=probe_data,
     )
     options = _recipe_options(
         size=size, scale=scale, ratio=ratio, flip_prob=flip_prob, color_jitter=color_jitter,
-        views_per_sample=views_per_sample, seed=seed,
+        views_per_sample=views_per_sample, seed=seed, mixup=mixup, mix_alpha=mix_alpha,
     )
     with distributed.job() as ranks:
         summary = train_student(spec, options, resume=resume)
@@ -307,6 +366,31 @@ def quickstart_command(
     run_quickstart(out, seeds=seeds)
 
 
+@app.command("order-teachers")
+@_user_errors
+def order_teachers_command(
+    data: DataOpt,
+    cache: Annotated[str, typer.Option(help="Archive holding the candidate teachers (main and those added by name).")],
+    student: Annotated[str, typer.Option(help="The student model the order is for.")],
+    student_weights: Annotated[Optional[str], typer.Option(help="Student weights. [default: its seeded initialisation]")] = None,
+    num_classes: Annotated[Optional[int], typer.Option(help="Student classes. [default: the data's class count]")] = None,
+    teachers: Annotated[Optional[str], typer.Option(help="Candidate teachers, comma-separated. [default: all in the archive]")] = None,
+    samples: Annotated[int, typer.Option(help="Samples of epoch 0 whose views the maps are fitted (3/4) and scored (1/4) on.")] = 512,
+    epochs: Annotated[Optional[int], typer.Option(help="Also print a --schedule sharing these training epochs evenly.")] = None,
+    storage_option: StorageOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Rank teachers for progressive distillation (MTPD's Backward Greedy Selection): the
+    adaptation cost is the held-out error of a linear map between two models' outputs."""
+    from pipeline.order import format_order, order_teachers
+
+    report = order_teachers(
+        data, cache, _model_spec(student, num_classes, student_weights, None, None),
+        tuple(teachers.split(",")) if teachers else None, samples, parse_storage_options(storage_option), epochs,
+    )
+    typer.echo(json.dumps(report, indent=1) if as_json else format_order(report))
+
+
 @app.command("bench")
 @_user_errors
 def bench_command(
@@ -334,6 +418,8 @@ def bench_command(
 
     if min(samples, classes, image_size, size, views_per_sample, epochs, batch_size, repeats) < 1:
         raise ConfigError("bench sizes and counts must be at least 1")
+    if workdir and os.path.isdir(workdir) and os.listdir(workdir):
+        raise ConfigError(f"--workdir {workdir} is not empty: give bench a new or empty folder")
     with tempfile.TemporaryDirectory(prefix="kdpipe-bench-") as scratch:
         spec = BenchSpec(
             teacher=_model_spec(teacher, classes, None, None, None), student=_model_spec(student, classes, None, None, None),

@@ -22,7 +22,7 @@ from .data import ViewDataset, open_source
 from .errors import ArchiveError
 from .models import Teacher, with_num_classes
 from .store import ArchiveReader, Location, TopKCodec, check_archive_matches, read_manifest
-from .store.archive import COMMITS, STATIC_MARKER, VerifiedObjects
+from .store.archive import COMMITS, STATIC_MARKER, VerifiedObjects, added_teachers
 from .store.codecs import LOGPROB_STEP, codec_from_manifest
 from .store.manifest import MANIFEST, PLAN, read_json
 
@@ -61,7 +61,12 @@ def inspect_archive(url: str, storage_options: dict | None = None, local_cache: 
         "bytes_per_view": manifest["total_bytes"] / views,
         "libraries": manifest["libraries"],
     }
-    if stats:
+    added = added_teachers(location)
+    if added:  # each also an archive of its own: inspect URL/teachers/NAME for its figures
+        report["added_teachers"] = added
+    if manifest["teacher"].get("outputs") == "embeddings":
+        report["teacher"]["outputs"] = f"embeddings of layer {manifest['teacher']['embedding_layer'] or '(penultimate)'}"
+    elif stats:  # agreement and entropy describe logits, not embeddings
         report["stats"] = _logit_stats(reader)
     return report
 

@@ -11,15 +11,15 @@ import torch
 from torch.utils.data import DataLoader
 
 from . import distributed
-from .config import CacheSpec, first_difference
+from .config import MAIN_TEACHER, CacheSpec, first_difference
 from .data import RangeBatches, ViewDataset, open_source
-from .errors import ArchiveError, ModelError
+from .errors import ArchiveError, ConfigError, ModelError
 from .models import Teacher, with_num_classes
 from .progress import say, views_progress
-from .store import ARCHIVE_FORMAT, SCHEMA_VERSION, ArchiveWriter, Codec, Location, parse_codec, plan_layout
-from .store.archive import finish_cleanup
+from .store import ARCHIVE_FORMAT, SCHEMA_VERSION, ArchiveWriter, Codec, Location, check_archive_matches, parse_codec, plan_layout
+from .store.archive import TEACHERS, finish_cleanup
 from .store.manifest import MANIFEST, job_identity, library_versions, read_manifest
-from .views import VIEW_PARAM_FIELDS
+from .views import view_param_fields
 
 
 def archive_summary(manifest: dict, location: str) -> dict:
@@ -43,15 +43,25 @@ def cache_teacher(spec: CacheSpec) -> dict:
     location = Location(spec.out, spec.storage_options)
     if not location.writable:
         raise ArchiveError(f"cannot write an archive to {spec.out}: http(s) is read-only; use a local path, s3:// or gs://")
-    teacher = Teacher(with_num_classes(spec.teacher, source.classes, "teacher"), size=recipe.size)
+    if spec.teacher_name != MAIN_TEACHER:
+        location = _added_teacher_location(spec, source)
+    if spec.embedding_layer is None:
+        classes = _teacher_classes(spec, source.classes)
+        model = with_num_classes(spec.teacher, classes, "teacher")
+    else:  # the head's class count does not matter: what is cached is a layer's output
+        classes = None
+        model = spec.teacher if spec.teacher.num_classes else with_num_classes(spec.teacher, source.classes, "teacher")
+    teacher = Teacher(model, size=recipe.size, embedding=spec.embedding_layer)
     codec = parse_codec(spec.codec, teacher.num_classes)
-    plan = _plan(spec, codec, source.describe(), teacher.describe(), len(source))
+    described = teacher.describe() | {"name": spec.teacher_name, "classes": classes}
+    plan = _plan(spec, codec, source.describe(), described, len(source))
     num_samples, views, classes = len(source), recipe.views_per_sample, teacher.num_classes
     ranks = distributed.ranks()
     done = distributed.broadcast(_finished_same_job(spec, location, plan) if ranks.main else None)
     if done is not None:
         say(f"archive {spec.out} is already complete for this job; nothing to do")
-        return archive_summary(done, spec.out) | {"seconds": 0.0, "views_per_sec": None, "computed_views": 0}
+        return archive_summary(done, spec.out) | {"seconds": 0.0, "views_per_sec": None, "computed_views": 0,
+                                                  "ranks": ranks.world}
 
     # Rank 0 takes the lease and lays the archive out; then every rank computes its share
     # of the uncommitted (epoch, shard) units, taken in turn, and writes them itself.
@@ -82,7 +92,7 @@ def cache_teacher(spec: CacheSpec) -> dict:
                 epoch, shard, start, stop = unit
                 if batch["position"][0] == start:
                     logits_buffer = np.empty((stop - start, views, classes), dtype=np.float32)
-                    params_buffer = np.empty((stop - start, views, len(VIEW_PARAM_FIELDS)), dtype=np.float32)
+                    params_buffer = np.empty((stop - start, views, len(view_param_fields(recipe))), dtype=np.float32)
                 count = len(batch["index"])
                 logits = teacher(batch["views"].flatten(0, 1)).cpu().view(count, views, classes)
                 if not torch.isfinite(logits).all():
@@ -117,18 +127,43 @@ def cache_teacher(spec: CacheSpec) -> dict:
     }
 
 
+def _teacher_classes(spec: CacheSpec, data_classes: list[str] | None) -> list[str] | None:
+    """The names of the teacher's outputs: --teacher-classes, or the data's class folders.
+    A teacher may know a subset of the data's classes (its student learns their union)."""
+    if spec.teacher_classes is None:
+        return data_classes
+    classes = list(spec.teacher_classes)
+    if len(set(classes)) != len(classes):
+        raise ConfigError(f"--teacher-classes names a class twice: {','.join(classes)}")
+    unknown = [c for c in classes if data_classes is not None and c not in data_classes]
+    if unknown:
+        raise ConfigError(f"--teacher-classes {unknown[0]!r} is not a class folder of {spec.data}")
+    return classes
+
+
+def _added_teacher_location(spec: CacheSpec, source) -> Location:
+    """Where a further teacher of a finished archive goes: teachers/NAME inside it, a
+    complete archive of its own whose views are checked to be the archive's."""
+    base = Location(spec.out, spec.storage_options)
+    manifest = read_manifest(base)
+    check_archive_matches(manifest, spec.out, recipe=spec.recipe.to_dict(),
+                          dataset__fingerprint=source.describe()["fingerprint"])
+    return Location(f"{base.url}/{TEACHERS}/{spec.teacher_name}", spec.storage_options)
+
+
 def _plan(spec: CacheSpec, codec: Codec, dataset: dict, teacher: dict, num_samples: int) -> dict:
     """Everything the manifest will say except the shard list and checksums."""
     recipe = spec.recipe
     classes, views = teacher["num_classes"], recipe.views_per_sample
-    fields = codec.fields(views, classes) | {"view_params": ((views, len(VIEW_PARAM_FIELDS)), np.dtype(np.float32))}
+    params = len(view_param_fields(recipe))
+    fields = codec.fields(views, classes) | {"view_params": ((views, params), np.dtype(np.float32))}
     bytes_per_position = sum(int(np.prod(tail)) * dtype.itemsize for tail, dtype in fields.values())
     layout = {
         "epochs": recipe.epochs,
         "num_samples": num_samples,
         "views_per_sample": recipe.views_per_sample,
         "num_classes": classes,
-        "view_param_fields": list(VIEW_PARAM_FIELDS),
+        "view_param_fields": list(view_param_fields(recipe)),
     } | plan_layout(num_samples, bytes_per_position, spec.positions_per_shard, buffer_bytes_per_position=views * classes * 4)
     return {
         "format": ARCHIVE_FORMAT,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,6 +86,9 @@ def first_difference(expected: Any, actual: Any, prefix: str = "") -> str | None
     return None if expected == actual else prefix
 
 
+MIX_MODES = ("mixup", "cutmix")
+
+
 @dataclass(frozen=True)
 class ViewRecipe:
     """How the stream of augmented views is drawn. Every view is a pure function of
@@ -93,7 +97,10 @@ class ViewRecipe:
     `scale` and `ratio` are those of inception-style random-resized-crop (fraction of
     the image area, and aspect ratio). `color_jitter` j draws brightness, contrast and
     saturation factors uniformly from [1-j, 1+j]; 0 switches colour changes off.
-    `mixup` is reserved for consistent mixup / CutMix and must be None in schema 1.
+    `mixup`, when set, is {"mode": "mixup" | "cutmix", "alpha": A}: every view is mixed
+    with the same view of a partner sample (a seeded pairing per epoch), with lam ~
+    U(0, 1) for A = 0 (as in function matching) or Beta(A, A). The teacher sees the
+    mixed pixels, so the student is taught on exactly those.
     """
 
     size: int = 32
@@ -122,7 +129,11 @@ class ViewRecipe:
         if self.seed < 0:
             raise ConfigError(f"seed must be a non-negative integer, got {self.seed}")
         if self.mixup is not None:
-            raise ConfigError("mixup is not supported by this version of kdpipe")
+            mode, alpha = self.mixup.get("mode"), self.mixup.get("alpha")
+            if set(self.mixup) != {"mode", "alpha"} or mode not in MIX_MODES:
+                raise ConfigError(f"mixing must be one of {', '.join(MIX_MODES)}, got {self.mixup}")
+            if not isinstance(alpha, (int, float)) or alpha < 0:
+                raise ConfigError(f"--mix-alpha must be 0 (lam uniform) or positive (Beta(alpha, alpha)), got {alpha}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -154,6 +165,14 @@ class ModelSpec:
         return _from_dict(cls, data)
 
 
+MAIN_TEACHER = "main"  # the teacher an archive was made with; further ones are added by name
+
+
+def check_teacher_name(name: str) -> None:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+        raise ConfigError(f"teacher name {name!r} must be letters, digits, '_', '.' or '-' (e.g. resnet50)")
+
+
 @dataclass(frozen=True)
 class CacheSpec:
     """Everything `cache-teacher` needs: what to run, over which views, where to store."""
@@ -169,11 +188,17 @@ class CacheSpec:
     batch_size: int = 256
     workers: int = 2
     overwrite: bool = False
+    teacher_name: str = MAIN_TEACHER
+    teacher_classes: tuple[str, ...] | None = None
+    embedding_layer: str | None = None  # cache this layer's L2-normalised output ("": penultimate) instead of logits
 
     def __post_init__(self):
         from .store.codecs import check_codec_name
 
         check_codec_name(self.codec)
+        if self.embedding_layer is not None and not self.codec.startswith("dense"):
+            raise ConfigError(f"--codec {self.codec} keeps the largest logits; embeddings are stored with a dense codec")
+        check_teacher_name(self.teacher_name)
         if self.format not in ARCHIVE_BACKENDS:
             raise ConfigError(f"--format must be one of {', '.join(ARCHIVE_BACKENDS)}, got {self.format!r}")
         if self.batch_size < 1:
@@ -184,6 +209,7 @@ class CacheSpec:
 
 ARCHIVE_BACKENDS = ("zarr", "webdataset")
 MODES = ("cached", "online", "supervised")
+COMBINES = ("mean",)
 OPTIMIZERS = ("adamw", "sgd")
 
 
@@ -215,8 +241,38 @@ class TrainSpec:
     workers: int = 2
     compile: bool = False
     teacher_batch_size: int | None = None
+    student_size: int | None = None
+    loss: str = "kd"
+    loss_options: dict = field(default_factory=dict)
+    teachers: tuple[str, ...] | None = None
+    combine: str = "mean"
+    schedule: tuple[tuple[str, int], ...] | None = None
+    probe_data: str | None = None  # labelled images the linear probe of a SEED student is fitted on
 
     def __post_init__(self):
+        from .losses import loss_options
+
+        if (self.teachers or self.schedule) and self.mode != "cached":
+            raise ConfigError("--teachers and --schedule name teachers of an archive: use them with --cache")
+        for name in self.teachers or ():
+            check_teacher_name(name)
+        if self.combine not in COMBINES:
+            raise ConfigError(f"--combine must be one of {', '.join(COMBINES)}, got {self.combine!r}")
+        if self.schedule is not None:
+            names = [name for name, _ in self.schedule]
+            if self.teachers is not None and not set(names) <= set(self.teachers):
+                raise ConfigError(f"--schedule names a teacher not in --teachers {','.join(self.teachers)}")
+            if any(epochs < 1 for _, epochs in self.schedule) or sum(e for _, e in self.schedule) != self.epochs:
+                raise ConfigError(f"--schedule must give each teacher at least 1 epoch and {self.epochs} (--epochs) in all")
+        if self.loss == "seed" and (self.mode == "supervised" or self.alpha > 0):
+            raise ConfigError("--loss seed distils a teacher's embeddings: use it with --cache or --teacher and --alpha 0")
+        allowed = [name for name in loss_options(self.loss) if name != "temperature"]
+        for name, value in self.loss_options.items():
+            if name not in allowed:
+                known = ", ".join(allowed) or "none"
+                raise ConfigError(f"the {self.loss} loss has no option {name!r} (its options: {known}; T is --temperature)")
+            if not isinstance(value, (int, float)):
+                raise ConfigError(f"--loss-option {name} must be a number, got {value!r}")
         if self.mode not in MODES:
             raise ConfigError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.optimizer not in OPTIMIZERS:
@@ -231,6 +287,8 @@ class TrainSpec:
             raise ConfigError("--teacher is not used in supervised mode; drop it or choose --mode online")
         if self.epochs < 1 or self.batch_size < 1:
             raise ConfigError("epochs and batch size must be at least 1")
+        if self.student_size is not None and self.student_size < 1:
+            raise ConfigError(f"--student-size must be at least 1 pixel, got {self.student_size}")
         if self.teacher_batch_size is not None and (self.teacher_batch_size < 1 or self.mode != "online"):
             raise ConfigError("--teacher-batch-size must be at least 1 and is used only in online mode")
         if "://" in str(self.out):

@@ -21,7 +21,7 @@ from torch.utils.data import Dataset, Sampler
 from .config import ViewRecipe, canonical_json, fingerprint
 from .distributed import Ranks
 from .errors import DataError
-from .views import epoch_order, full_view, render, sample_view
+from .views import epoch_order, full_view, mix, mix_view, partners, render, sample_view, view_param_fields
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 UNLABELLED = -1
@@ -178,37 +178,67 @@ def open_source(spec: str) -> Source:
 class ViewDataset(Dataset):
     """Item k is the sample at position k % N of recipe epoch k // N, with all V of its
     views rendered from one decode. Items carry their (epoch, position, index) keys and
-    realised view parameters, so a consumer can check it got what it asked for."""
+    realised view parameters, so a consumer can check it got what it asked for.
 
-    def __init__(self, source: Source, recipe: ViewRecipe):
+    `sizes` names the renders an item carries and their sides in pixels; by default
+    "views" at the recipe's size. A student trained at another resolution than its
+    teacher gets both renders of the same view parameters (e.g. "views" at 16 px for
+    the student, "teacher_views" at 32 px). With a mixing recipe, each view is mixed
+    with the same view of the sample's partner (a second decode), and the item also
+    carries the partner's label and each view's lam.
+    """
+
+    def __init__(self, source: Source, recipe: ViewRecipe, sizes: dict[str, int] | None = None):
         self.source, self.recipe = source, recipe
+        self.sizes = sizes or {"views": recipe.size}
+        self.fields = view_param_fields(recipe)
         self.num_samples = len(source)
-        self._orders: dict[int, np.ndarray] = {}
+        if recipe.mixup and self.num_samples > 2**24:  # partners are stored as float32
+            raise DataError(f"mixing supports up to {2**24:,} samples, and the data has {self.num_samples:,}")
+        self._orders: dict[tuple[str, int], np.ndarray] = {}
 
     def __len__(self) -> int:
         return self.recipe.epochs * self.num_samples
 
-    def order(self, epoch: int) -> np.ndarray:
-        if epoch not in self._orders:
-            if len(self._orders) >= 2:
+    def _draw(self, kind: str, epoch: int) -> np.ndarray:
+        """The epoch's sample order or mixing partners, the last two epochs' kept."""
+        if (kind, epoch) not in self._orders:
+            if len(self._orders) >= 4:
                 self._orders.pop(next(iter(self._orders)))
-            self._orders[epoch] = epoch_order(self.recipe, epoch, self.num_samples)
-        return self._orders[epoch]
+            draw = epoch_order if kind == "order" else partners
+            self._orders[(kind, epoch)] = draw(self.recipe, epoch, self.num_samples)
+        return self._orders[(kind, epoch)]
+
+    def order(self, epoch: int) -> np.ndarray:
+        return self._draw("order", epoch)
 
     def __getitem__(self, item: int) -> dict:
+        recipe = self.recipe
         epoch, position = divmod(int(item), self.num_samples)
         index = int(self.order(epoch)[position])
         image = self.source.load(index)
-        image_size = (image.shape[1], image.shape[2])
-        params = [sample_view(self.recipe, epoch, index, v, image_size) for v in range(self.recipe.views_per_sample)]
+        views = range(recipe.views_per_sample)
+        params = [sample_view(recipe, epoch, index, v, (image.shape[1], image.shape[2])) for v in views]
+        renders = {name: [render(image, p, size) for p in params] for name, size in self.sizes.items()}
+        partner = index
+        if recipe.mixup:
+            partner = int(self._draw("partners", epoch)[index])
+            other = self.source.load(partner)
+            other_params = [sample_view(recipe, epoch, partner, v, (other.shape[1], other.shape[2])) for v in views]
+            params = [mix_view(recipe, epoch, index, v, params[v], partner) for v in views]
+            renders = {
+                name: [mix(pixels[v], render(other, other_params[v], self.sizes[name]), params[v]) for v in views]
+                for name, pixels in renders.items()
+            }
         return {
             "epoch": epoch,
             "position": position,
             "index": index,
             "label": int(self.source.labels[index]),
-            "views": torch.stack([render(image, p, self.recipe.size) for p in params]),
-            "params": torch.from_numpy(np.stack([p.as_array() for p in params])),
-        }
+            "partner_label": int(self.source.labels[partner]),
+            "lam": torch.tensor([p.lam for p in params], dtype=torch.float32),
+            "params": torch.from_numpy(np.stack([p.as_array(self.fields) for p in params])),
+        } | {name: torch.stack(pixels) for name, pixels in renders.items()}
 
 
 class RangeBatches(Sampler):

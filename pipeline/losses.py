@@ -1,6 +1,9 @@
 """Distillation losses: small pure functions of logits, found through a plain dict.
 
-Each takes (student_logits, teacher_logits, labels, **hparams) and returns a scalar.
+Each takes (student_logits, teacher_logits, labels=None, **hparams) and returns a scalar
+tensor averaged over the batch, computed in float32 whatever the logits' dtype. A loss
+takes only the keyword hyper-parameters listed for it in LOSS_OPTIONS, so the CLI can pass
+exactly those that apply. Every default temperature is 1.0, as in `kd_loss`.
 """
 
 from __future__ import annotations
@@ -8,7 +11,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .data import UNLABELLED
 from .errors import ConfigError
+
+# Added to the standard deviation in `ls_loss`, so that a constant logit vector gives zeros
+# instead of 0/0. The same value as the authors' code.
+STD_EPS = 1e-7
+# Added to the product of norms in the Pearson correlation of `dist_loss`, as in the authors' code.
+PEARSON_EPS = 1e-8
 
 
 def kd_loss(
@@ -23,11 +33,192 @@ def kd_loss(
     return kl * temperature**2
 
 
-LOSSES = {"kd": kd_loss}
+def _kl_rows(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) of each row, from log-probabilities."""
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def dkd_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None = None,
+    temperature: float = 1.0, alpha: float = 1.0, beta: float = 8.0,
+) -> torch.Tensor:
+    """Decoupled KD (Zhao et al., CVPR 2022): T^2 * (alpha * TCKD + beta * NCKD), batch mean.
+
+    KD's KL splits exactly into KL(b_t || b_s) + (1 - p_target_teacher) * KL(n_t || n_s),
+    where b is the binary (target, not target) distribution and n the distribution over
+    the non-target classes alone (the target removed, the rest renormalised). TCKD is the
+    first KL and NCKD the second without its teacher-confidence weight, which DKD replaces
+    by the free weight beta. So alpha=1, beta=1-p_target_teacher gives back `kd_loss`.
+
+    temperature: softmax temperature, shared by student and teacher (the authors used 4 on
+        CIFAR-100 and 1 on ImageNet).
+    alpha: weight of TCKD.
+    beta: weight of NCKD (the authors' CIFAR-100 default, 8; they used 0.5 on ImageNet).
+
+    Needs the true class of every sample: raises ConfigError without labels.
+    """
+    if labels is None or bool((labels == UNLABELLED).any()):
+        raise ConfigError("the dkd loss needs labelled data (a true class for every sample); "
+                          "use kd, dist, ls or mse for unlabelled data")
+    student = student_logits.float() / temperature
+    teacher = teacher_logits.float() / temperature
+    is_target = F.one_hot(labels.long(), student.shape[-1]).bool()
+
+    def binary_and_non_target(scaled_logits):
+        # Log-probabilities of (target, not target), computed in log space so a confident
+        # prediction does not round 1 - p to 0, and of each non-target class among them.
+        non_target = scaled_logits[~is_target].view(len(scaled_logits), -1)
+        log_total = torch.logsumexp(scaled_logits, -1)
+        log_binary = torch.stack(
+            [scaled_logits[is_target] - log_total, torch.logsumexp(non_target, -1) - log_total], -1
+        )
+        return log_binary, F.log_softmax(non_target, -1)
+
+    log_binary_student, log_non_target_student = binary_and_non_target(student)
+    log_binary_teacher, log_non_target_teacher = binary_and_non_target(teacher)
+    tckd = _kl_rows(log_binary_teacher, log_binary_student).mean()
+    nckd = _kl_rows(log_non_target_teacher, log_non_target_student).mean()
+    return (alpha * tckd + beta * nckd) * temperature**2
+
+
+def _pearson_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Pearson correlation of each row of a with the same row of b. A row with no spread
+    has correlation 0 (its centred vector is zero and the eps keeps the division finite)."""
+    a = a - a.mean(-1, keepdim=True)
+    b = b - b.mean(-1, keepdim=True)
+    return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1) + PEARSON_EPS)
+
+
+def dist_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None = None,
+    temperature: float = 1.0, beta: float = 1.0, gamma: float = 1.0,
+) -> torch.Tensor:
+    """DIST (Huang et al., NeurIPS 2022): match relations, not exact probabilities.
+
+    With y = softmax(logits / T): inter = 1 - mean over samples of the Pearson correlation
+    between the student's and teacher's class-probability vectors; intra = 1 - mean over
+    classes of the correlation between their columns across the batch. The loss is
+    T^2 * (beta * inter + gamma * intra). A Pearson correlation is unchanged by shifting or
+    scaling either side, so the student need not match the teacher's confidence.
+
+    temperature, beta, gamma: default 1, 1, 1 as in the authors' code and ImageNet setting.
+
+    The intra term needs a batch: a class whose probability is the same in every sample of
+    the batch (always so with one sample) has correlation 0, so it adds gamma * T^2 / classes
+    and no gradient, even when student and teacher agree.
+    """
+    y_student = F.softmax(student_logits.float() / temperature, -1)
+    y_teacher = F.softmax(teacher_logits.float() / temperature, -1)
+    inter = 1 - _pearson_rows(y_student, y_teacher).mean()
+    intra = 1 - _pearson_rows(y_student.T, y_teacher.T).mean()
+    return (beta * inter + gamma * intra) * temperature**2
+
+
+def _standardise(logits: torch.Tensor) -> torch.Tensor:
+    """Z-score of each logit vector: minus its mean, over its (Bessel-corrected) std + eps."""
+    return (logits - logits.mean(-1, keepdim=True)) / (logits.std(-1, keepdim=True) + STD_EPS)
+
+
+def ls_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None = None,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """KD on standardised logits (Sun et al., CVPR 2024, "Logit Standardization in KD").
+
+    Each logit vector, the student's and the teacher's, is z-scored before `kd_loss`, so the
+    student matches the teacher's ranking and relative gaps, not its logit range: a student
+    with s = a*t + b (a > 0) has zero loss. The std is Bessel-corrected as in the authors'
+    code (torch.std); any fixed choice keeps that invariance.
+
+    temperature: softmax temperature on the standardised logits (the authors' CIFAR-100
+        recipe used 2), with the T^2 factor of KD.
+    """
+    return kd_loss(_standardise(student_logits.float()), _standardise(teacher_logits.float()),
+                   temperature=temperature)
+
+
+def mse_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mean squared error between the logits, averaged over classes and batch. No hyper-parameters."""
+    return F.mse_loss(student_logits.float(), teacher_logits.float())
+
+
+# kd first: it is the default, and the error for an unknown name lists them in this order.
+LOSSES = {"kd": kd_loss, "dkd": dkd_loss, "dist": dist_loss, "ls": ls_loss, "mse": mse_loss}
+
+# The keyword hyper-parameters each loss accepts; pass only these.
+LOSS_OPTIONS = {
+    "kd": ("temperature",),
+    "dkd": ("temperature", "alpha", "beta"),
+    "dist": ("temperature", "beta", "gamma"),
+    "ls": ("temperature",),
+    "mse": (),
+}
+
+
+class SeedLoss:
+    """SEED (Fang et al., ICLR 2021): self-supervised distillation of embeddings.
+
+    The teacher's L2-normalised embedding t of a view and the student's s are each
+    compared with a FIFO queue of the teacher's past embeddings (and with t itself);
+    the loss is the cross-entropy between the teacher's similarity distribution,
+    softmax(t . [queue, t] / teacher_temperature), and the student's,
+    softmax(s . [queue, t] / student_temperature). The queue holds the last `queue`
+    teacher embeddings seen, so the loss has state: one instance per run, checkpointed
+    with it. The paper's defaults: teacher 0.01, student 0.2, a queue of 65,536 on
+    ImageNet (a smaller one suits a small data set).
+    """
+
+    def __init__(self, queue: float = 4096, teacher_temperature: float = 0.01, student_temperature: float = 0.2):
+        if queue < 1 or teacher_temperature <= 0 or student_temperature <= 0:
+            raise ConfigError("seed needs queue >= 1 and positive temperatures")
+        self.size, self.teacher_temperature, self.student_temperature = int(queue), teacher_temperature, student_temperature
+        self.queue: torch.Tensor | None = None  # (size, D), filled from row 0
+        self.filled = self.next = 0
+
+    def __call__(self, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        s = F.normalize(student.float(), dim=1)
+        t = F.normalize(teacher.float(), dim=1)
+        # a copy: the queue is updated in place below, while backward still needs the bank
+        bank = self.queue[: self.filled].clone() if self.queue is not None else t.new_zeros((0, t.shape[1]))
+        own = (t * t).sum(1, keepdim=True)
+        target = F.softmax(torch.cat([t @ bank.T, own], 1) / self.teacher_temperature, dim=1)
+        log_student = F.log_softmax(torch.cat([s @ bank.T, (s * t).sum(1, keepdim=True)], 1) / self.student_temperature, dim=1)
+        loss = -(target * log_student).sum(1).mean()
+        self._enqueue(t.detach())
+        return loss
+
+    def _enqueue(self, embeddings: torch.Tensor) -> None:
+        if self.queue is None:
+            self.queue = embeddings.new_zeros((self.size, embeddings.shape[1]))
+        newest = embeddings[-self.size:]
+        rows = (self.next + torch.arange(len(newest), device=newest.device)) % self.size
+        self.queue[rows] = newest
+        self.next = (self.next + len(newest)) % self.size
+        self.filled = min(self.filled + len(newest), self.size)
+
+    def state_dict(self) -> dict:
+        return {"queue": self.queue, "filled": self.filled, "next": self.next}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.queue, self.filled, self.next = state["queue"], state["filled"], state["next"]
+
+
+# Losses with state, built once per run; their options are their constructor's.
+STATEFUL_LOSSES = {"seed": SeedLoss}
+STATEFUL_OPTIONS = {"seed": ("queue", "teacher_temperature", "student_temperature")}
+
+
+def loss_options(name: str) -> tuple[str, ...]:
+    """The keyword hyper-parameters loss `name` takes."""
+    get_loss(name)
+    return LOSS_OPTIONS.get(name) or STATEFUL_OPTIONS.get(name, ())
 
 
 def get_loss(name: str):
-    """The loss function called `name`; an unknown name lists the valid ones."""
-    if name not in LOSSES:
-        raise ConfigError(f"unknown loss {name!r}; choose one of {', '.join(sorted(LOSSES))}")
-    return LOSSES[name]
+    """The loss function (or, for a stateful loss, its class) called `name`; an unknown
+    name lists the valid ones."""
+    if name not in LOSSES and name not in STATEFUL_LOSSES:
+        raise ConfigError(f"unknown loss {name!r}; choose one of {', '.join([*LOSSES, *STATEFUL_LOSSES])}")
+    return LOSSES.get(name) or STATEFUL_LOSSES[name]

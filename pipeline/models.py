@@ -173,24 +173,56 @@ def with_num_classes(spec: ModelSpec, classes: list[str] | None, role: str) -> M
     return spec
 
 
-class Teacher:
-    """A model run for its logits only: eval mode, inference mode; on a GPU, bf16
-    autocast and channels-last memory."""
+class _Tap:
+    """Keeps what one module of a network computed in the last forward pass: the input
+    of the last Linear layer (the penultimate features) for name "", else the output of
+    the module called `name`."""
 
-    def __init__(self, spec: ModelSpec, size: int, device: torch.device | None = None):
-        self.spec = spec
+    def __init__(self, net: nn.Module, name: str):
+        self.value: torch.Tensor | None = None
+        if name == "":
+            linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
+            if not linears:
+                raise ModelError("the teacher has no Linear layer to take penultimate features from; pass --embedding-layer")
+            linears[-1].register_forward_pre_hook(self._keep_input)
+            return
+        modules = dict(net.named_modules())
+        if name not in modules:
+            names = ", ".join(list(n for n in modules if n)[-8:])
+            raise ModelError(f"the teacher has no layer {name!r}; its last layers are: {names}")
+        modules[name].register_forward_hook(self._keep_output)
+
+    def _keep_input(self, module, inputs) -> None:
+        self.value = inputs[0]
+
+    def _keep_output(self, module, inputs, output) -> None:
+        self.value = output
+
+
+class Teacher:
+    """A model run for its outputs only: eval mode, inference mode; on a GPU, bf16
+    autocast and channels-last memory. The outputs are its logits, or with `embedding`
+    (a layer name, "" for the penultimate features) that layer's L2-normalised output."""
+
+    def __init__(self, spec: ModelSpec, size: int, device: torch.device | None = None, embedding: str | None = None):
+        self.spec, self.embedding = spec, embedding
         self.device = device or distributed.device()
         self.model = build_model(spec).eval()
-        self.num_classes = output_classes(self.model, size)
-        if self.num_classes != spec.num_classes:
-            raise ModelError(f"model {spec.name} gives {self.num_classes} logits, not the {spec.num_classes} classes asked for")
         self.fingerprint = model_fingerprint(self.model)
+        self._tap = _Tap(self.model.net, embedding) if embedding is not None else None
+        if embedding is None:
+            self.num_classes = output_classes(self.model, size)
+            if self.num_classes != spec.num_classes:
+                raise ModelError(f"model {spec.name} gives {self.num_classes} logits, not the {spec.num_classes} classes asked for")
         self.model.to(self.device)
         if self.device.type == "cuda":
             self.model.to(memory_format=torch.channels_last)
+        if embedding is not None:
+            self.num_classes = self(torch.zeros(1, 3, size, size)).shape[1]  # the embedding's width
 
     def describe(self) -> dict:
-        return {"spec": self.spec.to_dict(), "fingerprint": self.fingerprint, "num_classes": self.num_classes}
+        outputs = {"outputs": "logits"} if self.embedding is None else {"outputs": "embeddings", "embedding_layer": self.embedding}
+        return {"spec": self.spec.to_dict(), "fingerprint": self.fingerprint, "num_classes": self.num_classes} | outputs
 
     def __call__(self, views: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
         """float32 logits for a batch of [0, 1] views, on the teacher's device; computed
@@ -204,4 +236,6 @@ class Teacher:
                 views = views.contiguous(memory_format=torch.channels_last)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
                 logits = self.model(views)
+            if self._tap is not None:
+                return torch.nn.functional.normalize(self._tap.value.flatten(1).float(), dim=1)
             return logits.float()

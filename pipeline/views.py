@@ -9,7 +9,7 @@ teacher stage and the student stage turn parameters into pixels through `render`
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import torch
@@ -20,13 +20,17 @@ from .config import ViewRecipe
 # Tags that keep the generator streams of different draws apart.
 _STREAM_VIEW = 1
 _STREAM_ORDER = 2
+_STREAM_PARTNERS = 3
+_STREAM_MIX = 4
 
 
 @dataclass(frozen=True)
 class ViewParams:
     """The realised parameters of one view: a crop box in source pixels, a flip and
-    colour factors (1.0 = unchanged). Schema 1 has no mixup; when it comes, the partner,
-    lambda and partner box are added as further fields."""
+    colour factors (1.0 = unchanged). With mixing, also the partner sample whose view
+    (of the same epoch and view index) is mixed in, the weight `lam` of this sample's
+    pixels, and for CutMix the pasted box as fractions of the view's side (so it holds
+    at any render size)."""
 
     top: int
     left: int
@@ -36,13 +40,25 @@ class ViewParams:
     brightness: float = 1.0
     contrast: float = 1.0
     saturation: float = 1.0
+    partner: int = -1
+    lam: float = 1.0
+    box_top: float = 0.0
+    box_left: float = 0.0
+    box_height: float = 0.0
+    box_width: float = 0.0
 
-    def as_array(self) -> np.ndarray:
-        """The parameters as float32, in the column order of `VIEW_PARAM_FIELDS`."""
-        return np.array([getattr(self, name) for name in VIEW_PARAM_FIELDS], dtype=np.float32)
+    def as_array(self, names: tuple[str, ...]) -> np.ndarray:
+        """The parameters named, as float32 in that order (see `view_param_fields`)."""
+        return np.array([getattr(self, name) for name in names], dtype=np.float32)
 
 
-VIEW_PARAM_FIELDS = tuple(f.name for f in fields(ViewParams))
+VIEW_PARAM_FIELDS = tuple(f.name for f in fields(ViewParams))[:8]  # what every archive records
+MIX_PARAM_FIELDS = tuple(f.name for f in fields(ViewParams))[8:]  # added when the recipe mixes
+
+
+def view_param_fields(recipe: ViewRecipe) -> tuple[str, ...]:
+    """The view parameters an archive of `recipe` records, in column order."""
+    return VIEW_PARAM_FIELDS + (MIX_PARAM_FIELDS if recipe.mixup else ())
 
 
 def epoch_order(recipe: ViewRecipe, epoch: int, num_samples: int) -> np.ndarray:
@@ -89,6 +105,46 @@ def sample_view(
     else:
         brightness = contrast = saturation = 1.0
     return ViewParams(top, left, h, w, flip, brightness, contrast, saturation)
+
+
+def partners(recipe: ViewRecipe, epoch: int, num_samples: int) -> np.ndarray:
+    """The mixing partner of each sample index in `epoch`: a seeded permutation of the
+    whole data set, so the pairing does not depend on batch size or rank count."""
+    rng = np.random.default_rng([recipe.seed, epoch, _STREAM_PARTNERS])
+    return rng.permutation(num_samples).astype(np.int64)
+
+
+def mix_view(recipe: ViewRecipe, epoch: int, index: int, view: int, params: ViewParams, partner: int) -> ViewParams:
+    """`params` with the mix of view `view` drawn: lam ~ U(0, 1) (alpha 0, as in function
+    matching) or Beta(alpha, alpha); for CutMix a box of area 1 - lam at a uniform centre,
+    clipped to the view, and lam then set to the share of pixels left unpasted."""
+    rng = np.random.default_rng([recipe.seed, epoch, index, view, _STREAM_MIX])
+    alpha = recipe.mixup["alpha"]
+    lam = float(rng.beta(alpha, alpha)) if alpha > 0 else float(rng.uniform())
+    if recipe.mixup["mode"] == "mixup":
+        return replace(params, partner=partner, lam=lam)
+    side = math.sqrt(1 - lam)
+    centre_y, centre_x = rng.uniform(size=2)
+    top, bottom = max(centre_y - side / 2, 0.0), min(centre_y + side / 2, 1.0)
+    left, right = max(centre_x - side / 2, 0.0), min(centre_x + side / 2, 1.0)
+    box = np.float32([top, left, bottom - top, right - left])  # as stored: render from what is recorded
+    return replace(params, partner=partner, lam=float(1 - box[2] * box[3]), box_top=float(box[0]),
+                   box_left=float(box[1]), box_height=float(box[2]), box_width=float(box[3]))
+
+
+def mix(pixels: torch.Tensor, partner_pixels: torch.Tensor, params: ViewParams) -> torch.Tensor:
+    """This view's pixels with its partner's mixed in: blended by lam (mixup), or the
+    partner's pixels pasted into the box (CutMix), at the render size of `pixels`."""
+    if params.box_height == 0 or params.box_width == 0:
+        lam = np.float32(params.lam)  # the stored value, so every stage blends alike
+        return pixels * float(lam) + partner_pixels * float(1 - lam)
+    size = pixels.shape[-1]
+    top, left = round(params.box_top * size), round(params.box_left * size)
+    bottom = round((params.box_top + params.box_height) * size)
+    right = round((params.box_left + params.box_width) * size)
+    out = pixels.clone()
+    out[:, top:bottom, left:right] = partner_pixels[:, top:bottom, left:right]
+    return out
 
 
 def full_view(image_size: tuple[int, int]) -> ViewParams:

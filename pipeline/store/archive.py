@@ -41,6 +41,7 @@ from .manifest import MANIFEST, PLAN, job_identity, json_bytes, read_json, read_
 COMMITS = "commits"
 STATIC_MARKER = f"{COMMITS}/static.json"
 LEASE = "writer.json"  # who is writing an unfinished archive
+TEACHERS = "teachers"  # further teachers of a finished archive, each a complete archive of its own
 LEASE_SECONDS = 600  # a lease from another host not renewed for this long is abandoned
 # Aim for shards of about this many uncompressed bytes, and (zarr) chunks, the unit of
 # decompression on read, of about this many.
@@ -306,6 +307,13 @@ class ArchiveWriter:
         finish_cleanup(self.location)
         self.release()
         return manifest
+
+
+def added_teachers(location: Location) -> list[str]:
+    """The names of the teachers added to a finished archive, sorted (each is a complete
+    archive at teachers/NAME; a teacher still being added is not listed)."""
+    keys = location.sizes(TEACHERS)
+    return sorted({key.split("/")[1] for key in keys if key.count("/") == 2 and key.endswith("/manifest.json")})
 
 
 def finish_cleanup(location: Location) -> None:

@@ -1,0 +1,107 @@
+"""`kdpipe order-teachers`: in which order a student should learn from several teachers.
+
+Multi-teacher progressive distillation (MTPD, Cao et al., ICML 2023) teaches a student
+one teacher at a time, from the most distant to the closest. Backward Greedy Selection
+builds that sequence from its end: the last teacher is the one the student's outputs
+adapt to most cheaply; the one before it is the one that teacher's outputs adapt to most
+cheaply; and so on. The adaptation cost from model A to model B is the held-out error
+of a linear map fitted from A's outputs to B's on the same views, as a share of B's
+variance (0: B is a linear function of A; 1: A says nothing about B).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from .config import MAIN_TEACHER, ModelSpec, ViewRecipe
+from .data import RangeBatches, ViewDataset, open_source
+from .errors import ConfigError
+from .models import build_model, with_num_classes
+from .store import ArchiveReader, Location, read_manifest
+from .store.archive import added_teachers
+from .train import teacher_archive
+
+HELD_OUT = 0.25  # share of the samples the fitted maps are scored on
+RIDGE = 1e-3  # ridge penalty, relative to the mean variance of the inputs
+
+
+def adaptation_cost(source: np.ndarray, target: np.ndarray, split: int) -> float:
+    """Held-out squared error of the ridge map source -> target fitted on rows [:split],
+    scored on rows [split:], divided by the target's held-out variance."""
+    inputs = np.hstack([source, np.ones((len(source), 1))]).astype(np.float64)
+    targets = target.astype(np.float64)
+    fit_in, fit_out = inputs[:split], targets[:split]
+    penalty = RIDGE * max(float(fit_in[:, :-1].var(0).mean()), 1e-12) * split
+    gram = fit_in.T @ fit_in + penalty * np.eye(inputs.shape[1])
+    weights = np.linalg.solve(gram, fit_in.T @ fit_out)
+    residual = inputs[split:] @ weights - targets[split:]
+    spread = targets[split:] - targets[split:].mean(0)
+    return float((residual**2).sum() / max((spread**2).sum(), 1e-12))
+
+
+def backward_greedy_order(outputs: dict[str, np.ndarray], student: np.ndarray, split: int) -> list[tuple[str, float]]:
+    """The teachers in the order to learn from them (first to last), each with the cost
+    at which it was chosen: the cost from the model that follows it (the student for the last)."""
+    remaining, current, chosen = dict(outputs), student, []
+    while remaining:
+        costs = {name: adaptation_cost(current, out, split) for name, out in remaining.items()}
+        best = min(costs, key=lambda name: (costs[name], name))
+        chosen.insert(0, (best, costs[best]))
+        current = remaining.pop(best)
+    return chosen
+
+
+def order_teachers(
+    data: str, cache: str, student: ModelSpec, teachers: tuple[str, ...] | None = None, samples: int = 512,
+    storage_options: dict | None = None, epochs: int | None = None,
+) -> dict:
+    """Rank the archive's teachers for `student` by Backward Greedy Selection, on the
+    views of the first `samples` positions of epoch 0 (held out: the last quarter)."""
+    storage_options = storage_options or {}
+    location = Location(cache, storage_options)
+    read_manifest(location)  # a clear error for a missing or unfinished archive
+    names = list(teachers or [MAIN_TEACHER, *added_teachers(location)])
+    if len(names) < 2:
+        raise ConfigError(f"archive {cache} has one teacher ({names[0]}); add others with cache-teacher --teacher-name")
+    readers = {name: ArchiveReader(teacher_archive(cache, name), storage_options) for name in names}
+    main = next(iter(readers.values())).manifest
+    source = open_source(data)
+    count = min(samples, main["layout"]["num_samples"])
+    if count < 8:
+        raise ConfigError(f"--samples must be at least 8 to fit and score the maps, got {count}")
+    outputs = {name: reader.read(0, 0, count)[0].reshape(count * main["layout"]["views_per_sample"], -1)
+               for name, reader in readers.items()}
+    recipe = ViewRecipe.from_dict(main["recipe"])
+    model = build_model(with_num_classes(student, source.classes, "student") if student.num_classes is None
+                        else student).eval()
+    loader = DataLoader(ViewDataset(source, recipe), batch_sampler=RangeBatches([(0, 0, count)], len(source), 64))
+    with torch.inference_mode():
+        student_outputs = np.concatenate([model(batch["views"].flatten(0, 1)).float().numpy() for batch in loader])
+    split = int(round(count * (1 - HELD_OUT))) * recipe.views_per_sample  # whole samples on each side
+    order = backward_greedy_order(outputs, student_outputs, split)
+    table = {a: {b: adaptation_cost(outputs[a] if a != "student" else student_outputs, outputs[b], split)
+                 for b in names if b != a} for a in ["student", *names]}
+    report = {"order": [name for name, _ in order], "costs": {name: cost for name, cost in order}, "table": table,
+              "views": len(student_outputs), "held_out_views": len(student_outputs) - split}
+    if epochs is not None:
+        shares = np.diff(np.round(np.linspace(0, epochs, len(order) + 1)).astype(int))
+        report["schedule"] = ",".join(f"{name}:{share}" for (name, _), share in zip(order, shares))
+    return report
+
+
+def format_order(report: dict) -> str:
+    """The suggested order with the cost of each step, then every pairwise cost."""
+    lines = ["suggested order (learn from the first to the last):"]
+    following = [name for name in report["order"][1:]] + ["student"]
+    for step, (name, after) in enumerate(zip(report["order"], following), 1):
+        lines.append(f"  {step}. {name:<16} adaptation cost {after} -> {name}: {report['costs'][name]:.4f}")
+    if "schedule" in report:
+        lines.append(f"train-student --teachers {','.join(report['order'])} --schedule {report['schedule']}")
+    lines.append(f"adaptation costs (row -> column; {report['views']} views, {report['held_out_views']} held out):")
+    names = list(report["table"])
+    for a in names:
+        costs = "  ".join(f"{b}: {cost:.4f}" for b, cost in report["table"][a].items())
+        lines.append(f"  {a:<16} {costs}")
+    return "\n".join(lines)
