@@ -375,18 +375,20 @@ def order_teachers_command(
     student_weights: Annotated[Optional[str], typer.Option(help="Student weights. [default: its seeded initialisation]")] = None,
     num_classes: Annotated[Optional[int], typer.Option(help="Student classes. [default: the data's class count]")] = None,
     teachers: Annotated[Optional[str], typer.Option(help="Candidate teachers, comma-separated. [default: all in the archive]")] = None,
+    target: Annotated[str, typer.Option(help="The teacher the sequence ends with (the accurate, complex one).")] = "main",
     samples: Annotated[int, typer.Option(help="Samples of epoch 0 whose views the maps are fitted (3/4) and scored (1/4) on.")] = 512,
     epochs: Annotated[Optional[int], typer.Option(help="Also print a --schedule sharing these training epochs evenly.")] = None,
     storage_option: StorageOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
-    """Rank teachers for progressive distillation (MTPD's Backward Greedy Selection): the
-    adaptation cost is the held-out error of a linear map between two models' outputs."""
+    """Order teachers for progressive distillation (after MTPD's Backward Greedy Selection):
+    a chain built backward from --target, each step the cheapest adaptation, where the
+    cost is the held-out error of a linear map between two models' outputs."""
     from pipeline.order import format_order, order_teachers
 
     report = order_teachers(
         data, cache, _model_spec(student, num_classes, student_weights, None, None),
-        tuple(teachers.split(",")) if teachers else None, samples, parse_storage_options(storage_option), epochs,
+        tuple(teachers.split(",")) if teachers else None, samples, parse_storage_options(storage_option), epochs, target,
     )
     typer.echo(json.dumps(report, indent=1) if as_json else format_order(report))
 

@@ -20,6 +20,12 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
+from pipeline.config import ModelSpec
+from pipeline.data import open_source
+from pipeline.models import build_model
+from pipeline.probe import linear_probe
 from pipeline.quickstart import materialise_digits
 
 RECIPE = ["--size", "16", "--scale", "0.5,1", "--ratio", "0.8,1.25", "--flip-prob", "0"]
@@ -51,6 +57,8 @@ SETUP = [
     teacher("runs/teacher-mlp", model="kdpipe:mlp"),
     teacher("runs/teacher-0to4", data="digits/train-0to4"),
     teacher("runs/teacher-5to9", data="digits/train-5to9"),
+    teacher("runs/teacher-0to5", data="digits/train-0to5"),
+    teacher("runs/teacher-4to9", data="digits/train-4to9"),
     cache("archives/plain", "runs/teacher/student.pt"),
     cache("archives/plain", "runs/teacher-b/student.pt", "--teacher-name", "b"),
     cache("archives/plain", "runs/teacher-mlp/student.pt", "--teacher-name", "mlp", model="kdpipe:mlp"),
@@ -61,6 +69,9 @@ SETUP = [
     cache("archives/cutmix", "runs/teacher/student.pt", "--mixup", "cutmix"),
     cache("archives/union", "runs/teacher-0to4/student.pt", "--num-classes", "5", "--teacher-classes", "0,1,2,3,4"),
     cache("archives/union", "runs/teacher-5to9/student.pt", "--num-classes", "5", "--teacher-classes", "5,6,7,8,9",
+          "--teacher-name", "upper"),
+    cache("archives/overlap", "runs/teacher-0to5/student.pt", "--num-classes", "6", "--teacher-classes", "0,1,2,3,4,5"),
+    cache("archives/overlap", "runs/teacher-4to9/student.pt", "--num-classes", "6", "--teacher-classes", "4,5,6,7,8,9",
           "--teacher-name", "upper"),
 ]
 ORDER = ["order-teachers", "--data", "digits/train", "--cache", "archives/plain", "--teachers", "main,mlp",
@@ -84,8 +95,10 @@ ROWS = [
     ("KD + CutMix", "function matching: consistent CutMix", ["--cache", "archives/cutmix"]),
     ("ensemble of 2 CNN teachers", "mean of probabilities", ["--cache", "archives/plain", "--teachers", "main,b"]),
     ("progressive: CNN and MLP teachers", "MTPD, order from order-teachers", "PROGRESSIVE"),
-    ("label union: teachers of 0-4 and 5-9", "each teaches its own classes",
+    ("label union: teachers of 0-4 and 5-9", "disjoint classes: nothing ties the two groups together",
      ["--cache", "archives/union", "--teachers", "main,upper"]),
+    ("label union: teachers of 0-5 and 4-9", "two shared classes tie the groups together",
+     ["--cache", "archives/overlap", "--teachers", "main,upper"]),
     ("student at 12 px, teacher at 16 px", "the same views at two resolutions",
      ["--cache", "archives/plain", "--student-size", "12"]),
     ("SEED, unlabelled pool; linear probe", "the teacher's penultimate features; probe fitted on the 1,438 labels",
@@ -107,11 +120,23 @@ def kdpipe(workdir: Path, args: list[str]) -> str:
 
 
 def write_digits(workdir: Path) -> None:
-    """The quickstart's digit folders, plus train-0to4 and train-5to9 (halves of the classes)."""
-    digits = materialise_digits(workdir / "digits")
-    for name, classes in (("train-0to4", "01234"), ("train-5to9", "56789")):
-        for c in classes:
-            shutil.copytree(digits["train"] / c, workdir / "digits" / name / c)
+    """The quickstart's digit folders, plus training folders of some of the classes."""
+    digits = workdir / "digits"
+    if not digits.exists():
+        materialise_digits(digits)
+    for name, classes in (("train-0to4", "01234"), ("train-5to9", "56789"), ("train-0to5", "012345"),
+                          ("train-4to9", "456789")):
+        if not (digits / name).exists():
+            for c in classes:
+                shutil.copytree(digits / "train" / c, digits / name / c)
+
+
+def probe_baseline(workdir: Path) -> float:
+    """The SEED row's reference: the same linear probe on the untrained student (seed 0),
+    whose outputs are a random projection of the pooled pixels."""
+    source = open_source(str(workdir / "digits" / "train"))
+    student = build_model(ModelSpec("kdpipe:mlp", num_classes=128))
+    return linear_probe(student, source, open_source(str(workdir / "digits" / "val")), 16, torch.device("cpu"))
 
 
 def main() -> None:
@@ -122,8 +147,7 @@ def main() -> None:
     args = parser.parse_args()
     workdir = Path(args.workdir)
     started = time.perf_counter()
-    if not (workdir / "digits").exists():
-        write_digits(workdir)
+    write_digits(workdir)
     for step in SETUP:  # a finished step is skipped by kdpipe itself (cache-teacher) or here (train-student)
         if step[0] == "cache-teacher" or not (workdir / step[step.index("--out") + 1] / "summary.json").exists():
             kdpipe(workdir, step)
@@ -143,10 +167,12 @@ def main() -> None:
             scores.append(json.loads((workdir / out / "summary.json").read_text())["val_top1"])
         results.append({"row": row, "note": note, "val_top1": statistics.fmean(scores), "per_seed": scores,
                         "command": "kdpipe " + " ".join(student(f"runs/row{number:02d}-seed0", *extra, **where))})
-    report = {"teachers": teachers, "order": order, "rows": results, "seconds": time.perf_counter() - started}
+    report = {"teachers": teachers, "order": order, "rows": results, "probe_baseline": probe_baseline(workdir),
+              "seconds": time.perf_counter() - started}
     if args.json:
         print(json.dumps(report, indent=1))
         return
+    print(f"linear probe of the untrained student: {report['probe_baseline']:.2f}")
     print("teachers (val top-1 %): " + ", ".join(f"{k} {v:.2f}" for k, v in teachers.items()))
     print(f"order-teachers: {order['order']} costs {order['costs']}")
     for r in results:

@@ -1,12 +1,15 @@
 """`kdpipe order-teachers`: in which order a student should learn from several teachers.
 
 Multi-teacher progressive distillation (MTPD, Cao et al., ICML 2023) teaches a student
-one teacher at a time, from the most distant to the closest. Backward Greedy Selection
-builds that sequence from its end: the last teacher is the one the student's outputs
-adapt to most cheaply; the one before it is the one that teacher's outputs adapt to most
-cheaply; and so on. The adaptation cost from model A to model B is the held-out error
-of a linear map fitted from A's outputs to B's on the same views, as a share of B's
-variance (0: B is a linear function of A; 1: A says nothing about B).
+one teacher at a time, a curriculum that ends with the accurate but complex target
+teacher, each earlier teacher a stepping stone towards the next. kdpipe builds the
+sequence backward and greedily from the target: the teacher before the current one is
+the candidate whose outputs adapt to the current teacher's most cheaply, and the chain
+stops when the student itself adapts to the current teacher at least as cheaply as any
+candidate left (a further stepping stone would not help). The adaptation cost from
+model A to model B is the held-out error of a linear map fitted from A's outputs to
+B's on the same views, as a share of B's variance (0: B is a linear function of A;
+1: A says nothing about B).
 """
 
 from __future__ import annotations
@@ -41,28 +44,35 @@ def adaptation_cost(source: np.ndarray, target: np.ndarray, split: int) -> float
     return float((residual**2).sum() / max((spread**2).sum(), 1e-12))
 
 
-def backward_greedy_order(outputs: dict[str, np.ndarray], student: np.ndarray, split: int) -> list[tuple[str, float]]:
-    """The teachers in the order to learn from them (first to last), each with the cost
-    at which it was chosen: the cost from the model that follows it (the student for the last)."""
-    remaining, current, chosen = dict(outputs), student, []
+def backward_greedy_order(outputs: dict[str, np.ndarray], student: np.ndarray, split: int, target: str) -> list[tuple[str, float]]:
+    """The teachers to learn from, first to last, ending with `target`; each with the
+    cost of adapting to it from the model before it in the chain (the student first)."""
+    chain, current = [target], target
+    remaining = {name: out for name, out in outputs.items() if name != target}
     while remaining:
-        costs = {name: adaptation_cost(current, out, split) for name, out in remaining.items()}
+        costs = {name: adaptation_cost(out, outputs[current], split) for name, out in remaining.items()}
         best = min(costs, key=lambda name: (costs[name], name))
-        chosen.insert(0, (best, costs[best]))
-        current = remaining.pop(best)
-    return chosen
+        if adaptation_cost(student, outputs[current], split) <= costs[best]:
+            break  # the student is as close to the current teacher as any stepping stone
+        chain.insert(0, best)
+        del remaining[best]
+        current = best
+    before = [student] + [outputs[name] for name in chain[:-1]]
+    return [(name, adaptation_cost(source, outputs[name], split)) for source, name in zip(before, chain)]
 
 
 def order_teachers(
     data: str, cache: str, student: ModelSpec, teachers: tuple[str, ...] | None = None, samples: int = 512,
-    storage_options: dict | None = None, epochs: int | None = None,
+    storage_options: dict | None = None, epochs: int | None = None, target: str = MAIN_TEACHER,
 ) -> dict:
-    """Rank the archive's teachers for `student` by Backward Greedy Selection, on the
-    views of the first `samples` positions of epoch 0 (held out: the last quarter)."""
+    """Order the archive's teachers for `student`, ending with `target`, on the views of
+    the first `samples` positions of epoch 0 (the maps are scored on the last quarter)."""
     storage_options = storage_options or {}
     location = Location(cache, storage_options)
     read_manifest(location)  # a clear error for a missing or unfinished archive
     names = list(teachers or [MAIN_TEACHER, *added_teachers(location)])
+    if target not in names:
+        names.append(target)
     if len(names) < 2:
         raise ConfigError(f"archive {cache} has one teacher ({names[0]}); add others with cache-teacher --teacher-name")
     readers = {name: ArchiveReader(teacher_archive(cache, name), storage_options) for name in names}
@@ -80,10 +90,12 @@ def order_teachers(
     with torch.inference_mode():
         student_outputs = np.concatenate([model(batch["views"].flatten(0, 1)).float().numpy() for batch in loader])
     split = int(round(count * (1 - HELD_OUT))) * recipe.views_per_sample  # whole samples on each side
-    order = backward_greedy_order(outputs, student_outputs, split)
+    order = backward_greedy_order(outputs, student_outputs, split, target)
     table = {a: {b: adaptation_cost(outputs[a] if a != "student" else student_outputs, outputs[b], split)
                  for b in names if b != a} for a in ["student", *names]}
-    report = {"order": [name for name, _ in order], "costs": {name: cost for name, cost in order}, "table": table,
+    chosen = [name for name, _ in order]
+    report = {"order": chosen, "costs": {name: cost for name, cost in order},
+              "skipped": [name for name in names if name not in chosen], "table": table,
               "views": len(student_outputs), "held_out_views": len(student_outputs) - split}
     if epochs is not None:
         shares = np.diff(np.round(np.linspace(0, epochs, len(order) + 1)).astype(int))
@@ -93,15 +105,15 @@ def order_teachers(
 
 def format_order(report: dict) -> str:
     """The suggested order with the cost of each step, then every pairwise cost."""
-    lines = ["suggested order (learn from the first to the last):"]
-    following = [name for name in report["order"][1:]] + ["student"]
-    for step, (name, after) in enumerate(zip(report["order"], following), 1):
-        lines.append(f"  {step}. {name:<16} adaptation cost {after} -> {name}: {report['costs'][name]:.4f}")
+    lines = ["suggested order (learn from the first, end with the last):"]
+    before = ["student"] + report["order"][:-1]
+    for step, (name, source) in enumerate(zip(report["order"], before), 1):
+        lines.append(f"  {step}. {name:<16} adaptation cost {source} -> {name}: {report['costs'][name]:.4f}")
+    if report["skipped"]:
+        lines.append(f"not used (no cheaper step than the student's own): {', '.join(report['skipped'])}")
     if "schedule" in report:
         lines.append(f"train-student --teachers {','.join(report['order'])} --schedule {report['schedule']}")
     lines.append(f"adaptation costs (row -> column; {report['views']} views, {report['held_out_views']} held out):")
-    names = list(report["table"])
-    for a in names:
-        costs = "  ".join(f"{b}: {cost:.4f}" for b, cost in report["table"][a].items())
-        lines.append(f"  {a:<16} {costs}")
+    for source, costs in report["table"].items():
+        lines.append(f"  {source:<16} " + "  ".join(f"{name}: {cost:.4f}" for name, cost in costs.items()))
     return "\n".join(lines)

@@ -225,3 +225,19 @@ def test_embedding_mistakes_are_one_line(tmp_path):
     assert_user_error(run_cli(*cache, "--out", tmp_path / "z", "--outputs", "embeddings", "--embedding-layer", "nope"),
                       "no layer 'nope'")
     assert not any((tmp_path / name).exists() for name in "abcxyz")
+
+
+def test_embeddings_next_to_logits_in_one_archive(tmp_path):
+    """Embeddings cached as a further teacher of a logits archive: the same views, and a
+    SEED student trains on them by name."""
+    common = ["--data", DATA, "--teacher", "kdpipe:cnn", "--size", 16, "--epochs", 2, "--workers", 0]
+    cli_json("cache-teacher", *common, "--out", tmp_path / "a")
+    cli_json("cache-teacher", *common, "--out", tmp_path / "a", "--teacher-name", "feats", "--outputs", "embeddings")
+    added = read_manifest(tmp_path / "a" / "teachers" / "feats")
+    assert added["teacher"]["outputs"] == "embeddings" and added["teacher"]["classes"] is None
+    summary = cli_json("train-student", "--data", DATA, "--student", "kdpipe:mlp", "--cache", tmp_path / "a",
+                       "--teachers", "feats", "--loss", "seed", "--out", tmp_path / "s", "--epochs", 2, "--workers", 0)
+    assert summary["epochs"] == 2 and _weights(tmp_path / "s")["4.weight"].shape[0] == added["layout"]["num_classes"]
+    assert_user_error(run_cli("train-student", "--data", DATA, "--student", "kdpipe:mlp", "--cache", tmp_path / "a",
+                              "--teachers", "main,feats", "--out", tmp_path / "x", "--epochs", 2, "--workers", 0),
+                      "holds teacher embeddings")

@@ -284,8 +284,13 @@ def test_ctrl_c_releases_the_lease_and_the_re_run_completes(data, reference, tmp
     lease released and no manifest; the re-run completes to the uninterrupted archive."""
     ref = reference("zarr")
     out = tmp_path / "archive"
-    child = subprocess.Popen(cache_command(data, out), cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+    # 0.4 s a teacher batch: the run lasts 12 s after its first commit, so the signal lands
+    # mid-run even on a loaded machine
+    # A shell starts background jobs with SIGINT ignored, and a child inherits that: give
+    # this one the default disposition, so that Python turns Ctrl-C into KeyboardInterrupt.
+    child = subprocess.Popen(cache_command(data, out), cwd=REPO, env=subprocess_env() | {"KDPIPE_TEST_PACE": "0.4"},
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not list(out.glob("commits/*.*.json")) and time.monotonic() < deadline:
         assert child.poll() is None, child.communicate()

@@ -128,13 +128,26 @@ def test_adaptation_cost_is_zero_for_a_linear_image_and_one_for_noise():
     x = rng.normal(size=(400, 6))
     assert adaptation_cost(x, x @ rng.normal(size=(6, 3)) + 2.0, 300) < 1e-4
     assert adaptation_cost(x, rng.normal(size=(400, 3)), 300) > 0.9
-    teachers = {"far": rng.normal(size=(400, 3)), "near": x @ rng.normal(size=(6, 3))}
-    assert [name for name, _ in backward_greedy_order(teachers, x, 300)] == ["far", "near"]
 
 
-def test_order_teachers_puts_the_student_like_teacher_last(tmp_path):
-    """A teacher that is the student's own network (same weights) adapts to the student
-    at no cost, so Backward Greedy Selection puts it last."""
+def test_the_chain_is_built_backward_from_the_target_through_stepping_stones():
+    """The target depends on a nonlinear feature h of the student's outputs x. A stepping
+    stone that carries h (and x) adapts to it at no cost, the student cannot; noise is
+    no stepping stone. The chain: stone, then target; the noise is left out."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(600, 4))
+    h = np.tanh(3 * x[:, :2]) * x[:, 2:]
+    outputs = {"target": h @ rng.normal(size=(2, 5)), "stone": np.hstack([x, h]), "noise": rng.normal(size=(600, 5))}
+    order = backward_greedy_order(outputs, x, 450, "target")
+    assert [name for name, _ in order] == ["stone", "target"]
+    costs = dict(order)
+    assert costs["target"] < 1e-3 < costs["stone"]  # stone -> target is free; student -> stone is not
+    assert [name for name, _ in backward_greedy_order(outputs, np.hstack([x, h]), 450, "target")] == ["target"]
+
+
+def test_order_teachers_on_an_archive(tmp_path):
+    """A twin of the student (its own network and weights) is no stepping stone towards
+    the CNN teacher: the student adapts to the CNN as cheaply as its twin does."""
     archive = tmp_path / "archive"
     cli_json("cache-teacher", *CACHE, "--teacher", "kdpipe:cnn", "--out", archive)
     student = tmp_path / "student.pt"
@@ -145,8 +158,13 @@ def test_order_teachers_puts_the_student_like_teacher_last(tmp_path):
                      "--student-weights", student, "--epochs", 10, "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert report["order"] == ["main", "twin"] and report["costs"]["twin"] < 1e-3 < report["costs"]["main"]
-    assert report["schedule"] == "main:5,twin:5"
+    assert report["order"] == ["main"] and report["skipped"] == ["twin"] and report["schedule"] == "main:10"
+    assert report["table"]["student"]["twin"] < 1e-3  # the twin is the student
+    assert report["table"]["twin"]["main"] == pytest.approx(report["table"]["student"]["main"], abs=1e-6)
+    # with the twin as the target, the chain is the twin alone, reached from the student at no cost
+    twin = json.loads(run_cli("order-teachers", "--data", DATA, "--cache", archive, "--student", "kdpipe:mlp",
+                              "--student-weights", student, "--target", "twin", "--json").stdout)
+    assert twin["order"] == ["twin"] and twin["costs"]["twin"] < 1e-3
     text = run_cli("order-teachers", "--data", DATA, "--cache", archive, "--student", "kdpipe:mlp",
                    "--student-weights", student)
-    assert "1. main" in text.stdout and "2. twin" in text.stdout and math.isfinite(report["table"]["student"]["main"])
+    assert "1. main" in text.stdout and "not used" in text.stdout and math.isfinite(report["table"]["student"]["main"])

@@ -91,7 +91,7 @@ def no_class_count():
 
 
 class Paced(nn.Module):
-    """A teacher that takes `delay` seconds per batch, so a run lasts long enough to be
+    """A teacher that takes `delay` seconds (or $KDPIPE_TEST_PACE) per batch, so a run lasts long enough to be
     killed at chosen moments. With KDPIPE_TEST_DISK_FULL_AFTER=K in the environment, the
     disk "fills up" after K batches: the process's file-size limit drops to 0 bytes, so
     every later write fails with EFBIG, as on a full disk (deleting still works)."""
@@ -107,7 +107,7 @@ class Paced(nn.Module):
             if full_after is not None and self.batches > int(full_after):
                 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write, do not kill the process
                 resource.setrlimit(resource.RLIMIT_FSIZE, (0, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
-        time.sleep(self.delay)
+        time.sleep(float(os.environ.get("KDPIPE_TEST_PACE", self.delay)))  # a test may slow it further
         return self.net(x)
 
 
