@@ -18,7 +18,7 @@ from pipeline.losses import SeedLoss
 from pipeline.models import build_model
 from pipeline.store import read_manifest
 from pipeline.train import loss_terms
-from pipeline.views import MIX_PARAM_FIELDS, VIEW_PARAM_FIELDS, mix, partners, render, sample_view
+from pipeline.views import MIX_PARAM_FIELDS, VIEW_PARAM_FIELDS, partners, render, sample_view
 
 from .conftest import assert_user_error, cli_json, run_cli, write_image_folder
 

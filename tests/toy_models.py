@@ -7,7 +7,6 @@ import signal
 import time
 from collections import defaultdict
 
-import torch
 from torch import nn
 
 from pipeline.models import small_cnn, small_mlp
