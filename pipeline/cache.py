@@ -44,7 +44,7 @@ def cache_teacher(spec: CacheSpec) -> dict:
     if not location.writable:
         raise ArchiveError(f"cannot write an archive to {spec.out}: http(s) is read-only; use a local path, s3:// or gs://")
     if spec.teacher_name != MAIN_TEACHER:
-        location = _added_teacher_location(spec, source)
+        location = _added_teacher_location(spec, source, location)
     if spec.embedding_layer is None:
         classes = _teacher_classes(spec, source.classes)
         model = with_num_classes(spec.teacher, classes, "teacher")
@@ -141,10 +141,9 @@ def _teacher_classes(spec: CacheSpec, data_classes: list[str] | None) -> list[st
     return classes
 
 
-def _added_teacher_location(spec: CacheSpec, source) -> Location:
-    """Where a further teacher of a finished archive goes: teachers/NAME inside it, a
-    complete archive of its own whose views are checked to be the archive's."""
-    base = Location(spec.out, spec.storage_options)
+def _added_teacher_location(spec: CacheSpec, source, base: Location) -> Location:
+    """Where a further teacher of the finished archive at `base` goes: teachers/NAME
+    inside it, a complete archive of its own whose views are checked to be the archive's."""
     manifest = read_manifest(base)
     check_archive_matches(manifest, spec.out, recipe=spec.recipe.to_dict(),
                           dataset__fingerprint=source.describe()["fingerprint"])
