@@ -25,7 +25,7 @@ import torch
 from pipeline.config import ModelSpec
 from pipeline.data import open_source
 from pipeline.models import build_model
-from pipeline.probe import linear_probe
+from pipeline.probe import linear_probe, whole_images
 from pipeline.quickstart import materialise_digits
 
 RECIPE = ["--size", "16", "--scale", "0.5,1", "--ratio", "0.8,1.25", "--flip-prob", "0"]
@@ -134,9 +134,9 @@ def write_digits(workdir: Path) -> None:
 def probe_baseline(workdir: Path) -> float:
     """The SEED row's reference: the same linear probe on the untrained student (seed 0),
     whose outputs are a random projection of the pooled pixels."""
-    source = open_source(str(workdir / "digits" / "train"))
+    train, val = (whole_images(open_source(str(workdir / "digits" / name)), 16) for name in ("train", "val"))
     student = build_model(ModelSpec("kdpipe:mlp", num_classes=128))
-    return linear_probe(student, source, open_source(str(workdir / "digits" / "val")), 16, torch.device("cpu"))
+    return linear_probe(student, train, val, torch.device("cpu"))
 
 
 def main() -> None:

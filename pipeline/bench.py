@@ -8,6 +8,7 @@ files written once (so each view's cost includes a real decode), in class folder
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from dataclasses import dataclass, replace
@@ -27,7 +28,7 @@ from .train import train_student
 
 # What each measured figure is, in the order they are taken and printed.
 CASES = {
-    "supervised": "supervised student training, V views per decode",  # training: epochs after the first
+    "supervised": "supervised student training, V views per decode",  # training: steady-state epochs
     "supervised_1view": "supervised student training, 1 view per decode",
     "cached": "cached-KD student training",
     "online": "online-KD student training (teacher live)",
@@ -77,22 +78,27 @@ def write_jpeg_images(root: Path, num_samples: int, num_classes: int, image_size
 
 
 def _teacher_alone(spec: BenchSpec, data: str, recipe: ViewRecipe) -> float:
-    """Views/s of the teacher's forward passes alone, over views rendered beforehand."""
+    """Views/s of the teacher's forward passes alone, over views rendered beforehand: as
+    many views as one epoch, cycling over at most 8 batches held in memory, after a
+    warm-up pass on a full batch (the first pass at a batch shape is slow)."""
     source = open_source(data)
     teacher = Teacher(with_num_classes(spec.teacher, source.classes, "teacher"), recipe.size)
     views = ViewDataset(source, recipe)
-    samples = min(len(source), max(spec.batch_size, 512 // recipe.views_per_sample))
+    held = min(len(source), 8 * spec.batch_size)
     batches = [
-        torch.cat([views[i]["views"] for i in range(start, min(start + spec.batch_size, samples))])
-        for start in range(0, samples, spec.batch_size)
+        torch.cat([views[i]["views"] for i in range(start, min(start + spec.batch_size, held))])
+        for start in range(0, held, spec.batch_size)
     ]
-    teacher(batches[0][:2], spec.teacher_batch_size)  # warm up (kernels, allocator)
+    teacher(batches[0], spec.teacher_batch_size)
     _synchronize(teacher.device)
-    started = time.perf_counter()
-    for batch in batches:
+    done, started = 0, time.perf_counter()
+    for batch in itertools.cycle(batches):
+        if done >= len(source) * recipe.views_per_sample:
+            break
         teacher(batch, spec.teacher_batch_size)
+        done += len(batch)
     _synchronize(teacher.device)
-    return sum(len(b) for b in batches) / (time.perf_counter() - started)
+    return done / (time.perf_counter() - started)
 
 
 def _reads(archive: str, batch_size: int) -> float:
@@ -109,10 +115,12 @@ def _reads(archive: str, batch_size: int) -> float:
 
 
 def _steady_views_per_sec(run: Path) -> float:
-    """Training views/s over the epochs after the first (which also pays for starting the
-    DataLoader workers and warming caches), or over the only epoch."""
+    """Training views/s in the steady state: over the epochs after the first (which also
+    starts the DataLoader workers and warms caches) and before the last (in which the
+    workers, with nothing left to prefetch, stop competing for the cores), or over
+    what there is of them in a shorter run."""
     epochs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    steady = epochs[1:] or epochs
+    steady = epochs[1:-1] or epochs[1:] or epochs
     return sum(e["views_per_sec"] * e["seconds"] for e in steady) / sum(e["seconds"] for e in steady)
 
 
@@ -134,10 +142,14 @@ def run_bench(spec: BenchSpec) -> dict:
         say(f"bench: {CASES[case]}: {views_per_sec:,.1f} views/s")
 
     def train(case: str, mode: str, repeat: int, views: ViewRecipe | None, **changes) -> None:
-        """Train the student in `mode` on the `views` recipe (None: the archive's)."""
+        """Train the student in `mode` on the `views` recipe (None: the archive's). At one
+        view per sample it trains V times the epochs on batches of V times the samples,
+        so every case trains on as many views, in steps of as many views."""
+        scale = spec.views_per_sample // views.views_per_sample if views is not None else 1
         train_spec = TrainSpec(
-            data=data, student=spec.student, out=str(workdir / f"{case}-{repeat}"), mode=mode, epochs=spec.epochs,
-            batch_size=spec.batch_size, workers=spec.workers, compile=spec.compile, **changes,
+            data=data, student=spec.student, out=str(workdir / f"{case}-{repeat}"), mode=mode,
+            epochs=spec.epochs * scale, batch_size=spec.batch_size * scale, workers=spec.workers,
+            compile=spec.compile, **changes,
         )
         train_student(train_spec, views.to_dict() if views is not None else {})
         record(case, _steady_views_per_sec(Path(train_spec.out)))
@@ -150,10 +162,15 @@ def run_bench(spec: BenchSpec) -> dict:
         ))
         record("cache_teacher", cached["views_per_sec"])
         record("teacher", _teacher_alone(spec, data, recipe))
-        train("supervised", "supervised", repeat, recipe)
-        train("supervised_1view", "supervised", repeat, replace(recipe, views_per_sample=1))
-        train("cached", "cached", repeat, None, cache=archive)
-        train("online", "online", repeat, recipe, teacher=spec.teacher, teacher_batch_size=spec.teacher_batch_size)
+        one_view = replace(recipe, views_per_sample=1, epochs=recipe.epochs * recipe.views_per_sample)
+        runs = [
+            lambda: train("supervised", "supervised", repeat, recipe),
+            lambda: train("supervised_1view", "supervised", repeat, one_view),
+            lambda: train("cached", "cached", repeat, None, cache=archive),
+            lambda: train("online", "online", repeat, recipe, teacher=spec.teacher, teacher_batch_size=spec.teacher_batch_size),
+        ]
+        for run in runs if repeat % 2 == 0 else reversed(runs):  # alternate, so a drifting machine favours no case
+            run()
         record("read", _reads(archive, spec.batch_size))
         torch.set_num_threads(threads)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -112,7 +113,8 @@ def cache_teacher(spec: CacheSpec) -> dict:
                 progress.advance(task, count * views)
             if stored is not None:
                 stored.result()
-        distributed.barrier()  # every rank's shards are committed
+        with writer.lease.kept() if writer.lease is not None else nullcontext():
+            distributed.barrier()  # every rank's shards are committed
         compute_seconds = time.perf_counter() - compute_started
         manifest = writer.finish() if ranks.main else None
     except BaseException:

@@ -28,6 +28,7 @@ from .train import teacher_archive
 
 HELD_OUT = 0.25  # share of the samples the fitted maps are scored on
 RIDGE = 1e-3  # ridge penalty, relative to the mean variance of the inputs
+STUDENT = "student"  # the student's row in the cost table (no teacher may take this name)
 
 
 def adaptation_cost(source: np.ndarray, target: np.ndarray, split: int) -> float:
@@ -44,21 +45,26 @@ def adaptation_cost(source: np.ndarray, target: np.ndarray, split: int) -> float
     return float((residual**2).sum() / max((spread**2).sum(), 1e-12))
 
 
-def backward_greedy_order(outputs: dict[str, np.ndarray], student: np.ndarray, split: int, target: str) -> list[tuple[str, float]]:
+def cost_table(outputs: dict[str, np.ndarray], student: np.ndarray, split: int) -> dict[str, dict[str, float]]:
+    """The adaptation cost from every model (the student first) to every other teacher."""
+    models = {STUDENT: student} | outputs
+    return {a: {b: adaptation_cost(models[a], outputs[b], split) for b in outputs if b != a} for a in models}
+
+
+def backward_greedy_order(table: dict[str, dict[str, float]], target: str) -> list[tuple[str, float]]:
     """The teachers to learn from, first to last, ending with `target`; each with the
-    cost of adapting to it from the model before it in the chain (the student first)."""
+    cost of adapting to it from the model before it in the chain (the student first).
+    `table` is `cost_table`'s."""
     chain, current = [target], target
-    remaining = {name: out for name, out in outputs.items() if name != target}
+    remaining = set(table) - {STUDENT, target}
     while remaining:
-        costs = {name: adaptation_cost(out, outputs[current], split) for name, out in remaining.items()}
-        best = min(costs, key=lambda name: (costs[name], name))
-        if adaptation_cost(student, outputs[current], split) <= costs[best]:
+        best = min(remaining, key=lambda name: (table[name][current], name))
+        if table[STUDENT][current] <= table[best][current]:
             break  # the student is as close to the current teacher as any stepping stone
         chain.insert(0, best)
-        del remaining[best]
+        remaining.remove(best)
         current = best
-    before = [student] + [outputs[name] for name in chain[:-1]]
-    return [(name, adaptation_cost(source, outputs[name], split)) for source, name in zip(before, chain)]
+    return [(name, table[source][name]) for source, name in zip([STUDENT, *chain[:-1]], chain)]
 
 
 def order_teachers(
@@ -73,6 +79,9 @@ def order_teachers(
     names = list(teachers or [MAIN_TEACHER, *added_teachers(location)])
     if target not in names:
         names.append(target)
+    if STUDENT in names:
+        raise ConfigError(f"a teacher named {STUDENT!r} would be confused with the student; "
+                          "leave it out with --teachers, or add it again under another name")
     if len(names) < 2:
         raise ConfigError(f"archive {cache} has one teacher ({names[0]}); add others with cache-teacher --teacher-name")
     readers = {name: ArchiveReader(teacher_archive(cache, name), storage_options) for name in names}
@@ -90,9 +99,8 @@ def order_teachers(
     with torch.inference_mode():
         student_outputs = np.concatenate([model(batch["views"].flatten(0, 1)).float().numpy() for batch in loader])
     split = int(round(count * (1 - HELD_OUT))) * recipe.views_per_sample  # whole samples on each side
-    order = backward_greedy_order(outputs, student_outputs, split, target)
-    table = {a: {b: adaptation_cost(outputs[a] if a != "student" else student_outputs, outputs[b], split)
-                 for b in names if b != a} for a in ["student", *names]}
+    table = cost_table(outputs, student_outputs, split)
+    order = backward_greedy_order(table, target)
     chosen = [name for name, _ in order]
     report = {"order": chosen, "costs": {name: cost for name, cost in order},
               "skipped": [name for name in names if name not in chosen], "table": table,

@@ -1,11 +1,14 @@
-"""Linear-probe evaluation: how good a frozen network's outputs are as features.
+"""Scoring a student on whole validation images: top-1 of its class scores, or, for a
+student distilled from embeddings (SEED), which has no classifier, a linear probe.
 
-A student distilled from embeddings (SEED) has no classifier; it is scored the way
-self-supervised representations are: a linear classifier is fitted on its outputs for
-labelled training images and scored on the validation images.
+The probe scores the student the way self-supervised representations are scored: a
+linear classifier is fitted on its frozen outputs for labelled training images and
+scored on the validation images.
 """
 
 from __future__ import annotations
+
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -18,22 +21,40 @@ PROBE_STEPS = 200  # L-BFGS iterations: full-batch, so a few hundred suffice
 WEIGHT_DECAY = 1e-4
 
 
-def features(model: nn.Module, source: Source, size: int, device: torch.device, workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """The model's outputs on each whole image (the validation view), and the labels."""
+def outputs(model: nn.Module, loader: DataLoader, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The model's float outputs (on the CPU) and the labels, batch by batch, in eval and
+    inference mode: what both evaluations (top-1 and the linear probe) run over."""
     model.eval()
-    outputs, labels = [], []
     with torch.inference_mode():
-        for images, batch_labels in DataLoader(ValDataset(source, size), batch_size=256, num_workers=workers):
-            outputs.append(model(images.to(device)).float().cpu())
-            labels.append(batch_labels)
-    return torch.cat(outputs), torch.cat(labels)
+        for images, labels in loader:
+            yield model(images.to(device)).float().cpu(), labels
 
 
-def linear_probe(model: nn.Module, train: Source, val: Source, size: int, device: torch.device, workers: int = 0) -> float:
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> float:
+    """Top-1 accuracy in percent of the model's outputs taken as class scores."""
+    correct = total = 0
+    for scores, labels in outputs(model, loader, device):
+        correct += int((scores.argmax(1) == labels).sum())
+        total += len(labels)
+    return 100.0 * correct / total
+
+
+def features(model: nn.Module, loader: DataLoader, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's outputs on every image of `loader`, and the labels."""
+    batches = list(outputs(model, loader, device))
+    return torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+
+
+def whole_images(source: Source, size: int, workers: int = 0) -> DataLoader:
+    """Whole images of `source` at `size` px (the validation view), in order."""
+    return DataLoader(ValDataset(source, size), batch_size=256, num_workers=workers, persistent_workers=workers > 0)
+
+
+def linear_probe(model: nn.Module, train: DataLoader, val: DataLoader, device: torch.device) -> float:
     """Top-1 % on `val` of a linear classifier fitted (L-BFGS, a little weight decay) on
     the frozen model's standardised outputs for `train`."""
-    train_x, train_y = features(model, train, size, device, workers)
-    val_x, val_y = features(model, val, size, device, workers)
+    train_x, train_y = features(model, train, device)
+    val_x, val_y = features(model, val, device)
     mean, std = train_x.mean(0), train_x.std(0) + 1e-6
     train_x, val_x = (train_x - mean) / std, (val_x - mean) / std
     with torch.random.fork_rng(devices=[]):

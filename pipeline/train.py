@@ -31,12 +31,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from . import distributed
 from .config import MAIN_TEACHER, TrainSpec, ViewRecipe, first_difference
-from .data import RangeBatches, ValDataset, ViewDataset, open_source
+from .data import RangeBatches, ViewDataset, open_source
 from .distributed import check_batches
 from .errors import NO_SPACE, ArchiveMismatchError, ConfigError, DataError, TrainingError
 from .losses import STATEFUL_LOSSES, get_loss, loss_options
 from .models import Teacher, build_model, with_num_classes
-from .probe import linear_probe
+from .probe import evaluate, linear_probe, whole_images
 from .progress import say, views_progress
 from .store import ArchiveReader, check_archive_matches, write_local_atomic
 from .store.archive import TEACHERS
@@ -127,18 +127,6 @@ def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor, mixing: tuple[tor
     own = F.cross_entropy(logits.float(), labels, reduction="none")
     other = F.cross_entropy(logits.float(), partner_labels, reduction="none")
     return (lam * own + (1 - lam) * other).mean()
-
-
-def evaluate(model: torch.nn.Module, loader: DataLoader, device: torch.device) -> float:
-    """Top-1 accuracy in percent."""
-    model.eval()
-    correct = total = 0
-    with torch.inference_mode():
-        for images, labels in loader:
-            predictions = model(images.to(device)).argmax(1).cpu()
-            correct += int((predictions == labels).sum())
-            total += len(labels)
-    return 100.0 * correct / total
 
 
 def _make_optimizer(spec: TrainSpec, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -349,12 +337,11 @@ def train_student(spec: TrainSpec, recipe_options: dict | None = None, resume: b
         num_workers=spec.workers,
         pin_memory=device.type == "cuda",
     )
-    val_loader = None
+    val_loader = probe_loader = None
     if val_source is not None and ranks.main:
-        val_loader = DataLoader(
-            ValDataset(val_source, student_size), batch_size=256, num_workers=spec.workers,
-            persistent_workers=spec.workers > 0,
-        )
+        val_loader = whole_images(val_source, student_size, spec.workers)
+        if spec.loss == "seed":
+            probe_loader = whole_images(probe_source, student_size, spec.workers)
     batches = iter(loader)
     train_seconds, train_views = 0.0, 0
     try:
@@ -405,8 +392,8 @@ def train_student(spec: TrainSpec, recipe_options: dict | None = None, resume: b
                 train_views += num_samples * views
                 if not ranks.main:
                     continue
-                if val_loader is not None and spec.loss == "seed":
-                    val_top1 = linear_probe(student, probe_source, val_source, student_size, device, spec.workers)
+                if probe_loader is not None:
+                    val_top1 = linear_probe(student, probe_loader, val_loader, device)
                 elif val_loader is not None:
                     val_top1 = evaluate(student, val_loader, device)
                 record = {"epoch": epoch + 1} | {k: v / num_samples for k, v in sorted(sums.items())} | {

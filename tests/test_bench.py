@@ -33,6 +33,23 @@ def test_bench_json_reports_every_case_and_its_ratios(tmp_path):
     assert (tmp_path / "archive-0" / "manifest.json").exists()
     cached = [json.loads(line) for line in (tmp_path / "cached-0" / "metrics.jsonl").read_text().splitlines()]
     assert len(cached) == 2 and "kd" in cached[0]
+    # one view per decode: V times the epochs and the batch, so both cases train on as
+    # many views in steps of as many views
+    one_view = [json.loads(line) for line in (tmp_path / "supervised_1view-0" / "metrics.jsonl").read_text().splitlines()]
+    assert len(one_view) == 4
+    config = json.loads((tmp_path / "supervised_1view-0" / "config.json").read_text())
+    assert config["recipe"]["views_per_sample"] == 1 and config["recipe"]["epochs"] == 4
+    assert config["batch_size"] == 16
+
+
+def test_bench_repeats_take_the_best_of_each_case(tmp_path):
+    result = run_cli("bench", *TINY, "--repeats", 2, "--workdir", tmp_path, "--json")
+    assert result.exit_code == 0, result.output
+    best = json.loads(result.stdout)["views_per_sec"]
+    for case in ("supervised", "cached", "online"):
+        runs = [tmp_path / f"{case}-{repeat}" / "metrics.jsonl" for repeat in (0, 1)]
+        steady = [json.loads(path.read_text().splitlines()[-1])["views_per_sec"] for path in runs]
+        assert best[case] == pytest.approx(max(steady))
 
 
 def test_bench_text_report_names_each_case_and_target():

@@ -93,3 +93,16 @@ def test_teacher_batch_size_gives_the_same_logits():
     teacher = Teacher(ModelSpec("kdpipe:cnn", num_classes=4), size=16)
     views = torch.rand(10, 3, 16, 16)
     assert torch.allclose(teacher(views, batch_size=3), teacher(views), atol=1e-6)
+
+
+def test_on_the_cpu_the_teacher_runs_224_px_views_in_chunks_of_8():
+    """Chunks keep a CPU teacher's activations below glibc's mmap threshold (see
+    CPU_CHUNK_PIXELS); the logits are those of one batch."""
+    teacher = Teacher(ModelSpec("kdpipe:cnn", num_classes=4), size=224)
+    seen = []
+    teacher.model.register_forward_pre_hook(lambda module, inputs: seen.append(len(inputs[0])))
+    views = torch.rand(19, 3, 224, 224)
+    chunked = teacher(views)
+    assert seen == [8, 8, 3]
+    assert torch.allclose(chunked, teacher(views, batch_size=19), atol=1e-5)
+    assert seen[-1] == 19

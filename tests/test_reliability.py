@@ -42,6 +42,7 @@ from PIL import Image
 from pipeline.data import ImageFolder, ValDataset
 from pipeline.errors import ArchiveError
 from pipeline.store import location, read_manifest
+from pipeline.store.archive import WriterLease
 from pipeline.store.manifest import MANIFEST_ONLY, SCHEMA_VERSION, json_bytes, seal
 
 from . import toy_models
@@ -277,6 +278,24 @@ def test_kill_while_writing_the_plan_is_resumed(data, reference, tmp_path):
     result = run_cli("cache-teacher", "--data", data, "--out", out, *CACHE_ARGS)
     assert result.exit_code == 0, result.output
     assert archive_files(out) == ref.files
+
+
+def test_a_lease_kept_while_waiting_is_renewed_and_a_lost_one_is_reported(tmp_path):
+    """Rank 0 waiting at the final barrier commits nothing, so it renews its lease on a
+    timer: the record's time moves on; if another writer took the archive over meanwhile,
+    leaving the wait raises instead of writing a manifest."""
+    place = location.Location(str(tmp_path / "archive"))
+    lease = WriterLease(place)
+    lease.acquire()
+    first = json.loads(place.read("writer.json"))["renewed"]
+    with lease.kept(every=0.05):
+        time.sleep(0.4)
+    assert json.loads(place.read("writer.json"))["renewed"] > first
+
+    place.write("writer.json", stale_lease(os.getpid()))  # another owner's record
+    with pytest.raises(ArchiveError, match="another cache-teacher took over"):
+        with lease.kept(every=0.05):
+            time.sleep(0.4)
 
 
 def test_ctrl_c_releases_the_lease_and_the_re_run_completes(data, reference, tmp_path):

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from pipeline.config import ModelSpec, TrainSpec
 from pipeline.models import build_model
-from pipeline.order import adaptation_cost, backward_greedy_order
+from pipeline.order import adaptation_cost, backward_greedy_order, cost_table
 from pipeline.train import distillation, ensemble_logits, scheduled_teacher
 
 from .conftest import archive_files, assert_user_error, cli_json, run_cli
@@ -138,11 +138,11 @@ def test_the_chain_is_built_backward_from_the_target_through_stepping_stones():
     x = rng.normal(size=(600, 4))
     h = np.tanh(3 * x[:, :2]) * x[:, 2:]
     outputs = {"target": h @ rng.normal(size=(2, 5)), "stone": np.hstack([x, h]), "noise": rng.normal(size=(600, 5))}
-    order = backward_greedy_order(outputs, x, 450, "target")
+    order = backward_greedy_order(cost_table(outputs, x, 450), "target")
     assert [name for name, _ in order] == ["stone", "target"]
     costs = dict(order)
     assert costs["target"] < 1e-3 < costs["stone"]  # stone -> target is free; student -> stone is not
-    assert [name for name, _ in backward_greedy_order(outputs, np.hstack([x, h]), 450, "target")] == ["target"]
+    assert [name for name, _ in backward_greedy_order(cost_table(outputs, np.hstack([x, h]), 450), "target")] == ["target"]
 
 
 def test_order_teachers_on_an_archive(tmp_path):

@@ -197,3 +197,19 @@ def test_unlabelled_folder_serves_as_the_transfer_set(tmp_path):
                 "--cache", tmp_path / "t.zarr", "--alpha", 0.5, "--epochs", 1, "--workers", 0),
         "needs labels",
     )
+
+
+def test_compile_changes_how_the_student_runs_not_what_it_learns(tmp_path):
+    """--compile (torch.compile; inductor, here on the CPU) ends within float tolerance of
+    the eager student, with the same state_dict names, so student.pt loads into a plain model."""
+    _cache(tmp_path / "t.zarr")
+    _train(tmp_path / "eager", "--cache", tmp_path / "t.zarr")
+    _train(tmp_path / "compiled", "--cache", tmp_path / "t.zarr", "--compile")
+    assert json.loads((tmp_path / "compiled" / "config.json").read_text())["compile"] is True
+    a, b = _weights(tmp_path / "eager"), _weights(tmp_path / "compiled")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.allclose(a[name], b[name], rtol=1e-4, atol=1e-5), name
+    plain = build_model(ModelSpec("kdpipe:mlp", num_classes=4)).net
+    assert not torch.allclose(plain.state_dict()["2.weight"], b["2.weight"])  # training moved the weights
+    plain.load_state_dict(b)

@@ -24,8 +24,10 @@ from __future__ import annotations
 import json
 import os
 import socket
+import threading
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
@@ -123,6 +125,30 @@ class WriterLease:
             )
         self.record["renewed"] = time.time()
         self.location.write(LEASE, json_bytes(self.record))
+
+    @contextmanager
+    def kept(self, every: float = LEASE_SECONDS / 5) -> Iterator[None]:
+        """Renew the lease every `every` seconds while the block runs: rank 0, waiting for
+        the other ranks' shards, commits none of its own. Raises on exit if the lease was lost."""
+        stop, failed = threading.Event(), []
+
+        def renew() -> None:
+            while not stop.wait(every):
+                try:
+                    self.renew()
+                except Exception as exc:  # lost, or the store failed after its retries
+                    failed.append(exc)
+                    return
+
+        thread = threading.Thread(target=renew, name="kdpipe-lease", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+        if failed:
+            raise failed[0]
 
     def release(self) -> None:
         holder = _parse_lease(self.location.read_if_present(LEASE))
