@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import itertools
 import json
+import multiprocessing
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import torch
 from PIL import Image
@@ -25,6 +28,8 @@ from .models import Teacher, with_num_classes
 from .progress import say
 from .store import ArchiveReader
 from .train import train_student
+
+T = TypeVar("T")
 
 # What each measured figure is, in the order they are taken and printed.
 CASES = {
@@ -124,6 +129,14 @@ def _steady_views_per_sec(run: Path) -> float:
     return sum(e["views_per_sec"] * e["seconds"] for e in steady) / sum(e["seconds"] for e in steady)
 
 
+def _fresh(function: Callable[..., T], *args) -> T:
+    """`function(*args)` in a new Python process, as each kdpipe command runs: no case
+    inherits the allocator's state, threads or caches of the cases before it (in one
+    process, an earlier case's heap changed a later one's speed by up to 10%)."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as process:
+        return process.submit(function, *args).result()
+
+
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -151,17 +164,17 @@ def run_bench(spec: BenchSpec) -> dict:
             epochs=spec.epochs * scale, batch_size=spec.batch_size * scale, workers=spec.workers,
             compile=spec.compile, **changes,
         )
-        train_student(train_spec, views.to_dict() if views is not None else {})
+        _fresh(train_student, train_spec, views.to_dict() if views is not None else {})
         record(case, _steady_views_per_sec(Path(train_spec.out)))
 
     for repeat in range(spec.repeats):
         archive = str(workdir / f"archive-{repeat}")
-        cached = cache_teacher(CacheSpec(
+        cached = _fresh(cache_teacher, CacheSpec(
             data=data, teacher=spec.teacher, out=archive, recipe=recipe, batch_size=spec.batch_size,
             workers=spec.workers,
         ))
         record("cache_teacher", cached["views_per_sec"])
-        record("teacher", _teacher_alone(spec, data, recipe))
+        record("teacher", _fresh(_teacher_alone, spec, data, recipe))
         one_view = replace(recipe, views_per_sample=1, epochs=recipe.epochs * recipe.views_per_sample)
         runs = [
             lambda: train("supervised", "supervised", repeat, recipe),
@@ -171,8 +184,7 @@ def run_bench(spec: BenchSpec) -> dict:
         ]
         for run in runs if repeat % 2 == 0 else reversed(runs):  # alternate, so a drifting machine favours no case
             run()
-        record("read", _reads(archive, spec.batch_size))
-        torch.set_num_threads(threads)
+        record("read", _fresh(_reads, archive, spec.batch_size))
 
     t_teacher, t_student = 1 / best["teacher"], 1 / best["supervised"]
     ideal = (t_teacher + t_student) / t_student

@@ -1,10 +1,11 @@
-"""`kdpipe bench` end to end, on tiny models: every case measured, the ratios derived from them."""
+"""`kdpipe bench` end to end, on tiny models: every case measured (each in a fresh
+process), the ratios derived from them, the best of the repeats kept."""
 
 import json
 
 import pytest
 
-from pipeline.bench import CASES, TARGETS
+from pipeline.bench import CASES, TARGETS, format_bench
 
 from .conftest import assert_user_error, run_cli
 
@@ -12,10 +13,21 @@ TINY = ["--teacher", "kdpipe:cnn", "--student", "kdpipe:mlp", "--samples", 24, "
         "--size", 16, "--views-per-sample", 2, "--epochs", 2, "--batch-size", 8, "--workers", 0]
 
 
-def test_bench_json_reports_every_case_and_its_ratios(tmp_path):
-    result = run_cli("bench", *TINY, "--workdir", tmp_path, "--json")
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    """One bench run of two repeats: its folder and its JSON report."""
+    workdir = tmp_path_factory.mktemp("bench")
+    result = run_cli("bench", *TINY, "--repeats", 2, "--workdir", workdir, "--json")
     assert result.exit_code == 0, result.output
-    report = json.loads(result.stdout)
+    return workdir, json.loads(result.stdout)
+
+
+def steady(run_dir):
+    return json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])["views_per_sec"]
+
+
+def test_bench_json_reports_every_case_and_its_ratios(bench):
+    workdir, report = bench
     speeds, ratios = report["views_per_sec"], report["ratios"]
     assert set(speeds) == set(CASES) and all(v > 0 for v in speeds.values())
     assert ratios["cached/supervised"] == pytest.approx(speeds["cached"] / speeds["supervised"])
@@ -28,36 +40,33 @@ def test_bench_json_reports_every_case_and_its_ratios(tmp_path):
     for name, target in report["targets"].items():
         assert target["met"] == (ratios[name] >= target["target"])
     assert report["setup"]["views_per_sample"] == 2 and report["setup"]["device"] == "cpu"
-    # what it measured is kept in --workdir: the images, a finished archive, the runs
-    assert len(list((tmp_path / "images").rglob("*.jpg"))) == 24
-    assert (tmp_path / "archive-0" / "manifest.json").exists()
-    cached = [json.loads(line) for line in (tmp_path / "cached-0" / "metrics.jsonl").read_text().splitlines()]
+    # what it measured is kept in --workdir: the images, finished archives, the runs
+    assert len(list((workdir / "images").rglob("*.jpg"))) == 24
+    assert (workdir / "archive-1" / "manifest.json").exists()
+    cached = [json.loads(line) for line in (workdir / "cached-0" / "metrics.jsonl").read_text().splitlines()]
     assert len(cached) == 2 and "kd" in cached[0]
-    # one view per decode: V times the epochs and the batch, so both cases train on as
-    # many views in steps of as many views
-    one_view = [json.loads(line) for line in (tmp_path / "supervised_1view-0" / "metrics.jsonl").read_text().splitlines()]
-    assert len(one_view) == 4
-    config = json.loads((tmp_path / "supervised_1view-0" / "config.json").read_text())
+
+
+def test_one_view_per_decode_trains_on_as_many_views_in_steps_of_as_many(bench):
+    workdir, _ = bench
+    one_view = (workdir / "supervised_1view-0" / "metrics.jsonl").read_text().splitlines()
+    assert len(one_view) == 4  # V = 2 times the epochs
+    config = json.loads((workdir / "supervised_1view-0" / "config.json").read_text())
     assert config["recipe"]["views_per_sample"] == 1 and config["recipe"]["epochs"] == 4
-    assert config["batch_size"] == 16
+    assert config["batch_size"] == 16  # V = 2 times the batch
 
 
-def test_bench_repeats_take_the_best_of_each_case(tmp_path):
-    result = run_cli("bench", *TINY, "--repeats", 2, "--workdir", tmp_path, "--json")
-    assert result.exit_code == 0, result.output
-    best = json.loads(result.stdout)["views_per_sec"]
+def test_repeats_keep_the_best_of_each_case(bench):
+    workdir, report = bench
     for case in ("supervised", "cached", "online"):
-        runs = [tmp_path / f"{case}-{repeat}" / "metrics.jsonl" for repeat in (0, 1)]
-        steady = [json.loads(path.read_text().splitlines()[-1])["views_per_sec"] for path in runs]
-        assert best[case] == pytest.approx(max(steady))
+        assert report["views_per_sec"][case] == pytest.approx(max(steady(workdir / f"{case}-{r}") for r in (0, 1)))
 
 
-def test_bench_text_report_names_each_case_and_target():
-    result = run_cli("bench", *TINY)
-    assert result.exit_code == 0, result.output
-    for text in CASES.values():
-        assert text in result.stdout
-    assert result.stdout.count("(target >= ") == len(TARGETS)
+def test_text_report_names_each_case_and_target(bench):
+    text = format_bench(bench[1])
+    for description in CASES.values():
+        assert description in text
+    assert text.count("(target >= ") == len(TARGETS)
 
 
 def test_bench_refuses_empty_sizes():
