@@ -130,9 +130,11 @@ def _steady_views_per_sec(run: Path) -> float:
 
 
 def _fresh(function: Callable[..., T], *args) -> T:
-    """`function(*args)` in a new Python process, as each kdpipe command runs: no case
-    inherits the allocator's state, threads or caches of the cases before it (in one
-    process, an earlier case's heap changed a later one's speed by up to 10%)."""
+    """`function(*args)` in a new Python interpreter, as each kdpipe command runs: no case
+    inherits the allocator's state, threads or caches of the cases before it. Run in
+    one process, or forked from one, cached KD came out 5-15% slower than supervised
+    training; each in its own interpreter, the two ran at the same speed
+    (docs/performance.md)."""
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as process:
         return process.submit(function, *args).result()
 
