@@ -237,7 +237,7 @@ class Teacher:
         if batch_size is None and self.device.type == "cpu":
             batch_size = max(1, CPU_CHUNK_PIXELS // (views.shape[-2] * views.shape[-1]))
         if batch_size is not None and len(views) > batch_size:
-            return torch.cat([self(chunk) for chunk in views.split(batch_size)])
+            return torch.cat([self(chunk, batch_size) for chunk in views.split(batch_size)])
         with torch.inference_mode():
             views = views.to(self.device, non_blocking=True)
             if self.device.type == "cuda":

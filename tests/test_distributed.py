@@ -106,3 +106,5 @@ def test_on_the_cpu_the_teacher_runs_224_px_views_in_chunks_of_8():
     assert seen == [8, 8, 3]
     assert torch.allclose(chunked, teacher(views, batch_size=19), atol=1e-5)
     assert seen[-1] == 19
+    teacher(views, batch_size=10)  # --teacher-batch-size overrides the CPU chunk
+    assert seen[-2:] == [10, 9]
