@@ -24,6 +24,7 @@ from . import distributed
 from .cache import cache_teacher
 from .config import CacheSpec, ModelSpec, TrainSpec, ViewRecipe
 from .data import SyntheticImages, ViewDataset, open_source
+from .host import keep_freed_memory
 from .models import Teacher, with_num_classes
 from .progress import say
 from .store import ArchiveReader
@@ -86,6 +87,7 @@ def _teacher_alone(spec: BenchSpec, data: str, recipe: ViewRecipe) -> float:
     """Views/s of the teacher's forward passes alone, over views rendered beforehand: as
     many views as one epoch, cycling over at most 8 batches held in memory, after a
     warm-up pass on a full batch (the first pass at a batch shape is slow)."""
+    keep_freed_memory()  # as cache-teacher runs it
     source = open_source(data)
     teacher = Teacher(with_num_classes(spec.teacher, source.classes, "teacher"), recipe.size)
     views = ViewDataset(source, recipe)

@@ -15,6 +15,7 @@ from . import distributed
 from .config import MAIN_TEACHER, CacheSpec, first_difference
 from .data import RangeBatches, ViewDataset, open_source
 from .errors import ArchiveError, ConfigError, ModelError
+from .host import keep_freed_memory
 from .models import Teacher, with_num_classes
 from .progress import say, views_progress
 from .store import ARCHIVE_FORMAT, SCHEMA_VERSION, ArchiveWriter, Codec, Location, check_archive_matches, parse_codec, plan_layout
@@ -39,6 +40,7 @@ def cache_teacher(spec: CacheSpec) -> dict:
     """Cache the teacher's logits for every view of the recipe; resumes an unfinished
     archive of the same job, and is a no-op on a finished one. Returns size and speed."""
     started = time.perf_counter()
+    keep_freed_memory()
     source = open_source(spec.data)
     recipe = spec.recipe
     location = Location(spec.out, spec.storage_options)

@@ -35,6 +35,7 @@ from .data import RangeBatches, ViewDataset, open_source
 from .distributed import check_batches
 from .errors import NO_SPACE, ArchiveMismatchError, ConfigError, DataError, TrainingError
 from .losses import STATEFUL_LOSSES, get_loss, loss_options
+from .host import keep_freed_memory
 from .models import Teacher, build_model, with_num_classes
 from .probe import evaluate, linear_probe, whole_images
 from .progress import say, views_progress
@@ -251,6 +252,7 @@ def train_student(spec: TrainSpec, recipe_options: dict | None = None, resume: b
     """Train a student as `spec` says, writing student.pt, metrics.jsonl, summary.json,
     config.json and an epoch checkpoint into `spec.out`. Returns the summary."""
     started = time.perf_counter()
+    keep_freed_memory()
     out = Path(spec.out)
     source = open_source(spec.data)
     val_source = open_source(spec.val) if spec.val else None
