@@ -133,10 +133,10 @@ def _steady_views_per_sec(run: Path) -> float:
 
 def _fresh(function: Callable[..., T], *args) -> T:
     """`function(*args)` in a new Python interpreter, as each kdpipe command runs: no case
-    inherits the allocator's state, threads or caches of the cases before it. Run in
-    one process, or forked from one, cached KD came out 5-15% slower than supervised
-    training; each in its own interpreter, the two ran at the same speed
-    (docs/performance.md)."""
+    inherits the allocator's state, threads or caches of the cases before it. With
+    glibc's default allocator settings, run in one process or forked from one, cached
+    KD came out 5-17% slower than supervised training; each in its own interpreter,
+    the two ran at the same speed (docs/performance.md)."""
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as process:
         return process.submit(function, *args).result()
 
