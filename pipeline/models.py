@@ -30,6 +30,15 @@ from .errors import ModelError
 # views/s in batches of 64, 26.2 in chunks of 16, 26.4 in chunks of 8.
 CPU_CHUNK_PIXELS = 8 * 224 * 224
 
+
+def accelerated(device: torch.device) -> bool:
+    """Whether models on `device` run the GPU path: bf16 autocast and channels-last
+    memory (faster on tensor cores). On the CPU they run in float32, the default layout.
+    One predicate for the teacher and the student, so a test can run the GPU path's
+    code on the CPU."""
+    return device.type == "cuda"
+
+
 # Keys under which checkpoints commonly keep their state_dict, kdpipe's own "model" first.
 _STATE_DICT_KEYS = ("model", "state_dict", "model_state_dict", "student", "net")
 
@@ -223,7 +232,7 @@ class Teacher:
             if self.num_classes != spec.num_classes:
                 raise ModelError(f"model {spec.name} gives {self.num_classes} logits, not the {spec.num_classes} classes asked for")
         self.model.to(self.device)
-        if self.device.type == "cuda":
+        if accelerated(self.device):
             self.model.to(memory_format=torch.channels_last)
         if embedding is not None:
             self.num_classes = self(torch.zeros(1, 3, size, size)).shape[1]  # the embedding's width
@@ -242,9 +251,9 @@ class Teacher:
             return torch.cat([self(chunk, batch_size) for chunk in views.split(batch_size)])
         with torch.inference_mode():
             views = views.to(self.device, non_blocking=True)
-            if self.device.type == "cuda":
+            if accelerated(self.device):
                 views = views.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=accelerated(self.device)):
                 logits = self.model(views)
             if self._tap is not None:
                 return torch.nn.functional.normalize(self._tap.value.flatten(1).float(), dim=1)

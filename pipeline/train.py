@@ -36,7 +36,7 @@ from .distributed import check_batches
 from .errors import NO_SPACE, ArchiveMismatchError, ConfigError, DataError, TrainingError
 from .losses import STATEFUL_LOSSES, get_loss, loss_options
 from .host import keep_freed_memory
-from .models import Teacher, build_model, with_num_classes
+from .models import Teacher, accelerated, build_model, with_num_classes
 from .probe import evaluate, linear_probe, whole_images
 from .progress import say, views_progress
 from .store import ArchiveReader, check_archive_matches, write_local_atomic
@@ -297,7 +297,7 @@ def train_student(spec: TrainSpec, recipe_options: dict | None = None, resume: b
 
     device = distributed.device()
     student = build_model(student_spec, seed=spec.seed).to(device)
-    if device.type == "cuda":
+    if accelerated(device):
         student = student.to(memory_format=torch.channels_last)
     optimizer = _make_optimizer(spec, student)
     loss = make_loss(spec)
@@ -369,7 +369,7 @@ def train_student(spec: TrainSpec, recipe_options: dict | None = None, resume: b
                     elif teacher is not None:
                         teacher_views = _to_device(batch["teacher_views"].flatten(0, 1), device) if "teacher_views" in batch else images
                         teacher_logits = {"online": teacher(teacher_views, spec.teacher_batch_size).clone()}  # clone: leave inference mode
-                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=accelerated(device)):
                         student_logits = model(images)
                     terms = loss_terms(student_logits, teacher_logits, labels, spec, mixing, epoch, columns, loss)
                     if not torch.isfinite(terms["loss"]):
@@ -445,7 +445,7 @@ def _to_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A batch of views on `device`: copied without blocking from pinned memory, and
     channels-last on a GPU (where convolutions are fastest that way)."""
     images = images.to(device, non_blocking=True)
-    return images.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else images
+    return images.contiguous(memory_format=torch.channels_last) if accelerated(device) else images
 
 
 class CachedViews(Dataset):

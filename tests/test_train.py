@@ -1,17 +1,21 @@
 """train-student: offline equals online, the same pixels in both stages, refusals, resume."""
 
 import json
+import math
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
+from pipeline import models, train
 from pipeline.config import ModelSpec
 from pipeline.errors import ConfigError
 from pipeline.losses import get_loss, kd_loss
-from pipeline.models import build_model, small_cnn
+from pipeline.models import Teacher, build_model, small_cnn
+from pipeline.store import ArchiveReader
 
 from . import toy_models
 from .conftest import KDPIPE, REPO, assert_user_error, cli_json, run_cli, subprocess_env, write_image_folder
@@ -167,6 +171,47 @@ def test_resume_after_a_kill_gives_the_same_weights(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     epochs = [json.loads(l)["epoch"] for l in (killed / "metrics.jsonl").read_text().splitlines()]
     assert epochs == list(range(1, 9))
+
+
+def test_the_gpu_path_bf16_autocast_and_channels_last_trains_and_caches(tmp_path, monkeypatch):
+    """The GPU path's code (bf16 autocast, channels-last weights and views), run on the
+    CPU: caching, cached training with DKD and online training with CutMix all work,
+    and end close to the float32 path but not equal to it (so the path really ran)."""
+    def both_paths(run):
+        plain = run(tmp_path / "fp32")
+        with monkeypatch.context() as patch:
+            for module in (models, train):
+                patch.setattr(module, "accelerated", lambda device: True)
+            fast = run(tmp_path / "bf16")
+        return plain, fast
+
+    teacher = Teacher(ModelSpec("tests.toy_models:tiny_cnn", num_classes=4), size=16)
+    views = torch.rand(6, 3, 16, 16)
+    with monkeypatch.context() as patch:
+        patch.setattr(models, "accelerated", lambda device: True)
+        fast_teacher = Teacher(ModelSpec("tests.toy_models:tiny_cnn", num_classes=4), size=16)
+        fast_logits = fast_teacher(views)
+    assert fast_teacher.model.net[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert fast_logits.dtype == torch.float32
+    plain_logits = teacher(views)
+    assert not torch.equal(fast_logits, plain_logits)
+    torch.testing.assert_close(fast_logits, plain_logits, rtol=0, atol=0.02 * float(plain_logits.abs().max()))
+
+    def cache_and_train(root):
+        _cache(root / "t.zarr")
+        cached = _train(root / "cached", "--student", "kdpipe:cnn", "--cache", root / "t.zarr", "--loss", "dkd",
+                        "--alpha", 0.5, "--epochs", 2)
+        online = _train(root / "online", "--student", "kdpipe:cnn", "--mode", "online", "--teacher",
+                        "tests.toy_models:tiny_cnn", "--size", 16, "--mixup", "cutmix", "--epochs", 2)
+        last_losses = [json.loads((Path(run["run_dir"]) / "metrics.jsonl").read_text().splitlines()[-1])["loss"]
+                       for run in (cached, online)]
+        return last_losses, torch.from_numpy(ArchiveReader(str(root / "t.zarr")).read(0, 0, 24)[0])
+
+    (plain_losses, plain_cache), (fast_losses, fast_cache) = both_paths(cache_and_train)
+    assert not torch.equal(fast_cache, plain_cache)
+    torch.testing.assert_close(fast_cache, plain_cache, rtol=0, atol=0.02 * float(plain_cache.abs().max()))
+    assert all(math.isfinite(loss) for loss in fast_losses)
+    assert fast_losses == pytest.approx(plain_losses, rel=0.1)
 
 
 def test_kd_loss_matches_hand_computed_values():
