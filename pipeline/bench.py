@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import itertools
 import json
-import multiprocessing
+import pickle
+import subprocess
+import sys
+import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, TypeVar
@@ -132,13 +134,31 @@ def _steady_views_per_sec(run: Path) -> float:
 
 
 def _fresh(function: Callable[..., T], *args) -> T:
-    """`function(*args)` in a new Python interpreter, as each kdpipe command runs: no case
-    inherits the allocator's state, threads or caches of the cases before it. With
-    glibc's default allocator settings, run in one process or forked from one, cached
-    KD came out 5-17% slower than supervised training; each in its own interpreter,
-    the two ran at the same speed (docs/performance.md)."""
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as process:
-        return process.submit(function, *args).result()
+    """`function(*args)` in a new Python interpreter started as a kdpipe command is (a
+    plain `python -c`), so no case inherits the allocator's state, threads or caches of
+    the cases before it. Run in one process or forked from one, cached KD came out 5-17%
+    slower than supervised training; in a child of multiprocessing's spawn, cache-teacher
+    ran 5% slower than as a command (docs/performance.md). The call and its result (or
+    exception) travel as pickles in a temporary folder."""
+    with tempfile.TemporaryDirectory(prefix="kdpipe-bench-") as folder:
+        call, result = Path(folder) / "call.pickle", Path(folder) / "result.pickle"
+        call.write_bytes(pickle.dumps((function, args)))
+        code = "import sys; from pipeline.bench import _call_pickled; _call_pickled(sys.argv[1], sys.argv[2])"
+        subprocess.run([sys.executable, "-c", code, str(call), str(result)], check=True)
+        ok, value = pickle.loads(result.read_bytes())
+    if not ok:
+        raise value
+    return value
+
+
+def _call_pickled(call: str, result: str) -> None:
+    """The child's side of `_fresh`: run the pickled call, pickle (ok, value or exception)."""
+    function, args = pickle.loads(Path(call).read_bytes())
+    try:
+        outcome = (True, function(*args))
+    except Exception as exc:  # handed to the parent, which raises it there
+        outcome = (False, exc)
+    Path(result).write_bytes(pickle.dumps(outcome))
 
 
 def _synchronize(device: torch.device) -> None:
