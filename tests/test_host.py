@@ -1,6 +1,5 @@
 """The host allocator setting: freed activations are kept for reuse, not faulted in again."""
 
-import os
 import subprocess
 import sys
 
@@ -28,11 +27,8 @@ print(kept, (faults() - before) / 10)
 """
 
 
-def _faults_per_pass(mode: str, **env: str) -> tuple[bool, float]:
-    out = subprocess.run(
-        [sys.executable, "-c", FAULTS_PER_PASS, mode], env={**os.environ, **env},
-        capture_output=True, text=True, check=True,
-    ).stdout.split()
+def _faults_per_pass(mode: str) -> tuple[bool, float]:
+    out = subprocess.run([sys.executable, "-c", FAULTS_PER_PASS, mode], capture_output=True, text=True, check=True).stdout.split()
     return out[0] == "True", float(out[1])
 
 

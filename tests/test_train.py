@@ -177,18 +177,14 @@ def test_the_gpu_path_bf16_autocast_and_channels_last_trains_and_caches(tmp_path
     """The GPU path's code (bf16 autocast, channels-last weights and views), run on the
     CPU: caching, cached training with DKD and online training with CutMix all work,
     and end close to the float32 path but not equal to it (so the path really ran)."""
-    def both_paths(run):
-        plain = run(tmp_path / "fp32")
-        with monkeypatch.context() as patch:
-            for module in (models, train):
-                patch.setattr(module, "accelerated", lambda device: True)
-            fast = run(tmp_path / "bf16")
-        return plain, fast
+    def gpu_path(patch):
+        for module in (models, train):
+            patch.setattr(module, "accelerated", lambda device: True)
 
     teacher = Teacher(ModelSpec("tests.toy_models:tiny_cnn", num_classes=4), size=16)
     views = torch.rand(6, 3, 16, 16)
     with monkeypatch.context() as patch:
-        patch.setattr(models, "accelerated", lambda device: True)
+        gpu_path(patch)
         fast_teacher = Teacher(ModelSpec("tests.toy_models:tiny_cnn", num_classes=4), size=16)
         fast_logits = fast_teacher(views)
     assert fast_teacher.model.net[0].weight.is_contiguous(memory_format=torch.channels_last)
@@ -207,7 +203,10 @@ def test_the_gpu_path_bf16_autocast_and_channels_last_trains_and_caches(tmp_path
                        for run in (cached, online)]
         return last_losses, torch.from_numpy(ArchiveReader(str(root / "t.zarr")).read(0, 0, 24)[0])
 
-    (plain_losses, plain_cache), (fast_losses, fast_cache) = both_paths(cache_and_train)
+    plain_losses, plain_cache = cache_and_train(tmp_path / "fp32")
+    with monkeypatch.context() as patch:
+        gpu_path(patch)
+        fast_losses, fast_cache = cache_and_train(tmp_path / "bf16")
     assert not torch.equal(fast_cache, plain_cache)
     torch.testing.assert_close(fast_cache, plain_cache, rtol=0, atol=0.02 * float(plain_cache.abs().max()))
     assert all(math.isfinite(loss) for loss in fast_losses)
