@@ -1,8 +1,14 @@
-"""The commands in README.md and docs/ run as written (the install and test commands aside).
+"""The docs run and render.
 
-README's commands run first, in a fresh folder, so its `kdpipe quickstart` makes the
-folder that the examples in README and docs/ work on; then every ```bash block of
-README.md and docs/*.md runs in order.
+- Every markdown file renders: no unclosed code fence, no closing fence with text after
+  it, no dead internal link (a relative file, or a `#heading` anchor as GitHub computes it).
+- The Python blocks of docs/format.md (the spec's reader, its re-derivation of the view
+  parameters, its teacher fingerprint) run against real archives of both backends and
+  every codec, with one sample and with one class, and give exactly what kdpipe gives.
+- docs/cli.md's option reference is the one tools/cli_reference.py generates from the CLI.
+- Every ```bash block of README.md and docs/*.md runs as written (the install and test
+  commands aside): README's commands run first, in a fresh folder, so its
+  `kdpipe quickstart` makes the folder that the examples in README and docs/ work on.
 """
 
 import json
@@ -12,7 +18,307 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .conftest import REPO
+import numpy as np
+import pytest
+import torch
+from markdown_it import MarkdownIt
+
+from .conftest import REPO, cli_json
+
+MARKDOWN = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), REPO / "benchmarks" / "README.md"]
+FORMAT_MD = REPO / "docs" / "format.md"
+
+
+# --- every markdown file renders --------------------------------------------------------
+
+FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})")
+
+
+def heading_anchors(tokens) -> set[str]:
+    """The anchors GitHub gives the headings: lower case, punctuation other than `-` and
+    `_` dropped, spaces as `-`, a repeated anchor suffixed -1, -2, ..."""
+    anchors, seen = set(), {}
+    for opening, inline in zip(tokens, tokens[1:]):
+        if opening.type != "heading_open":
+            continue
+        text = "".join(child.content for child in inline.children if child.type in ("text", "code_inline"))
+        slug = re.sub(r"[^\w\- ]", "", text.strip().lower()).replace(" ", "-")
+        count = seen.get(slug, 0)
+        seen[slug] = count + 1
+        anchors.add(slug if count == 0 else f"{slug}-{count}")
+    return anchors
+
+
+def links(tokens):
+    """(target, line) of every link and image in the rendered document."""
+    for token in tokens:
+        for child in token.children or ():
+            target = child.attrGet("href") if child.type == "link_open" else child.attrGet("src") if child.type == "image" else None
+            if target is not None:
+                yield target, token.map[0] + 1
+
+
+def fence_problems(path: Path, tokens, lines: list[str]) -> list[str]:
+    """Fences that never close, and lines inside a fence that look like its closing fence
+    with text after it (Markdown reads those as code, so the block runs on)."""
+    problems = []
+    for token in tokens:
+        if token.type != "fence":
+            continue
+        start, end = token.map
+        marker = FENCE.match(lines[start]).group(1)
+        closing = lines[end - 1].strip()
+        if end - start < 2 or not (closing.startswith(marker[0] * len(marker)) and set(closing) == {marker[0]}):
+            problems.append(f"{path.name}:{start + 1}: the fence opened here is never closed")
+        for number in range(start + 1, end - 1):
+            inner = FENCE.match(lines[number])
+            if inner and inner.group(1)[0] == marker[0] and len(inner.group(1)) >= len(marker):
+                problems.append(f"{path.name}:{number + 1}: a fence line with text after it inside the "
+                                f"block opened at line {start + 1}: {lines[number].strip()[:60]!r}")
+    return problems
+
+
+def test_every_markdown_file_renders_with_closed_fences_and_live_links():
+    parser = MarkdownIt("commonmark").enable("table")
+    documents = {path: parser.parse(path.read_text()) for path in MARKDOWN}
+    anchors = {path.resolve(): heading_anchors(tokens) for path, tokens in documents.items()}
+    problems = []
+    for path, tokens in documents.items():
+        problems += fence_problems(path, tokens, path.read_text().splitlines())
+        for target, line in links(tokens):
+            if re.match(r"^[a-z][a-z0-9+.-]*:", target):  # https:, mailto: ...
+                continue
+            file, _, anchor = target.partition("#")
+            resolved = (path.parent / file).resolve() if file else path.resolve()
+            if not resolved.exists():
+                problems.append(f"{path.name}:{line}: {target}: no such file")
+            elif anchor and resolved.suffix == ".md":
+                known = anchors.get(resolved) or heading_anchors(parser.parse(resolved.read_text()))
+                if anchor not in known:
+                    problems.append(f"{path.name}:{line}: {target}: no heading has the anchor #{anchor}")
+    assert not problems, "\n".join(problems)
+
+
+def test_the_markdown_check_finds_a_broken_fence_and_a_dead_anchor(tmp_path):
+    """The check above can fail: the fault docs/format.md had is found."""
+    parser = MarkdownIt("commonmark")
+    text = "# Title\n\n```text\nsome output\n``` text after the fence\n\n## Later\n\n```\n"
+    tokens = parser.parse(text)
+    assert any("text after it" in p for p in fence_problems(tmp_path / "x.md", tokens, text.splitlines()))
+    assert "later" not in heading_anchors(tokens)  # the heading became code
+    text = "# Title\n\n```bash\nkdpipe inspect\n"
+    problems = fence_problems(tmp_path / "x.md", parser.parse(text), text.splitlines())
+    assert any("never closed" in p for p in problems)
+    assert heading_anchors(parser.parse("## When `--out` already exists\n## A: b/c\n## A: b/c\n")) == {
+        "when---out-already-exists", "a-bc", "a-bc-1"}
+
+
+# --- docs/format.md's Python runs against real archives ------------------------------------
+
+def format_md_namespace() -> dict:
+    """docs/format.md's ```python blocks, run in order in one namespace, as one file
+    (their `if __name__ == "__main__":` parts do not run)."""
+    namespace = {"__name__": "format_md"}
+    for block in re.findall(r"```python\n(.*?)```", FORMAT_MD.read_text(), flags=re.S):
+        exec(compile(block, str(FORMAT_MD), "exec"), namespace)
+    return namespace
+
+
+SPEC = format_md_namespace()
+
+# name: (--data, extra cache-teacher options); synthetic images are 32 x 32
+ARCHIVES = {
+    "zarr-dense-fp16": ("synthetic:6:3", ["--shard-size", "4", "--color-jitter", "0.4"]),
+    "zarr-dense-fp32": ("synthetic:6:3", ["--shard-size", "4", "--codec", "dense-fp32"]),
+    "zarr-topk": ("synthetic:6:3", ["--shard-size", "4", "--codec", "topk:2"]),
+    "webdataset-dense-fp16": ("synthetic:6:3", ["--shard-size", "4", "--format", "webdataset"]),
+    "webdataset-dense-fp32": ("synthetic:6:3", ["--shard-size", "4", "--format", "webdataset", "--codec", "dense-fp32"]),
+    "webdataset-topk": ("synthetic:6:3", ["--shard-size", "4", "--format", "webdataset", "--codec", "topk:2"]),
+    "zarr-one-sample": ("synthetic:1:3", []),
+    "webdataset-one-sample": ("synthetic:1:3", ["--format", "webdataset"]),
+    "zarr-one-class": ("synthetic:6:1", ["--codec", "topk:2"]),
+    "webdataset-one-class": ("synthetic:6:1", ["--format", "webdataset"]),
+    "zarr-cutmix": ("synthetic:6:3", ["--shard-size", "4", "--mixup", "cutmix"]),
+    "webdataset-mixup": ("synthetic:6:3", ["--format", "webdataset", "--mixup", "mixup", "--mix-alpha", "0.5"]),
+}
+IMAGE_SIZE = (32, 32)
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory):
+    """Build an archive of ARCHIVES by name, once per module."""
+    built = {}
+
+    def make(name: str) -> Path:
+        if name not in built:
+            data, options = ARCHIVES[name]
+            out = tmp_path_factory.mktemp("archives") / name
+            cli_json("cache-teacher", "--data", data, "--teacher", "kdpipe:mlp", "--out", out, "--epochs", "2",
+                     "--views-per-sample", "2", "--size", "8", "--workers", "0", *options)
+            built[name] = out
+        return built[name]
+
+    return make
+
+
+def kdpipe_recipe(recipe: dict):
+    from pipeline.config import ViewRecipe
+
+    return ViewRecipe.from_dict(recipe)
+
+
+@pytest.mark.parametrize("name", ARCHIVES)
+def test_format_md_reader_and_rederivation_give_the_stored_views(archive, name):
+    """The spec's reader reads the archive, checksums and all, and the spec's re-derivation
+    gives its sample_index and view_params exactly, as kdpipe's own view code does."""
+    from pipeline import views
+
+    root, manifest = SPEC["open_archive"](archive(name))
+    SPEC["verify_checksums"](root, manifest)
+    layout, recipe = manifest["layout"], manifest["recipe"]
+    E, N, V, C = layout["epochs"], layout["num_samples"], layout["views_per_sample"], layout["num_classes"]
+    ours = kdpipe_recipe(recipe)
+    fields = views.view_param_fields(ours)
+    assert list(fields) == layout["view_param_fields"]
+    for epoch in range(E):
+        slab = SPEC["read_slab"](root, manifest, epoch, 0, N)
+        assert slab["logits"].shape == (N, V, C) and slab["logits"].dtype == np.float32
+        assert np.isfinite(slab["logits"]).all()
+        order = SPEC["epoch_order"](recipe, epoch, N)
+        np.testing.assert_array_equal(slab["sample"], order)
+        np.testing.assert_array_equal(order, views.epoch_order(ours, epoch, N))
+        np.testing.assert_array_equal(slab["label"], order % C)  # synthetic labels are i % C
+        pairs = SPEC["partners"](recipe, epoch, N) if recipe["mixup"] else None
+        for position, index in enumerate(order.tolist()):
+            for view in range(V):
+                row = SPEC["sample_view"](recipe, epoch, index, view, IMAGE_SIZE)
+                theirs = views.sample_view(ours, epoch, index, view, IMAGE_SIZE)
+                if pairs is not None:
+                    row = np.concatenate([row, SPEC["mix_params"](recipe, epoch, index, view, pairs[index])])
+                    theirs = views.mix_view(ours, epoch, index, view, theirs, int(views.partners(ours, epoch, N)[index]))
+                stored = slab["view_params"][position, view]
+                assert stored.tobytes() == row.tobytes(), (epoch, position, view, stored, row)
+                assert theirs.as_array(fields).tobytes() == row.tobytes()
+        if manifest["backend"] == "zarr":  # position_index is the inverse permutation
+            import zarr
+
+            position_index = zarr.open_group(str(root), mode="r")["position_index"][epoch]
+            np.testing.assert_array_equal(position_index[order], np.arange(N))
+
+
+@pytest.mark.parametrize("name", ARCHIVES)
+def test_format_md_reader_matches_kdpipes_reader(archive, name, capsys):
+    """Logits (decoded), view parameters and sample indices equal, bit for bit, what
+    kdpipe's ArchiveReader gives, over whole epochs and over a range that crosses shards."""
+    from pipeline.store import ArchiveReader
+
+    root, manifest = SPEC["open_archive"](archive(name))
+    reader = ArchiveReader(root)
+    N = manifest["layout"]["num_samples"]
+    ranges = [(0, N)] + ([(3, 5)] if N > 4 else [])
+    for epoch in range(manifest["layout"]["epochs"]):
+        for start, stop in ranges:
+            slab = SPEC["read_slab"](root, manifest, epoch, start, stop)
+            logits, params, samples = reader.read(epoch, start, stop)
+            assert slab["logits"].tobytes() == np.ascontiguousarray(logits, dtype=np.float32).tobytes()
+            assert slab["view_params"].tobytes() == np.ascontiguousarray(params).tobytes()
+            np.testing.assert_array_equal(slab["sample"], samples)
+    if manifest["backend"] == "webdataset" and manifest["codec"]["name"].startswith("dense-"):
+        records = list(SPEC["stream_records"](str(root)))  # stock webdataset, training order
+        assert len(records) == manifest["layout"]["epochs"] * N
+        first = SPEC["read_slab"](root, manifest, 0, 0, N)
+        np.testing.assert_array_equal(np.stack([r["logits"] for r in records[:N]]).astype(np.float32), first["logits"])
+    SPEC["main"](root)
+    assert "checksums ok" in capsys.readouterr().out
+
+
+def test_format_md_teacher_fingerprint_matches_the_manifest(tmp_path):
+    from pipeline.models import small_mlp
+
+    torch.manual_seed(3)
+    weights = tmp_path / "teacher.pt"
+    torch.save(small_mlp(3).state_dict(), weights)
+    out = tmp_path / "arch"
+    cli_json("cache-teacher", "--data", "synthetic:4:3", "--teacher", "kdpipe:mlp", "--weights", weights,
+             "--out", out, "--size", "8", "--workers", "0")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert SPEC["teacher_fingerprint"](weights) == manifest["teacher"]["fingerprint"]
+
+
+def resealed(manifest: dict, **changes) -> dict:
+    """`manifest` with fields changed (dotted keys as `a__b`) and its fingerprint made valid again."""
+    changed = json.loads(json.dumps(manifest))
+    for key, value in changes.items():
+        *parents, last = key.split("__")
+        target = changed
+        for parent in parents:
+            target = target[parent]
+        target[last] = value
+    changed.pop("manifest_fingerprint")
+    changed["manifest_fingerprint"] = SPEC["fingerprint"](changed)
+    return changed
+
+
+def test_format_md_reader_refuses_what_the_spec_says_a_reader_must(archive):
+    root = archive("zarr-dense-fp16")
+    _, manifest = SPEC["open_archive"](root)
+    refused = SPEC["Refused"]
+    assert SPEC["check_manifest"](resealed(manifest)) is None
+    cases = {
+        "schema_version": [True, 0, -3, "1", 1.0, 2],
+        "backend": ["lance"],
+        "total_bytes": [manifest["total_bytes"] + 1],
+        "shards": [manifest["shards"][:-1]],
+        "layout__num_classes": [4],
+        "layout__view_param_fields": [manifest["layout"]["view_param_fields"][:7]],
+        "layout__positions_per_chunk": [3],
+        "codec__dtype": ["float32"],
+        "codec__name": ["topk:x", "dense-bf16"],
+    }
+    for key, values in cases.items():
+        for value in values:
+            with pytest.raises(refused, match=key.split("__")[-1] if key != "codec__name" else "codec"):
+                SPEC["check_manifest"](resealed(manifest, **{key: value}))
+    edited = dict(manifest, total_bytes=1)  # changed without re-sealing
+    with pytest.raises(refused, match="manifest_fingerprint"):
+        SPEC["check_manifest"](edited)
+    # a chunk the manifest does not list is not read, even where zarr would read it
+    stray = root / "sample_index" / "c" / "9" / "0"
+    stray.parent.mkdir(parents=True)
+    stray.write_bytes(b"x")
+    try:
+        with pytest.raises(refused, match="not part of the archive"):
+            SPEC["verify_checksums"](root, manifest)
+    finally:
+        stray.unlink()
+        stray.parent.rmdir()
+
+
+def test_format_md_absent_chunks_are_what_the_spec_says(archive):
+    """The chunks that docs/format.md says zarr leaves out are left out, and read as 0."""
+    one_sample, one_class = archive("zarr-one-sample"), archive("zarr-one-class")
+    files = json.loads((one_sample / "manifest.json").read_text())["files"]
+    assert not any(key.startswith(("sample_index/c/", "position_index/c/", "labels/c/")) for key in files)
+    assert not (one_sample / "sample_index" / "c").exists()
+    files = json.loads((one_class / "manifest.json").read_text())["files"]
+    assert "labels/c/0" not in files and not (one_class / "labels" / "c" / "0").exists()
+
+
+# --- docs/cli.md's option reference is generated ---------------------------------------------
+
+def test_cli_md_option_reference_is_generated_from_the_cli():
+    sys.path.insert(0, str(REPO / "tools"))
+    try:
+        import cli_reference
+    finally:
+        sys.path.remove(str(REPO / "tools"))
+    text = (REPO / "docs" / "cli.md").read_text()
+    assert cli_reference.replace_reference(text) == text, (
+        "docs/cli.md's option reference differs from the CLI's options: run python tools/cli_reference.py --write"
+    )
+
+
+# --- every bash block runs ---------------------------------------------------------------------
 
 SKIP = re.compile(r"^\s*(python3? -m venv|\. \.venv|source |pip install|pytest)")
 
