@@ -11,6 +11,7 @@
   `kdpipe quickstart` makes the folder that the examples in README and docs/ work on.
 """
 
+import functools
 import json
 import os
 import re
@@ -115,7 +116,8 @@ def test_the_markdown_check_finds_a_broken_fence_and_a_dead_anchor(tmp_path):
 
 # --- docs/format.md's Python runs against real archives ------------------------------------
 
-def format_md_namespace() -> dict:
+@functools.cache
+def format_md() -> dict:
     """docs/format.md's ```python blocks, run in order in one namespace, as one file
     (their `if __name__ == "__main__":` parts do not run)."""
     namespace = {"__name__": "format_md"}
@@ -124,7 +126,9 @@ def format_md_namespace() -> dict:
     return namespace
 
 
-SPEC = format_md_namespace()
+@pytest.fixture
+def spec() -> dict:
+    return format_md()
 
 # name: (--data, extra cache-teacher options); synthetic images are 32 x 32
 ARCHIVES = {
@@ -168,33 +172,33 @@ def kdpipe_recipe(recipe: dict):
 
 
 @pytest.mark.parametrize("name", ARCHIVES)
-def test_format_md_reader_and_rederivation_give_the_stored_views(archive, name):
+def test_format_md_reader_and_rederivation_give_the_stored_views(spec, archive, name):
     """The spec's reader reads the archive, checksums and all, and the spec's re-derivation
     gives its sample_index and view_params exactly, as kdpipe's own view code does."""
     from pipeline import views
 
-    root, manifest = SPEC["open_archive"](archive(name))
-    SPEC["verify_checksums"](root, manifest)
+    root, manifest = spec["open_archive"](archive(name))
+    spec["verify_checksums"](root, manifest)
     layout, recipe = manifest["layout"], manifest["recipe"]
     E, N, V, C = layout["epochs"], layout["num_samples"], layout["views_per_sample"], layout["num_classes"]
     ours = kdpipe_recipe(recipe)
     fields = views.view_param_fields(ours)
     assert list(fields) == layout["view_param_fields"]
     for epoch in range(E):
-        slab = SPEC["read_slab"](root, manifest, epoch, 0, N)
+        slab = spec["read_slab"](root, manifest, epoch, 0, N)
         assert slab["logits"].shape == (N, V, C) and slab["logits"].dtype == np.float32
         assert np.isfinite(slab["logits"]).all()
-        order = SPEC["epoch_order"](recipe, epoch, N)
+        order = spec["epoch_order"](recipe, epoch, N)
         np.testing.assert_array_equal(slab["sample"], order)
         np.testing.assert_array_equal(order, views.epoch_order(ours, epoch, N))
         np.testing.assert_array_equal(slab["label"], order % C)  # synthetic labels are i % C
-        pairs = SPEC["partners"](recipe, epoch, N) if recipe["mixup"] else None
+        pairs = spec["partners"](recipe, epoch, N) if recipe["mixup"] else None
         for position, index in enumerate(order.tolist()):
             for view in range(V):
-                row = SPEC["sample_view"](recipe, epoch, index, view, IMAGE_SIZE)
+                row = spec["sample_view"](recipe, epoch, index, view, IMAGE_SIZE)
                 theirs = views.sample_view(ours, epoch, index, view, IMAGE_SIZE)
                 if pairs is not None:
-                    row = np.concatenate([row, SPEC["mix_params"](recipe, epoch, index, view, pairs[index])])
+                    row = np.concatenate([row, spec["mix_params"](recipe, epoch, index, view, pairs[index])])
                     theirs = views.mix_view(ours, epoch, index, view, theirs, int(views.partners(ours, epoch, N)[index]))
                 stored = slab["view_params"][position, view]
                 assert stored.tobytes() == row.tobytes(), (epoch, position, view, stored, row)
@@ -207,32 +211,32 @@ def test_format_md_reader_and_rederivation_give_the_stored_views(archive, name):
 
 
 @pytest.mark.parametrize("name", ARCHIVES)
-def test_format_md_reader_matches_kdpipes_reader(archive, name, capsys):
+def test_format_md_reader_matches_kdpipes_reader(spec, archive, name, capsys):
     """Logits (decoded), view parameters and sample indices equal, bit for bit, what
     kdpipe's ArchiveReader gives, over whole epochs and over a range that crosses shards."""
     from pipeline.store import ArchiveReader
 
-    root, manifest = SPEC["open_archive"](archive(name))
+    root, manifest = spec["open_archive"](archive(name))
     reader = ArchiveReader(root)
     N = manifest["layout"]["num_samples"]
     ranges = [(0, N)] + ([(3, 5)] if N > 4 else [])
     for epoch in range(manifest["layout"]["epochs"]):
         for start, stop in ranges:
-            slab = SPEC["read_slab"](root, manifest, epoch, start, stop)
+            slab = spec["read_slab"](root, manifest, epoch, start, stop)
             logits, params, samples = reader.read(epoch, start, stop)
             assert slab["logits"].tobytes() == np.ascontiguousarray(logits, dtype=np.float32).tobytes()
             assert slab["view_params"].tobytes() == np.ascontiguousarray(params).tobytes()
             np.testing.assert_array_equal(slab["sample"], samples)
     if manifest["backend"] == "webdataset" and manifest["codec"]["name"].startswith("dense-"):
-        records = list(SPEC["stream_records"](str(root)))  # stock webdataset, training order
+        records = list(spec["stream_records"](str(root)))  # stock webdataset, training order
         assert len(records) == manifest["layout"]["epochs"] * N
-        first = SPEC["read_slab"](root, manifest, 0, 0, N)
+        first = spec["read_slab"](root, manifest, 0, 0, N)
         np.testing.assert_array_equal(np.stack([r["logits"] for r in records[:N]]).astype(np.float32), first["logits"])
-    SPEC["main"](root)
+    spec["main"](root)
     assert "checksums ok" in capsys.readouterr().out
 
 
-def test_format_md_teacher_fingerprint_matches_the_manifest(tmp_path):
+def test_format_md_teacher_fingerprint_matches_the_manifest(spec, tmp_path):
     from pipeline.models import small_mlp
 
     torch.manual_seed(3)
@@ -242,10 +246,10 @@ def test_format_md_teacher_fingerprint_matches_the_manifest(tmp_path):
     cli_json("cache-teacher", "--data", "synthetic:4:3", "--teacher", "kdpipe:mlp", "--weights", weights,
              "--out", out, "--size", "8", "--workers", "0")
     manifest = json.loads((out / "manifest.json").read_text())
-    assert SPEC["teacher_fingerprint"](weights) == manifest["teacher"]["fingerprint"]
+    assert spec["teacher_fingerprint"](weights) == manifest["teacher"]["fingerprint"]
 
 
-def resealed(manifest: dict, **changes) -> dict:
+def resealed(spec: dict, manifest: dict, **changes) -> dict:
     """`manifest` with fields changed (dotted keys as `a__b`) and its fingerprint made valid again."""
     changed = json.loads(json.dumps(manifest))
     for key, value in changes.items():
@@ -255,15 +259,15 @@ def resealed(manifest: dict, **changes) -> dict:
             target = target[parent]
         target[last] = value
     changed.pop("manifest_fingerprint")
-    changed["manifest_fingerprint"] = SPEC["fingerprint"](changed)
+    changed["manifest_fingerprint"] = spec["fingerprint"](changed)
     return changed
 
 
-def test_format_md_reader_refuses_what_the_spec_says_a_reader_must(archive):
+def test_format_md_reader_refuses_what_the_spec_says_a_reader_must(spec, archive):
     root = archive("zarr-dense-fp16")
-    _, manifest = SPEC["open_archive"](root)
-    refused = SPEC["Refused"]
-    assert SPEC["check_manifest"](resealed(manifest)) is None
+    _, manifest = spec["open_archive"](root)
+    refused = spec["Refused"]
+    assert spec["check_manifest"](resealed(spec, manifest)) is None
     cases = {
         "schema_version": [True, 0, -3, "1", 1.0, 2],
         "backend": ["lance"],
@@ -278,17 +282,17 @@ def test_format_md_reader_refuses_what_the_spec_says_a_reader_must(archive):
     for key, values in cases.items():
         for value in values:
             with pytest.raises(refused, match=key.split("__")[-1] if key != "codec__name" else "codec"):
-                SPEC["check_manifest"](resealed(manifest, **{key: value}))
+                spec["check_manifest"](resealed(spec, manifest, **{key: value}))
     edited = dict(manifest, total_bytes=1)  # changed without re-sealing
     with pytest.raises(refused, match="manifest_fingerprint"):
-        SPEC["check_manifest"](edited)
+        spec["check_manifest"](edited)
     # a chunk the manifest does not list is not read, even where zarr would read it
     stray = root / "sample_index" / "c" / "9" / "0"
     stray.parent.mkdir(parents=True)
     stray.write_bytes(b"x")
     try:
         with pytest.raises(refused, match="not part of the archive"):
-            SPEC["verify_checksums"](root, manifest)
+            spec["verify_checksums"](root, manifest)
     finally:
         stray.unlink()
         stray.parent.rmdir()
