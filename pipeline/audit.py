@@ -17,14 +17,12 @@ import math
 import numpy as np
 import torch
 
-from .config import ModelSpec, ViewRecipe
+from .config import ModelSpec
 from .data import ViewDataset, open_source
 from .errors import ArchiveError
 from .models import Teacher, with_num_classes
-from .store import ArchiveReader, Location, TopKCodec, check_archive_matches, read_manifest
-from .store.archive import COMMITS, STATIC_MARKER, VerifiedObjects, added_teachers
-from .store.codecs import LOGPROB_STEP, codec_from_manifest
-from .store.manifest import MANIFEST, PLAN, read_json
+from .store import (LOGPROB_STEP, ArchiveReader, Location, TopKCodec, UnfinishedArchive, added_teachers,
+                    check_archive_matches, read_manifest, unfinished_archive, verify_objects)
 
 # A recomputed view passes when its error is within these bounds.
 DENSE_RELATIVE_TOLERANCE = 0.02  # covers float16 storage and bf16 autocast on a GPU
@@ -35,56 +33,53 @@ def inspect_archive(url: str, storage_options: dict | None = None, local_cache: 
                     stats: bool = True) -> dict:
     """A description of the archive at `url`; `stats` adds a pass over every view."""
     location = Location(url, storage_options)
-    if not location.exists(MANIFEST) and location.exists(PLAN):
-        return _describe_unfinished(location)
+    unfinished = unfinished_archive(location)
+    if unfinished is not None:
+        return _describe_unfinished(location, unfinished)
     reader = ArchiveReader(location, local_cache=local_cache)
-    manifest = reader.manifest
-    layout = manifest["layout"]
-    views = layout["epochs"] * layout["num_samples"] * layout["views_per_sample"]
+    manifest, layout = reader.manifest, reader.layout
+    dataset, teacher = manifest.dataset, manifest.teacher
     report = {
         "archive": str(location),
         "complete": True,
-        "backend": manifest.get("backend", "zarr"),
-        "schema_version": manifest["schema_version"],
-        "codec": manifest["codec"],
-        "recipe": manifest["recipe"],
-        "teacher": {"name": manifest["teacher"]["spec"]["name"], "fingerprint": manifest["teacher"]["fingerprint"],
-                    "num_classes": manifest["teacher"]["num_classes"]},
-        "dataset": {k: manifest["dataset"].get(k) for k in ("fingerprint", "num_samples", "labelled", "location")}
-                   | {"num_classes": len(manifest["dataset"].get("classes") or [])},
-        "shape": {"epochs": layout["epochs"], "positions": layout["num_samples"],
-                  "views_per_sample": layout["views_per_sample"], "classes": layout["num_classes"]},
-        "shards": len(manifest["shards"]),
-        "files": len(manifest["files"]),
-        "views": views,
-        "total_bytes": manifest["total_bytes"],
-        "bytes_per_view": manifest["total_bytes"] / views,
-        "libraries": manifest["libraries"],
+        "backend": manifest.backend,
+        "schema_version": manifest.schema_version,
+        "codec": manifest.codec.to_dict(),
+        "recipe": manifest.recipe.to_dict(),
+        "teacher": {"name": teacher.spec["name"], "fingerprint": teacher.fingerprint, "num_classes": teacher.num_classes},
+        "dataset": {"fingerprint": dataset.fingerprint, "num_samples": dataset.num_samples,
+                    "labelled": dataset.labelled, "location": dataset.location,
+                    "num_classes": len(dataset.classes or [])},
+        "shape": {"epochs": layout.epochs, "positions": layout.num_samples,
+                  "views_per_sample": layout.views_per_sample, "classes": layout.num_classes},
+        "shards": len(manifest.shards),
+        "files": len(manifest.files),
+        "views": layout.views,
+        "total_bytes": manifest.total_bytes,
+        "bytes_per_view": manifest.total_bytes / layout.views,
+        "libraries": manifest.libraries,
     }
     added = added_teachers(location)
     if added:  # each also an archive of its own: inspect URL/teachers/NAME for its figures
         report["added_teachers"] = added
-    if manifest["teacher"].get("outputs") == "embeddings":
-        report["teacher"]["outputs"] = f"embeddings of layer {manifest['teacher']['embedding_layer'] or '(penultimate)'}"
+    if teacher.outputs == "embeddings":
+        report["teacher"]["outputs"] = f"embeddings of layer {teacher.embedding_layer or '(penultimate)'}"
     elif stats:  # agreement and entropy describe logits, not embeddings
         report["stats"] = _logit_stats(reader)
     return report
 
 
-def _describe_unfinished(location: Location) -> dict:
-    plan = read_json(location, PLAN, "plan")
-    layout = plan["layout"]
-    total = layout["epochs"] * -(-layout["num_samples"] // layout["positions_per_shard"])
-    committed = sum(1 for key in location.sizes(COMMITS) if key != STATIC_MARKER and key.endswith(".json"))
+def _describe_unfinished(location: Location, unfinished: UnfinishedArchive) -> dict:
+    plan = unfinished.plan
     return {
         "archive": str(location),
         "complete": False,
-        "backend": plan.get("backend", "zarr"),
-        "codec": plan["codec"],
-        "recipe": plan["recipe"],
-        "teacher": {"name": plan["teacher"]["spec"]["name"], "fingerprint": plan["teacher"]["fingerprint"]},
-        "shards_committed": committed,
-        "shards_total": total,
+        "backend": plan.backend,
+        "codec": plan.codec.to_dict(),
+        "recipe": plan.recipe.to_dict(),
+        "teacher": {"name": plan.teacher.spec["name"], "fingerprint": plan.teacher.fingerprint},
+        "shards_committed": unfinished.shards_committed,
+        "shards_total": unfinished.shards_total,
         "note": "unfinished: re-run the cache-teacher command that made it to complete it",
     }
 
@@ -121,10 +116,9 @@ def verify_archive(url: str, storage_options: dict | None = None, teacher: Model
     """Check every object's checksum; with a teacher and data, recompute `recompute`
     random views. Returns a report whose `problems` list is empty when the archive is sound."""
     location = Location(url, storage_options)
-    manifest = read_manifest(location)  # an unfinished or foreign archive is a user error
-    codec_from_manifest(manifest)  # and so is one this kdpipe cannot decode
-    problems = VerifiedObjects(location, manifest).problems()
-    report = {"archive": str(location), "files_checked": len(manifest["files"])}
+    manifest = read_manifest(location)  # an unfinished, foreign or inconsistent archive is a user error
+    problems = verify_objects(location, manifest)
+    report = {"archive": str(location), "files_checked": len(manifest.files)}
     if recompute and not problems:
         report["recomputed"] = _recompute(ArchiveReader(location), teacher, data, recompute, seed, problems)
     report["problems"] = problems
@@ -136,7 +130,7 @@ def _recompute(reader: ArchiveReader, teacher_spec: ModelSpec, data: str, count:
     manifest = reader.manifest
     source = open_source(data)
     check_archive_matches(manifest, str(reader.location), dataset__fingerprint=source.describe()["fingerprint"])
-    recipe = ViewRecipe.from_dict(manifest["recipe"])
+    recipe = manifest.recipe
     teacher = Teacher(with_num_classes(teacher_spec, source.classes, "teacher"), recipe.size)
     check_archive_matches(manifest, str(reader.location), teacher__fingerprint=teacher.fingerprint)
     dataset = ViewDataset(source, recipe)

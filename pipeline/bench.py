@@ -114,13 +114,13 @@ def _reads(archive: str, batch_size: int) -> float:
     """Views/s of reading every view's logits back, batch by batch, in training order."""
     torch.set_num_threads(1)
     reader = ArchiveReader(archive)
-    layout = reader.manifest["layout"]
+    layout = reader.layout
     started = time.perf_counter()
-    for epoch in range(layout["epochs"]):
-        for start in range(0, layout["num_samples"], batch_size):
-            reader.read(epoch, start, min(start + batch_size, layout["num_samples"]))
+    for epoch in range(layout.epochs):
+        for start in range(0, layout.num_samples, batch_size):
+            reader.read(epoch, start, min(start + batch_size, layout.num_samples))
     seconds = time.perf_counter() - started
-    return layout["epochs"] * layout["num_samples"] * layout["views_per_sample"] / seconds
+    return layout.views / seconds
 
 
 def _steady_views_per_sec(run: Path) -> float:

@@ -12,27 +12,25 @@ import torch
 from torch.utils.data import DataLoader
 
 from . import distributed
-from .config import MAIN_TEACHER, CacheSpec, first_difference
+from .config import MAIN_TEACHER, CacheSpec
 from .data import RangeBatches, ViewDataset, open_source
 from .errors import ArchiveError, ConfigError, ModelError
 from .host import keep_freed_memory
 from .models import Teacher, with_num_classes
 from .progress import say, views_progress
-from .store import ARCHIVE_FORMAT, SCHEMA_VERSION, ArchiveWriter, Codec, Location, check_archive_matches, parse_codec, plan_layout
-from .store.archive import TEACHERS, finish_cleanup
-from .store.manifest import MANIFEST, job_identity, library_versions, read_manifest
+from .store import (ArchiveWriter, DatasetInfo, Location, Manifest, TeacherInfo, check_archive_matches,
+                    check_backend_name, check_codec_name, finished_archive_of, parse_codec, read_manifest, teacher_archive)
 from .views import view_param_fields
 
 
-def archive_summary(manifest: dict, location: str) -> dict:
+def archive_summary(manifest: Manifest, location: str) -> dict:
     """Size figures of a finished archive."""
-    layout = manifest["layout"]
-    views = layout["epochs"] * layout["num_samples"] * layout["views_per_sample"]
+    views = manifest.layout.views
     return {
         "archive": location,
         "views": views,
-        "bytes": manifest["total_bytes"],
-        "bytes_per_view": manifest["total_bytes"] / views,
+        "bytes": manifest.total_bytes,
+        "bytes_per_view": manifest.total_bytes / views,
     }
 
 
@@ -40,6 +38,8 @@ def cache_teacher(spec: CacheSpec) -> dict:
     """Cache the teacher's logits for every view of the recipe; resumes an unfinished
     archive of the same job, and is a no-op on a finished one. Returns size and speed."""
     started = time.perf_counter()
+    check_codec_name(spec.codec)  # the options first, before any data or archive is touched
+    check_backend_name(spec.format)
     keep_freed_memory()
     source = open_source(spec.data)
     recipe = spec.recipe
@@ -57,10 +57,12 @@ def cache_teacher(spec: CacheSpec) -> dict:
     teacher = Teacher(model, size=recipe.size, embedding=spec.embedding_layer)
     codec = parse_codec(spec.codec, teacher.num_classes)
     described = teacher.describe() | {"name": spec.teacher_name, "classes": classes}
-    plan = _plan(spec, codec, source.describe(), described, len(source))
+    plan = Manifest.plan(spec.format, recipe, TeacherInfo.from_dict(described), DatasetInfo.from_dict(source.describe()),
+                         codec, spec.positions_per_shard)
     num_samples, views, classes = len(source), recipe.views_per_sample, teacher.num_classes
     ranks = distributed.ranks()
-    done = distributed.broadcast(_finished_same_job(spec, location, plan) if ranks.main else None)
+    finished = finished_archive_of(location, plan) if ranks.main and not spec.overwrite else None
+    done = distributed.broadcast(finished)
     if done is not None:
         say(f"archive {spec.out} is already complete for this job; nothing to do")
         return archive_summary(done, spec.out) | {"seconds": 0.0, "views_per_sec": None, "computed_views": 0,
@@ -151,46 +153,4 @@ def _added_teacher_location(spec: CacheSpec, source, base: Location) -> Location
     manifest = read_manifest(base)
     check_archive_matches(manifest, spec.out, recipe=spec.recipe.to_dict(),
                           dataset__fingerprint=source.describe()["fingerprint"])
-    return Location(f"{base.url}/{TEACHERS}/{spec.teacher_name}", spec.storage_options)
-
-
-def _plan(spec: CacheSpec, codec: Codec, dataset: dict, teacher: dict, num_samples: int) -> dict:
-    """Everything the manifest will say except the shard list and checksums."""
-    recipe = spec.recipe
-    classes, views = teacher["num_classes"], recipe.views_per_sample
-    params = len(view_param_fields(recipe))
-    fields = codec.fields(views, classes) | {"view_params": ((views, params), np.dtype(np.float32))}
-    bytes_per_position = sum(int(np.prod(tail)) * dtype.itemsize for tail, dtype in fields.values())
-    layout = {
-        "epochs": recipe.epochs,
-        "num_samples": num_samples,
-        "views_per_sample": recipe.views_per_sample,
-        "num_classes": classes,
-        "view_param_fields": list(view_param_fields(recipe)),
-    } | plan_layout(num_samples, bytes_per_position, spec.positions_per_shard, buffer_bytes_per_position=views * classes * 4)
-    return {
-        "format": ARCHIVE_FORMAT,
-        "schema_version": SCHEMA_VERSION,
-        "backend": spec.format,
-        "recipe": recipe.to_dict(),
-        "teacher": teacher,
-        "dataset": dataset,
-        "codec": codec.to_dict(),
-        "layout": layout,
-        "libraries": library_versions(),
-    }
-
-
-def _finished_same_job(spec: CacheSpec, location: Location, plan: dict) -> dict | None:
-    """The manifest of a finished archive at `spec.out` made by this very job, if any."""
-    if spec.overwrite or not location.exists(MANIFEST):
-        return None
-    manifest = read_manifest(location)
-    where = first_difference(job_identity(plan), job_identity(manifest))
-    if where is not None:
-        raise ArchiveError(
-            f"archive {spec.out} already exists for a different job ({where} differs); "
-            "pass --overwrite to replace it, or choose another --out"
-        )
-    finish_cleanup(location)  # a run killed just after writing the manifest left these
-    return manifest
+    return Location(teacher_archive(base.url, spec.teacher_name), spec.storage_options)

@@ -18,13 +18,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from .config import MAIN_TEACHER, ModelSpec, ViewRecipe
+from .config import MAIN_TEACHER, ModelSpec
 from .data import RangeBatches, ViewDataset, open_source
 from .errors import ConfigError
 from .models import build_model, with_num_classes
-from .store import ArchiveReader, Location, read_manifest
-from .store.archive import added_teachers
-from .train import teacher_archive
+from .store import ArchiveReader, Location, added_teachers, read_manifest, teacher_archive
 
 HELD_OUT = 0.25  # share of the samples the fitted maps are scored on
 RIDGE = 1e-3  # ridge penalty, relative to the mean variance of the inputs
@@ -87,12 +85,12 @@ def order_teachers(
     readers = {name: ArchiveReader(teacher_archive(cache, name), storage_options) for name in names}
     main = next(iter(readers.values())).manifest
     source = open_source(data)
-    count = min(samples, main["layout"]["num_samples"])
+    count = min(samples, main.layout.num_samples)
     if count < 8:
         raise ConfigError(f"--samples must be at least 8 to fit and score the maps, got {count}")
-    outputs = {name: reader.read(0, 0, count)[0].reshape(count * main["layout"]["views_per_sample"], -1)
+    outputs = {name: reader.read(0, 0, count)[0].reshape(count * main.layout.views_per_sample, -1)
                for name, reader in readers.items()}
-    recipe = ViewRecipe.from_dict(main["recipe"])
+    recipe = main.recipe
     model = build_model(with_num_classes(student, source.classes, "student") if student.num_classes is None
                         else student).eval()
     loader = DataLoader(ViewDataset(source, recipe), batch_sampler=RangeBatches([(0, 0, count)], len(source), 64))

@@ -37,34 +37,34 @@ def _cache(data, out, *extra, backend="zarr"):
 
 def _shard_file(archive: Path, epoch: int, shard: int) -> str:
     """The manifest key of the object holding the logits of shard `shard` of `epoch`."""
-    entry = next(s for s in read_manifest(archive)["shards"] if (s["epoch"], s["shard"]) == (epoch, shard))
-    return next(key for key in entry["files"] if key.startswith(("logits/", "shards/")))
+    entry = next(s for s in read_manifest(archive).shards if (s.epoch, s.shard) == (epoch, shard))
+    return next(key for key in entry.files if key.startswith(("logits/", "shards/")))
 
 
 def test_manifest_records_what_was_cached(image_folder, tmp_path, backend):
     result = _cache(image_folder, tmp_path / "a.zarr", "--codec", "dense-fp32", "--seed", 5, "--color-jitter", 0.2,
                     backend=backend)
     manifest = read_manifest(tmp_path / "a.zarr")
-    assert manifest["format"] == "kdpipe-archive" and manifest["schema_version"] == SCHEMA_VERSION
-    recipe = ViewRecipe.from_dict(manifest["recipe"])
+    assert manifest.to_dict()["format"] == "kdpipe-archive" and manifest.schema_version == SCHEMA_VERSION
+    recipe = manifest.recipe
     assert (recipe.seed, recipe.epochs, recipe.views_per_sample, recipe.size, recipe.color_jitter) == (5, 2, 2, 16, 0.2)
     source = ImageFolder(image_folder)
-    assert manifest["dataset"]["fingerprint"] == source.fingerprint
-    assert manifest["dataset"]["classes"] == ["cat", "dog", "fox"]
+    assert manifest.dataset.fingerprint == source.fingerprint
+    assert manifest.dataset.classes == ("cat", "dog", "fox")
     teacher = build_model(ModelSpec("tests.toy_models:tiny_cnn", num_classes=3))
-    assert manifest["teacher"]["fingerprint"] == model_fingerprint(teacher)
-    assert manifest["codec"] == {"name": "dense-fp32", "dtype": "float32"} and manifest["backend"] == backend
-    layout = manifest["layout"]
-    assert (layout["epochs"], layout["num_samples"], layout["views_per_sample"], layout["num_classes"]) == (2, 18, 2, 3)
-    assert set(manifest["libraries"]) >= {"kdpipe", "torch", "torchvision", "zarr", "numcodecs", "numpy"}
-    assert len(manifest["shards"]) == 2 * 5  # 18 positions in shards of 4, two epochs
+    assert manifest.teacher.fingerprint == model_fingerprint(teacher)
+    assert manifest.codec.to_dict() == {"name": "dense-fp32", "dtype": "float32"} and manifest.backend == backend
+    layout = manifest.layout
+    assert (layout.epochs, layout.num_samples, layout.views_per_sample, layout.num_classes) == (2, 18, 2, 3)
+    assert set(manifest.libraries) >= {"kdpipe", "torch", "torchvision", "zarr", "numcodecs", "numpy"}
+    assert len(manifest.shards) == 2 * 5  # 18 positions in shards of 4, two epochs
     # every file is listed with its checksum, and nothing else is in the archive
     files = archive_files(tmp_path / "a.zarr")
-    assert set(files) == set(manifest["files"]) | {"manifest.json"}
-    for key, entry in manifest["files"].items():
-        assert hashlib.sha256(files[key]).hexdigest() == entry["sha256"]
-    assert manifest["total_bytes"] == sum(e["bytes"] for e in manifest["files"].values())
-    assert result["bytes"] == manifest["total_bytes"] and result["views"] == 2 * 18 * 2
+    assert set(files) == set(manifest.files) | {"manifest.json"}
+    for key, entry in manifest.files.items():
+        assert hashlib.sha256(files[key]).hexdigest() == entry.sha256
+    assert manifest.total_bytes == sum(e.bytes for e in manifest.files.values())
+    assert result["bytes"] == manifest.total_bytes and result["views"] == 2 * 18 * 2
 
     # the stored logits are the teacher's on exactly the views the recipe renders
     reader = ArchiveReader(tmp_path / "a.zarr")
@@ -89,7 +89,7 @@ def test_manifest_records_what_was_cached(image_folder, tmp_path, backend):
 def test_float16_is_the_default_and_halves_the_logits(image_folder, tmp_path):
     _cache(image_folder, tmp_path / "h.zarr")
     assert zarr.open_group(str(tmp_path / "h.zarr"), mode="r")["logits"].dtype == np.float16
-    assert read_manifest(tmp_path / "h.zarr")["codec"]["dtype"] == "float16"
+    assert read_manifest(tmp_path / "h.zarr").codec.dtype == "float16"
 
 
 def test_finished_archive_is_kept_unless_overwrite(image_folder, tmp_path, backend):
@@ -105,7 +105,7 @@ def test_finished_archive_is_kept_unless_overwrite(image_folder, tmp_path, backe
     )
     assert archive_files(out) == before
     replaced = _cache(image_folder, out, "--seed", 9, "--overwrite", backend=backend)
-    assert replaced["computed_views"] == 72 and read_manifest(out)["recipe"]["seed"] == 9
+    assert replaced["computed_views"] == 72 and read_manifest(out).recipe.seed == 9
 
 
 def test_a_folder_that_is_not_an_archive_is_never_replaced(image_folder, tmp_path):
@@ -243,7 +243,7 @@ def test_stock_webdataset_reads_the_shards(image_folder, tmp_path):
 
     _cache(image_folder, tmp_path / "w", "--codec", "dense-fp32", backend="webdataset")
     manifest = read_manifest(tmp_path / "w")
-    urls = [str(tmp_path / "w" / key) for shard in manifest["shards"] for key in shard["files"]]
+    urls = [str(tmp_path / "w" / key) for shard in manifest.shards for key in shard.files]
     records = [sample["npy"] for sample in webdataset.WebDataset(urls, shardshuffle=False).decode()]
     assert len(records) == 2 * 18
     reader = ArchiveReader(tmp_path / "w")

@@ -1,5 +1,6 @@
 """kdpipe inspect and kdpipe verify on real archives, sound, damaged and unfinished."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -8,9 +9,7 @@ import torch
 
 from pipeline.config import ModelSpec
 from pipeline.models import build_model
-from pipeline.store import ArchiveReader, ArchiveWriter, Location, read_manifest
-from pipeline.store.archive import file_entry
-from pipeline.store.manifest import json_bytes, seal
+from pipeline.store import ArchiveReader, ArchiveWriter, Location, file_entry, json_bytes, read_manifest, seal
 
 from .conftest import assert_user_error, cli_json, run_cli
 
@@ -36,10 +35,10 @@ def test_inspect_reports_shapes_sizes_and_agreement(image_folder, tmp_path, teac
     manifest = read_manifest(tmp_path / "a")
     assert report["complete"] is True and report["backend"] == backend
     assert report["shape"] == {"epochs": 2, "positions": 18, "views_per_sample": 2, "classes": 3}
-    assert report["teacher"]["fingerprint"] == manifest["teacher"]["fingerprint"]
-    assert report["dataset"]["fingerprint"] == manifest["dataset"]["fingerprint"]
+    assert report["teacher"]["fingerprint"] == manifest.teacher.fingerprint
+    assert report["dataset"]["fingerprint"] == manifest.dataset.fingerprint
     assert report["codec"]["name"] == "dense-fp16" and report["views"] == 72
-    assert report["bytes_per_view"] == pytest.approx(manifest["total_bytes"] / 72)
+    assert report["bytes_per_view"] == pytest.approx(manifest.total_bytes / 72)
     # agreement and entropy, recomputed here from the reader
     reader = ArchiveReader(tmp_path / "a")
     agree, entropies = 0, []
@@ -57,7 +56,7 @@ def test_inspect_reports_shapes_sizes_and_agreement(image_folder, tmp_path, teac
 def test_inspect_shows_an_unfinished_archive(image_folder, tmp_path, teacher_weights):
     _cache(image_folder, tmp_path / "a", teacher_weights)
     manifest = read_manifest(tmp_path / "a")
-    plan = {k: v for k, v in manifest.items() if k not in ("shards", "files", "total_bytes")}
+    plan = dataclasses.replace(manifest, shards=None, files=None, total_bytes=None, manifest_fingerprint=None)
     writer = ArchiveWriter(Location(tmp_path / "b"), plan, np.zeros(18, dtype=np.int64))
     writer.write_unit(0, 0, np.zeros((5, 2, 3), dtype=np.float32), np.zeros((5, 2, 8), dtype=np.float32))
     report = json.loads(run_cli("inspect", tmp_path / "b", "--json").stdout)
@@ -71,7 +70,7 @@ def test_verify_passes_a_sound_archive_and_recomputes_views(image_folder, tmp_pa
                      "--data", image_folder, "--recompute", 6, "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert report["problems"] == [] and report["files_checked"] == len(read_manifest(tmp_path / "a")["files"])
+    assert report["problems"] == [] and report["files_checked"] == len(read_manifest(tmp_path / "a").files)
     assert report["recomputed"]["samples"] == 6 and report["recomputed"]["views"] == 12
     assert 0 < report["recomputed"]["max_rel_error"] < 1e-2  # float16 storage, nothing more
 
@@ -95,10 +94,11 @@ def test_verify_recompute_catches_logits_that_are_not_the_teachers(image_folder,
     fields = reader.read_fields(1, 0, 5)
     objects = reader.backend.encode(1, 0, 0, {"logits": fields["logits"] + 1.0}, fields["view_params"],
                                     fields["sample_index"], fields["label"])
-    manifest = read_manifest(tmp_path / "a")
+    manifest = read_manifest(tmp_path / "a").to_dict()
     for key, data in objects.items():
         (tmp_path / "a" / key).write_bytes(data)
         manifest["files"][key] = file_entry(data)
+    manifest["total_bytes"] = sum(entry["bytes"] for entry in manifest["files"].values())  # a consistent forgery
     (tmp_path / "a" / "manifest.json").write_bytes(json_bytes(seal(manifest)))
     assert run_cli("verify", tmp_path / "a").exit_code == 0  # checksums alone cannot tell
     result = run_cli("verify", tmp_path / "a", "--teacher", "kdpipe:cnn", "--weights", teacher_weights,

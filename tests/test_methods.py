@@ -111,7 +111,7 @@ def test_mixed_student_from_the_cache_equals_the_online_one(mode, tmp_path):
     recipe = ["--views-per-sample", 2, "--size", 16, "--mixup", mode]
     cli_json("cache-teacher", "--data", DATA, "--teacher", "tests.toy_models:tiny_cnn", "--out", tmp_path / "a",
              "--epochs", 2, "--batch-size", 6, "--codec", "dense-fp32", "--workers", 0, *recipe)
-    assert read_manifest(tmp_path / "a")["layout"]["view_param_fields"] == list(VIEW_PARAM_FIELDS + MIX_PARAM_FIELDS)
+    assert read_manifest(tmp_path / "a").layout.view_param_fields == VIEW_PARAM_FIELDS + MIX_PARAM_FIELDS
     torch.save(build_model(ModelSpec("tests.toy_models:tiny_cnn", num_classes=4)).net.state_dict(), tmp_path / "t.pt")
     common = ["--data", DATA, "--student", "kdpipe:mlp", "--epochs", 2, "--batch-size", 6, "--student-size", 12,
               "--alpha", 0.3]
@@ -196,7 +196,7 @@ def test_seed_student_from_cached_embeddings_equals_the_online_one(tmp_path):
              "--epochs", 2, "--views-per-sample", 2, "--size", 16, "--batch-size", 6, "--codec", "dense-fp32",
              "--outputs", "embeddings", "--workers", 0)
     manifest = read_manifest(tmp_path / "e")
-    assert manifest["teacher"]["outputs"] == "embeddings" and manifest["teacher"]["embedding_layer"] == ""
+    assert manifest.teacher.outputs == "embeddings" and manifest.teacher.embedding_layer == ""
     torch.save(build_model(ModelSpec("tests.toy_models:tiny_cnn", num_classes=4)).net.state_dict(), tmp_path / "t.pt")
     cached = cli_json("train-student", *common, "--cache", tmp_path / "e", "--out", tmp_path / "cached")
     online = cli_json("train-student", *common, "--teacher", "tests.toy_models:tiny_cnn", "--weights", tmp_path / "t.pt",
@@ -204,7 +204,7 @@ def test_seed_student_from_cached_embeddings_equals_the_online_one(tmp_path):
     a, b = _weights(tmp_path / "cached"), _weights(tmp_path / "online")
     assert all(torch.equal(a[name], b[name]) for name in a)
     assert cached["val_top1"] == online["val_top1"] and 25 < cached["val_top1"] <= 100  # four classes: chance 25%
-    width = manifest["layout"]["num_classes"]
+    width = manifest.layout.num_classes
     assert a["4.weight"].shape[0] == width  # the student's outputs: the teacher's embedding width
     state = torch.load(tmp_path / "cached" / "checkpoint.pt", weights_only=False)["loss_state"]
     assert state["filled"] == 32 and state["queue"].shape == (32, width)
@@ -234,10 +234,10 @@ def test_embeddings_next_to_logits_in_one_archive(tmp_path):
     cli_json("cache-teacher", *common, "--out", tmp_path / "a")
     cli_json("cache-teacher", *common, "--out", tmp_path / "a", "--teacher-name", "feats", "--outputs", "embeddings")
     added = read_manifest(tmp_path / "a" / "teachers" / "feats")
-    assert added["teacher"]["outputs"] == "embeddings" and added["teacher"]["classes"] is None
+    assert added.teacher.outputs == "embeddings" and added.teacher.classes is None
     summary = cli_json("train-student", "--data", DATA, "--student", "kdpipe:mlp", "--cache", tmp_path / "a",
                        "--teachers", "feats", "--loss", "seed", "--out", tmp_path / "s", "--epochs", 2, "--workers", 0)
-    assert summary["epochs"] == 2 and _weights(tmp_path / "s")["4.weight"].shape[0] == added["layout"]["num_classes"]
+    assert summary["epochs"] == 2 and _weights(tmp_path / "s")["4.weight"].shape[0] == added.layout.num_classes
     assert_user_error(run_cli("train-student", "--data", DATA, "--student", "kdpipe:mlp", "--cache", tmp_path / "a",
                               "--teachers", "main,feats", "--out", tmp_path / "x", "--epochs", 2, "--workers", 0),
                       "holds teacher embeddings")

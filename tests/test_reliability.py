@@ -42,7 +42,7 @@ from PIL import Image
 from pipeline.data import ImageFolder, ValDataset
 from pipeline.errors import ArchiveError
 from pipeline.store import location, read_manifest
-from pipeline.store.archive import WriterLease
+from pipeline.store.lease import WriterLease
 from pipeline.store.manifest import MANIFEST_ONLY, SCHEMA_VERSION, json_bytes, seal
 
 from . import toy_models

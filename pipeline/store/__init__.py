@@ -1,24 +1,78 @@
 """Teacher archives: one writer and one reader over any backend (zarr, webdataset) and
-any store (local folder, s3://, gs://, http(s)://)."""
+any store (local folder, s3://, gs://, http(s)://).
 
-from .archive import ArchiveReader, ArchiveWriter, plan_layout
-from .codecs import CODEC_NAMES, Codec, DenseCodec, TopKCodec, parse_codec
+Stages import only the names below; the submodules are the store's own business:
+    archive    ArchiveWriter / ArchiveReader, the commit protocol, verification
+    manifest   Manifest and its parts (typed, strictly parsed), plan and seal
+    layout     Layout: the archive's shape and shards
+    codecs     how logits become stored fields, one class per codec
+    backends   the Backend protocol and BACKENDS; zarr_store, wds_store implement it
+    lease      the writer lease (one writer per archive)
+    location   Location: every read and write, local or remote
+"""
+
+from .archive import (
+    ArchiveReader,
+    ArchiveWriter,
+    UnfinishedArchive,
+    added_teachers,
+    file_entry,
+    finished_archive_of,
+    teacher_archive,
+    unfinished_archive,
+    verify_objects,
+)
+from .backends import BACKENDS, Backend, check_backend_name
+from .codecs import CODEC_NAMES, LOGPROB_STEP, Codec, DenseCodec, TopKCodec, check_codec_name, parse_codec
+from .layout import Layout, ManifestError
 from .location import Location, write_local_atomic
-from .manifest import ARCHIVE_FORMAT, SCHEMA_VERSION, check_archive_matches, read_manifest
+from .manifest import (
+    ARCHIVE_FORMAT,
+    SCHEMA_VERSION,
+    DatasetInfo,
+    FileEntry,
+    Manifest,
+    ShardEntry,
+    TeacherInfo,
+    check_archive_matches,
+    json_bytes,
+    read_manifest,
+    seal,
+)
 
 __all__ = [
     "ARCHIVE_FORMAT",
+    "BACKENDS",
     "CODEC_NAMES",
+    "LOGPROB_STEP",
     "SCHEMA_VERSION",
     "ArchiveReader",
     "ArchiveWriter",
+    "Backend",
     "Codec",
+    "DatasetInfo",
     "DenseCodec",
+    "FileEntry",
+    "Layout",
     "Location",
+    "Manifest",
+    "ManifestError",
+    "ShardEntry",
+    "TeacherInfo",
     "TopKCodec",
+    "UnfinishedArchive",
+    "added_teachers",
     "check_archive_matches",
+    "check_backend_name",
+    "check_codec_name",
+    "file_entry",
+    "finished_archive_of",
+    "json_bytes",
     "parse_codec",
-    "plan_layout",
     "read_manifest",
+    "seal",
+    "teacher_archive",
+    "unfinished_archive",
+    "verify_objects",
     "write_local_atomic",
 ]

@@ -23,157 +23,29 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import threading
-import time
-import uuid
-from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
-from ..config import ViewRecipe, first_difference, sha256_hex
+from ..config import MAIN_TEACHER, first_difference, sha256_hex
 from ..errors import ArchiveError
 from ..views import epoch_order
-from .codecs import Codec, codec_from_manifest
+from .backends import make_backend
+from .lease import LEASE, WriterLease, remove_dead_lease
 from .location import Location
-from .manifest import MANIFEST, PLAN, job_identity, json_bytes, read_json, read_manifest, seal
+from .manifest import (MANIFEST, PLAN, FileEntry, Manifest, ShardEntry, job_identity, json_bytes, read_json,
+                       read_manifest, read_plan)
 
 COMMITS = "commits"
 STATIC_MARKER = f"{COMMITS}/static.json"
-LEASE = "writer.json"  # who is writing an unfinished archive
 TEACHERS = "teachers"  # further teachers of a finished archive, each a complete archive of its own
-LEASE_SECONDS = 600  # a lease from another host not renewed for this long is abandoned
-# Aim for shards of about this many uncompressed bytes, and (zarr) chunks, the unit of
-# decompression on read, of about this many.
-TARGET_SHARD_BYTES = 16 << 20
-TARGET_CHUNK_BYTES = 256 << 10
-TARGET_BUFFER_BYTES = 256 << 20
-
-
-def plan_layout(num_samples: int, bytes_per_position: int, positions_per_shard: int | None,
-                buffer_bytes_per_position: int = 0) -> dict:
-    """Positions per shard and per chunk: chunks divide shards, shards cover positions.
-
-    A shard holds about TARGET_SHARD_BYTES stored, and the writer's float32 buffer of a
-    shard (`buffer_bytes_per_position` each) at most TARGET_BUFFER_BYTES: a compact codec
-    (top-k) would otherwise make shards of so many positions that their full-width
-    logits fill the memory while they are computed.
-    """
-    chunk = max(1, min(num_samples, TARGET_CHUNK_BYTES // bytes_per_position))
-    by_buffer = TARGET_BUFFER_BYTES // buffer_bytes_per_position if buffer_bytes_per_position else num_samples
-    shard = positions_per_shard or max(chunk, min(TARGET_SHARD_BYTES // bytes_per_position, by_buffer))
-    shard = min(shard, num_samples)
-    chunk = min(chunk, shard)
-    shard = -(-shard // chunk) * chunk  # a whole number of chunks
-    return {"positions_per_shard": shard, "positions_per_chunk": chunk}
 
 
 def file_entry(data: bytes) -> dict:
-    return {"bytes": len(data), "sha256": sha256_hex(data)}
-
-
-def _backend(manifest: dict, codec: Codec):
-    from .wds_store import WebDatasetBackend
-    from .zarr_store import ZarrBackend
-
-    backends = {"zarr": ZarrBackend, "webdataset": WebDatasetBackend}
-    name = manifest.get("backend", "zarr")
-    if name not in backends:
-        raise ArchiveError(f"archive backend {name!r} is unknown to this kdpipe; upgrade kdpipe")
-    return backends[name](manifest, codec)
-
-
-class WriterLease:
-    """One writer per archive at a time: `writer.json` names the process that holds the
-    archive (host, pid, a random owner id) and when it last committed a shard.
-
-    A second cache-teacher on the same archive refuses while the holder lives. The
-    holder counts as gone when it ran on this host and its pid is dead (killed, crashed),
-    or, from another host, when it has not renewed the lease for LEASE_SECONDS.
-    """
-
-    def __init__(self, location: Location):
-        self.location = location
-        self.record = {"owner": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(),
-                       "since": time.time(), "renewed": time.time()}
-
-    def acquire(self) -> None:
-        for _ in range(3):
-            if self.location.create_exclusive(LEASE, json_bytes(self.record)):
-                return
-            current = self.location.read_if_present(LEASE)
-            holder = _parse_lease(current)
-            if holder is not None and _alive(holder):
-                since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder["since"]))
-                raise ArchiveError(
-                    f"archive {self.location} is being written by another cache-teacher (pid {holder['pid']} on "
-                    f"{holder['host']}, since {since}); wait for it to finish, then re-run to check it"
-                )
-            if self.location.read_if_present(LEASE) == current:  # abandoned: take it over
-                self.location.delete(LEASE)
-        raise ArchiveError(f"archive {self.location}: could not take over the writer lease; re-run the command")
-
-    def renew(self) -> None:
-        """Refresh the lease after a commit; stop if another process has taken it."""
-        holder = _parse_lease(self.location.read_if_present(LEASE))
-        if holder is None or holder["owner"] != self.record["owner"]:
-            raise ArchiveError(
-                f"archive {self.location}: another cache-teacher took over this archive; "
-                "this run stops (its committed shards stay)"
-            )
-        self.record["renewed"] = time.time()
-        self.location.write(LEASE, json_bytes(self.record))
-
-    @contextmanager
-    def kept(self, every: float = LEASE_SECONDS / 5) -> Iterator[None]:
-        """Renew the lease every `every` seconds while the block runs: rank 0, waiting for
-        the other ranks' shards, commits none of its own. Raises on exit if the lease was lost."""
-        stop, failed = threading.Event(), []
-
-        def renew() -> None:
-            while not stop.wait(every):
-                try:
-                    self.renew()
-                except Exception as exc:  # lost, or the store failed after its retries
-                    failed.append(exc)
-                    return
-
-        thread = threading.Thread(target=renew, name="kdpipe-lease", daemon=True)
-        thread.start()
-        try:
-            yield
-        finally:
-            stop.set()
-            thread.join()
-        if failed:
-            raise failed[0]
-
-    def release(self) -> None:
-        holder = _parse_lease(self.location.read_if_present(LEASE))
-        if holder is not None and holder["owner"] == self.record["owner"]:
-            self.location.delete(LEASE)
-
-
-def _parse_lease(data: bytes | None) -> dict | None:
-    try:
-        record = json.loads(data) if data is not None else None
-        return record if record and {"owner", "host", "pid", "since", "renewed"} <= set(record) else None
-    except ValueError:
-        return None
-
-
-def _alive(holder: dict) -> bool:
-    if holder["host"] == socket.gethostname():
-        try:
-            os.kill(int(holder["pid"]), 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
-    return time.time() - holder["renewed"] < LEASE_SECONDS
+    """The manifest entry of an object: its size and sha256."""
+    return FileEntry.of(data).to_dict()
 
 
 class ArchiveWriter:
@@ -185,16 +57,14 @@ class ArchiveWriter:
     neither take the lease nor write the plan, the static objects or the manifest.
     """
 
-    def __init__(self, location: Location, plan: dict, labels: np.ndarray, overwrite: bool = False, lead: bool = True):
+    def __init__(self, location: Location, plan: Manifest, labels: np.ndarray, overwrite: bool = False,
+                 lead: bool = True):
         self.location = location
         self.plan = plan
-        self.codec = codec_from_manifest(plan)
-        self.backend = _backend(plan, self.codec)
-        layout = plan["layout"]
-        self.epochs, self.num_samples = layout["epochs"], layout["num_samples"]
-        self.shard_size = layout["positions_per_shard"]
-        self.shards_per_epoch = -(-self.num_samples // self.shard_size)
-        self.recipe = ViewRecipe.from_dict(plan["recipe"])
+        self.layout = plan.layout
+        self.codec = plan.codec
+        self.backend = make_backend(plan.backend, plan.layout, plan.codec)
+        self.shards_per_epoch = plan.layout.shards_per_epoch
         self._orders: dict[int, np.ndarray] = {}
         self.labels = np.asarray(labels, dtype=np.int64)
         self.lease: WriterLease | None = None
@@ -245,19 +115,19 @@ class ArchiveWriter:
         elif has_manifest:
             raise ArchiveError(f"archive {location} is already finished; pass --overwrite to replace it")
         elif has_plan:
-            where = first_difference(job_identity(read_json(location, PLAN, "plan")), job_identity(self.plan))
+            where = first_difference(job_identity(read_json(location, PLAN, "plan")), job_identity(self.plan.to_dict()))
             if where is not None:
                 raise ArchiveError(
                     f"{location} holds an unfinished archive of a different job ({where} differs); "
                     "re-run the original command to finish it, or pass --overwrite to replace it"
                 )
             return
-        location.write(PLAN, json_bytes(self.plan))
+        location.write(PLAN, json_bytes(self.plan.to_dict()))
 
     def order(self, epoch: int) -> np.ndarray:
         """The sample index at each position of `epoch`."""
         if epoch not in self._orders:
-            self._orders = {epoch: epoch_order(self.recipe, epoch, self.num_samples)}
+            self._orders = {epoch: epoch_order(self.plan.recipe, epoch, self.layout.num_samples)}
         return self._orders[epoch]
 
     def _marker(self, epoch: int, shard: int) -> str:
@@ -265,9 +135,7 @@ class ArchiveWriter:
 
     def units(self) -> Iterator[tuple[int, int, int, int]]:
         """(epoch, shard, start, stop) of every unit, in training order."""
-        for epoch in range(self.epochs):
-            for shard, start in enumerate(range(0, self.num_samples, self.shard_size)):
-                yield epoch, shard, start, min(start + self.shard_size, self.num_samples)
+        return self.layout.units()
 
     def _commits(self, sizes: dict[str, int]) -> dict[tuple[int, int], dict]:
         """The commit markers whose objects are all present with their committed sizes
@@ -291,7 +159,7 @@ class ArchiveWriter:
 
     def write_unit(self, epoch: int, shard: int, logits: np.ndarray, params: np.ndarray) -> None:
         """Encode and write one whole shard of logits (float32) and view parameters, then commit it."""
-        start = shard * self.shard_size
+        start = shard * self.layout.positions_per_shard
         stop = start + len(logits)
         fields = self.codec.encode(logits)
         samples = self.order(epoch)[start:stop]
@@ -304,7 +172,7 @@ class ArchiveWriter:
         if self.lease is not None:
             self.lease.renew()
 
-    def finish(self) -> dict:
+    def finish(self) -> Manifest:
         """Check every unit is committed and present, then write the manifest last."""
         sizes = self.location.sizes()
         committed = self._commits(sizes)
@@ -316,7 +184,7 @@ class ArchiveWriter:
         shards = []
         for epoch, shard, start, stop in self.units():
             marker = committed[(epoch, shard)]
-            shards.append({"epoch": epoch, "shard": shard, "start": start, "stop": stop, "files": sorted(marker["files"])})
+            shards.append(ShardEntry(epoch, shard, start, stop, tuple(sorted(marker["files"]))))
             files.update(marker["files"])
         for key, entry in static.items():
             if sizes.get(key) != entry["bytes"]:
@@ -324,15 +192,17 @@ class ArchiveWriter:
         for key in sizes:
             if key not in files and key not in (PLAN, LEASE) and not key.startswith(f"{COMMITS}/"):
                 self.location.delete(key)  # a temporary file left by a killed writer
-        manifest = dict(self.plan)
-        manifest["shards"] = shards
-        manifest["files"] = dict(sorted(files.items()))
-        manifest["total_bytes"] = sum(f["bytes"] for f in files.values())
-        manifest = seal(manifest)
-        self.location.write(MANIFEST, json_bytes(manifest))
+        manifest = self.plan.finish(shards, {key: FileEntry(entry["bytes"], entry["sha256"]) for key, entry in files.items()})
+        self.location.write(MANIFEST, json_bytes(manifest.to_dict()))
         finish_cleanup(self.location)
         self.release()
         return manifest
+
+
+def teacher_archive(cache: str, name: str) -> str:
+    """Where teacher `name` of the archive at URL or path `cache` lives: the archive itself
+    for the main teacher, teachers/NAME inside it for an added one."""
+    return cache if name == MAIN_TEACHER else f"{cache.rstrip('/')}/{TEACHERS}/{name}"
 
 
 def added_teachers(location: Location) -> list[str]:
@@ -347,34 +217,70 @@ def finish_cleanup(location: Location) -> None:
     plan, the commit markers, and the lease of a writer that died before releasing it."""
     location.delete(COMMITS, recursive=True)
     location.delete(PLAN)
-    holder = _parse_lease(location.read_if_present(LEASE))
-    if holder is not None and not _alive(holder):
-        location.delete(LEASE)
+    remove_dead_lease(location)
+
+
+def finished_archive_of(location: Location, plan: Manifest) -> Manifest | None:
+    """The manifest of the finished archive at `location` when `plan` is its very job
+    (cleaning up what a run killed just after writing it left behind); None when there is
+    no finished archive; an error when it was made by a different job."""
+    if not location.exists(MANIFEST):
+        return None
+    manifest = read_manifest(location)
+    where = first_difference(job_identity(plan.to_dict()), job_identity(manifest.to_dict()))
+    if where is not None:
+        raise ArchiveError(
+            f"archive {location} already exists for a different job ({where} differs); "
+            "pass --overwrite to replace it, or choose another --out"
+        )
+    finish_cleanup(location)  # a run killed just after writing the manifest left these
+    return manifest
+
+
+@dataclass(frozen=True)
+class UnfinishedArchive:
+    """An archive that has a plan but no manifest yet, and how far its writing got."""
+
+    plan: Manifest
+    shards_committed: int
+
+    @property
+    def shards_total(self) -> int:
+        return self.plan.layout.epochs * self.plan.layout.shards_per_epoch
+
+
+def unfinished_archive(location: Location) -> UnfinishedArchive | None:
+    """The plan and committed shard count of an unfinished archive at `location`; None
+    when it is finished or holds no plan."""
+    if location.exists(MANIFEST) or not location.exists(PLAN):
+        return None
+    committed = sum(1 for key in location.sizes(COMMITS) if key != STATIC_MARKER and key.endswith(".json"))
+    return UnfinishedArchive(read_plan(location), committed)
 
 
 class VerifiedObjects:
     """Fetches an archive's objects, each checked against the manifest's sha256; with a
     local cache, verified copies are kept on disk by content hash."""
 
-    def __init__(self, location: Location, manifest: dict, local_cache: str | os.PathLike | None = None):
-        self.location, self.files = location, manifest["files"]
+    def __init__(self, location: Location, manifest: Manifest, local_cache: str | os.PathLike | None = None):
+        self.location, self.files = location, manifest.files
         self.local_cache = Path(local_cache) if local_cache else None
 
     def __call__(self, key: str) -> bytes:
         entry = self.files.get(key)
         if entry is None:
             raise ArchiveError(f"archive {self.location} is damaged: its manifest does not list {key}")
-        cached = self.local_cache / entry["sha256"][:2] / entry["sha256"] if self.local_cache else None
+        cached = self.local_cache / entry.sha256[:2] / entry.sha256 if self.local_cache else None
         if cached is not None and cached.is_file():
             data = cached.read_bytes()
-            if sha256_hex(data) == entry["sha256"]:
+            if sha256_hex(data) == entry.sha256:
                 return data
         data = self.location.read(key)
-        if len(data) != entry["bytes"]:
+        if len(data) != entry.bytes:
             raise ArchiveError(
-                f"archive {self.location} is damaged: {key} has {len(data)} bytes, not {entry['bytes']}; fetch a fresh copy"
+                f"archive {self.location} is damaged: {key} has {len(data)} bytes, not {entry.bytes}; fetch a fresh copy"
             )
-        if sha256_hex(data) != entry["sha256"]:
+        if sha256_hex(data) != entry.sha256:
             raise ArchiveError(f"archive {self.location} is damaged: {key} fails its checksum; fetch a fresh copy")
         if cached is not None:
             Location(cached.parent).write(cached.name, data)
@@ -391,6 +297,12 @@ class VerifiedObjects:
         return problems
 
 
+def verify_objects(location: Location, manifest: Manifest) -> list[str]:
+    """Every object's problem (missing, wrong size, wrong checksum) in the archive at
+    `location`; empty when it is sound."""
+    return VerifiedObjects(location, manifest).problems()
+
+
 class ArchiveReader:
     """Reads a finished archive: logits in training order, verified before use.
 
@@ -402,13 +314,13 @@ class ArchiveReader:
                  local_cache: str | os.PathLike | None = None):
         self.location = location if isinstance(location, Location) else Location(location, storage_options)
         self.manifest = read_manifest(self.location)
-        layout = self.manifest["layout"]
-        self.epochs, self.num_samples = layout["epochs"], layout["num_samples"]
-        self.views, self.num_classes = layout["views_per_sample"], layout["num_classes"]
-        self.shard_size = layout["positions_per_shard"]
+        self.layout = layout = self.manifest.layout
+        self.epochs, self.num_samples = layout.epochs, layout.num_samples
+        self.views, self.num_classes = layout.views_per_sample, layout.num_classes
+        self.shard_size = layout.positions_per_shard
         self.fetch = VerifiedObjects(self.location, self.manifest, local_cache)
-        self.codec = codec_from_manifest(self.manifest)
-        self.backend = _backend(self.manifest, self.codec)
+        self.codec = self.manifest.codec
+        self.backend = make_backend(self.manifest.backend, layout, self.codec, self.manifest.files)
         self._shard: tuple[tuple[int, int], dict[str, np.ndarray]] | None = None
         self.backend.open(self.fetch)
 

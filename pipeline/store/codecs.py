@@ -11,32 +11,63 @@
   kept at T = 1 (the tail's shape is what is lost).
 
 A codec names its fields (shape after (positions,), dtype); backends store each field
-as an array or record member, so adding a codec touches no backend.
+as an array or record member, so adding a codec touches no backend. Each codec class
+parses its own command-line name (`from_name`) and its manifest entry (`from_dict`,
+where the strict checks live) and writes that entry back (`to_dict`); `parse_codec`
+and `codec_from_dict` only pick the class.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from ..errors import ArchiveError, ConfigError, ModelError
+from ..errors import ConfigError, ModelError
+from .layout import ManifestError, parse_int, parse_object
 
 LOGPROB_STEP = 1 / 16  # nats per uint8 step: log-probabilities down to -15.9 are kept
 LOG_TAIL_FLOOR = -60.0  # the log tail mass of a view whose tail underflows
 ENCODE_ROWS = 4096  # positions encoded at a time
 
 
+DENSE_NAMES = {"dense-fp16": "float16", "dense-fp32": "float32"}  # name -> dtype of the stored logits
+TOPK_PREFIX = "topk:"
+
+
 @dataclass(frozen=True)
 class DenseCodec:
     dtype: str  # "float16" or "float32"
+
+    def __post_init__(self):
+        if self.dtype not in DENSE_NAMES.values():
+            raise ConfigError(f"a dense codec stores float16 or float32, not {self.dtype!r}")
 
     @property
     def name(self) -> str:
         return "dense-fp16" if self.dtype == "float16" else "dense-fp32"
 
+    @staticmethod
+    def claims(name: Any) -> bool:
+        """Whether `name` (a CLI name or a manifest's codec.name) is a dense codec's."""
+        return name in DENSE_NAMES
+
+    @classmethod
+    def from_name(cls, name: str, classes: int) -> DenseCodec:
+        return cls(DENSE_NAMES[name])
+
     def to_dict(self) -> dict:
         return {"name": self.name, "dtype": self.dtype}
+
+    @classmethod
+    def from_dict(cls, data: Any, classes: int) -> DenseCodec:
+        """The codec of a manifest entry; its dtype must be the one its name says."""
+        data = parse_object(data, "codec", ("name", "dtype"))
+        name, dtype = data["name"], data["dtype"]
+        if DENSE_NAMES.get(name) != dtype:
+            raise ManifestError(f"codec.dtype {dtype!r} contradicts codec.name {name!r}")
+        return cls(dtype)
 
     def fields(self, views: int, classes: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
         return {"logits": ((views, classes), np.dtype(self.dtype))}
@@ -60,10 +91,41 @@ class TopKCodec:
 
     @property
     def name(self) -> str:
-        return f"topk:{self.k}"
+        return f"{TOPK_PREFIX}{self.k}"
+
+    @staticmethod
+    def claims(name: Any) -> bool:
+        return isinstance(name, str) and name.startswith(TOPK_PREFIX)
+
+    @classmethod
+    def from_name(cls, name: str, classes: int) -> TopKCodec:
+        """`topk:K` with K capped at the class count."""
+        try:
+            k = int(name[len(TOPK_PREFIX):])
+        except ValueError:
+            k = 0
+        if k < 1:
+            raise ConfigError(f"--codec {name}: K must be a positive integer, e.g. topk:10")
+        return cls(min(k, classes), classes)
 
     def to_dict(self) -> dict:
         return {"name": self.name, "k": self.k, "logprob_step": LOGPROB_STEP, "tail": "uniform"}
+
+    @classmethod
+    def from_dict(cls, data: Any, classes: int) -> TopKCodec:
+        """The codec of a manifest entry: K a positive integer, at most the class count and
+        the one its name says, with the quantisation step and tail this kdpipe decodes."""
+        data = parse_object(data, "codec", ("name", "k", "logprob_step", "tail"))
+        k = parse_int(data["k"], "codec.k", minimum=1)
+        if data["name"] != f"{TOPK_PREFIX}{k}":
+            raise ManifestError(f"codec.k {k} contradicts codec.name {data['name']!r}")
+        if k > classes:
+            raise ManifestError(f"codec.k {k} exceeds layout.num_classes {classes}")
+        if data["logprob_step"] != LOGPROB_STEP or isinstance(data["logprob_step"], bool):
+            raise ManifestError(f"codec.logprob_step must be {LOGPROB_STEP}, got {data['logprob_step']!r}")
+        if data["tail"] != "uniform":
+            raise ManifestError(f"codec.tail must be 'uniform', got {data['tail']!r}")
+        return cls(k, classes)
 
     def _index_dtype(self) -> np.dtype:
         return np.dtype(np.uint16 if self.classes <= 1 << 16 else np.uint32)
@@ -118,36 +180,30 @@ Codec = DenseCodec | TopKCodec
 CODEC_NAMES = "dense-fp32, dense-fp16 or topk:K"
 
 
+CODECS = (DenseCodec, TopKCodec)
+
+
 def parse_codec(name: str, classes: int) -> Codec:
     """A codec from its command-line name; K is capped at the class count."""
-    if name == "dense-fp16":
-        return DenseCodec("float16")
-    if name == "dense-fp32":
-        return DenseCodec("float32")
-    if name.startswith("topk:"):
-        try:
-            k = int(name.split(":", 1)[1])
-        except ValueError:
-            k = 0
-        if k < 1:
-            raise ConfigError(f"--codec {name}: K must be a positive integer, e.g. topk:10")
-        return TopKCodec(min(k, classes), classes)
+    for kind in CODECS:
+        if kind.claims(name):
+            return kind.from_name(name, classes)
     raise ConfigError(f"unknown codec {name!r}; use {CODEC_NAMES}")
 
 
 def check_codec_name(name: str) -> None:
-    """Validate a codec name before the class count is known."""
+    """Refuse a bad command-line codec name before the class count is known (and before
+    any I/O): the name alone decides whether it parses."""
     parse_codec(name, classes=1)
 
 
-def codec_from_manifest(manifest: dict) -> Codec:
-    codec, classes = manifest["codec"], manifest["layout"]["num_classes"]
-    name = codec.get("name")
-    if name in ("dense-fp16", "dense-fp32") and codec.get("dtype") in ("float16", "float32"):
-        return DenseCodec(codec["dtype"])
-    if isinstance(name, str) and name.startswith("topk:") and isinstance(codec.get("k"), int):
-        return TopKCodec(codec["k"], classes)
-    raise ArchiveError(f"the archive's codec {name!r} is unknown to this kdpipe; upgrade kdpipe")
+def codec_from_dict(data: Any, classes: int) -> Codec:
+    """The codec of a manifest's `codec` entry, for an archive of `classes` classes."""
+    name = data.get("name") if isinstance(data, dict) else None
+    for kind in CODECS:
+        if kind.claims(name):
+            return kind.from_dict(data, classes)
+    raise ManifestError(f"codec {name!r} is unknown to this kdpipe; upgrade kdpipe")
 
 
 def _logsumexp(x: np.ndarray, axis: int) -> np.ndarray:

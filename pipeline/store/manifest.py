@@ -1,17 +1,31 @@
 """The archive manifest: what an archive holds, written last, checked on every read.
 
 An archive without `manifest.json` is unfinished. `plan.json` holds the manifest-to-be
-of an unfinished archive, so a re-run can tell whether it is completing the same job.
+of an unfinished archive (`Manifest.plan`), so a re-run can tell whether it is
+completing the same job.
+
+`Manifest` and its parts are frozen dataclasses with `to_dict` / `from_dict`:
+`to_dict` gives back exactly the JSON kdpipe writes, and `from_dict` is where every
+check lives (types, and fields that must agree with each other), each refused with a
+message that names the field. docs/format.md is the full specification.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+from dataclasses import dataclass, replace
 from typing import Any
 
-from ..config import first_difference, fingerprint
-from ..errors import ArchiveError, ArchiveMismatchError
+import numpy as np
+
+from ..config import MAIN_TEACHER, ViewRecipe, first_difference, fingerprint, sha256_hex
+from ..errors import ArchiveError, ArchiveMismatchError, ConfigError
+from ..views import view_param_fields
+from .backends import BACKENDS, check_backend_name, make_backend
+from .codecs import Codec, TopKCodec, codec_from_dict
+from .layout import Layout, ManifestError, parse_int, parse_object, parse_str, parse_str_list
 from .location import Location
 
 ARCHIVE_FORMAT = "kdpipe-archive"
@@ -45,6 +59,11 @@ def library_versions() -> dict[str, str]:
 MANIFEST_ONLY = ("shards", "files", "total_bytes", "manifest_fingerprint")
 SEAL = "manifest_fingerprint"
 INFORMATIONAL = (("dataset", "location"), ("teacher", "spec", "weights"))
+
+
+OUTPUTS = ("logits", "embeddings")  # what a teacher archive holds per view
+PLAN_KEYS = ("format", "schema_version", "backend", "recipe", "teacher", "dataset", "codec", "layout", "libraries")
+SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def seal(manifest: dict) -> dict:
@@ -83,7 +102,299 @@ def read_json(location: Location, key: str, what: str) -> dict:
     return _parse_json(location.read(key), location, key, what)
 
 
-def read_manifest(location: Location | str | os.PathLike, storage_options: dict | None = None) -> dict:
+@dataclass(frozen=True)
+class TeacherInfo:
+    """The manifest's `teacher`: the model as given (`spec`, a ModelSpec's dict), the hash
+    of its weights, what it outputs per view, its name in the archive and its classes."""
+
+    spec: dict
+    fingerprint: str
+    num_classes: int
+    outputs: str = "logits"
+    embedding_layer: str | None = None  # embeddings only: the module whose output is stored ("" = penultimate)
+    name: str = MAIN_TEACHER
+    classes: tuple[str, ...] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {"spec": self.spec, "fingerprint": self.fingerprint, "num_classes": self.num_classes,
+                "outputs": self.outputs}
+        if self.outputs == "embeddings":
+            data["embedding_layer"] = self.embedding_layer
+        return data | {"name": self.name, "classes": None if self.classes is None else list(self.classes)}
+
+    @classmethod
+    def from_dict(cls, data: Any, dataset_classes: tuple[str, ...] | None = None) -> TeacherInfo:
+        """Archives written before teachers had names, outputs or classes lack them: they
+        read as "main", "logits" and the dataset's classes."""
+        data = parse_object(data, "teacher", ("spec", "fingerprint", "num_classes"),
+                            optional=("outputs", "embedding_layer", "name", "classes"))
+        if not isinstance(data["spec"], dict):
+            raise ManifestError(f"teacher.spec must be an object, got {data['spec']!r}")
+        outputs = data.get("outputs", "logits")
+        if outputs not in OUTPUTS:
+            raise ManifestError(f"teacher.outputs must be one of {', '.join(OUTPUTS)}, got {outputs!r}")
+        layer = data.get("embedding_layer")
+        if (outputs == "embeddings") != ("embedding_layer" in data):
+            raise ManifestError("teacher.embedding_layer must be given exactly when teacher.outputs is 'embeddings'")
+        classes = parse_str_list(data["classes"], "teacher.classes", allow_none=True) if "classes" in data else dataset_classes
+        teacher = cls(spec=data["spec"], fingerprint=parse_str(data["fingerprint"], "teacher.fingerprint"),
+                      num_classes=parse_int(data["num_classes"], "teacher.num_classes", minimum=1), outputs=outputs,
+                      embedding_layer=None if layer is None else parse_str(layer, "teacher.embedding_layer"),
+                      name=parse_str(data.get("name", MAIN_TEACHER), "teacher.name"), classes=classes)
+        if teacher.classes is not None and len(teacher.classes) != teacher.num_classes:
+            raise ManifestError(f"teacher.classes names {len(teacher.classes)} classes but teacher.num_classes is "
+                                f"{teacher.num_classes}")
+        return teacher
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """The manifest's `dataset`: its fingerprint (keys, labels, content), size, class
+    names (None when unlabelled), and where it was read (informational)."""
+
+    fingerprint: str
+    num_samples: int
+    classes: tuple[str, ...] | None
+    labelled: bool
+    location: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"fingerprint": self.fingerprint, "num_samples": self.num_samples,
+                "classes": None if self.classes is None else list(self.classes), "labelled": self.labelled,
+                "location": self.location}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> DatasetInfo:
+        data = parse_object(data, "dataset", ("fingerprint", "num_samples", "classes", "labelled", "location"))
+        if not isinstance(data["labelled"], bool):
+            raise ManifestError(f"dataset.labelled must be true or false, got {data['labelled']!r}")
+        return cls(fingerprint=parse_str(data["fingerprint"], "dataset.fingerprint"),
+                   num_samples=parse_int(data["num_samples"], "dataset.num_samples", minimum=1),
+                   classes=parse_str_list(data["classes"], "dataset.classes", allow_none=True),
+                   labelled=data["labelled"], location=parse_str(data["location"], "dataset.location"))
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One object of a finished archive: its size and the sha256 of its bytes."""
+
+    bytes: int
+    sha256: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"bytes": self.bytes, "sha256": self.sha256}
+
+    @classmethod
+    def of(cls, data: bytes) -> FileEntry:
+        return cls(len(data), sha256_hex(data))
+
+    @classmethod
+    def from_dict(cls, data: Any, key: str) -> FileEntry:
+        data = parse_object(data, f"files[{key!r}]", ("bytes", "sha256"))
+        sha = data["sha256"]
+        if not isinstance(sha, str) or not SHA256.fullmatch(sha):
+            raise ManifestError(f"files[{key!r}].sha256 must be 64 lowercase hex digits, got {sha!r}")
+        return cls(parse_int(data["bytes"], f"files[{key!r}].bytes"), sha)
+
+
+@dataclass(frozen=True)
+class ShardEntry:
+    """One (epoch, shard) of a finished archive: its positions [start, stop) and the keys
+    of its objects, sorted."""
+
+    epoch: int
+    shard: int
+    start: int
+    stop: int
+    files: tuple[str, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "shard": self.shard, "start": self.start, "stop": self.stop,
+                "files": list(self.files)}
+
+    @classmethod
+    def from_dict(cls, data: Any, index: int) -> ShardEntry:
+        where = f"shards[{index}]"
+        data = parse_object(data, where, ("epoch", "shard", "start", "stop", "files"))
+        numbers = {key: parse_int(data[key], f"{where}.{key}") for key in ("epoch", "shard", "start", "stop")}
+        return cls(**numbers, files=parse_str_list(data["files"], f"{where}.files"))
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What an archive holds. A plan (the manifest-to-be of an unfinished archive) has
+    no `shards`, `files`, `total_bytes` or `manifest_fingerprint`; a finished archive's
+    manifest has all four."""
+
+    backend: str
+    schema_version: int
+    recipe: ViewRecipe
+    teacher: TeacherInfo
+    dataset: DatasetInfo
+    codec: Codec
+    layout: Layout
+    libraries: dict
+    shards: tuple[ShardEntry, ...] | None = None
+    files: dict[str, FileEntry] | None = None
+    total_bytes: int | None = None
+    manifest_fingerprint: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.manifest_fingerprint is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The manifest's JSON form, exactly as kdpipe writes it (keys are sorted on writing)."""
+        data = {
+            "format": ARCHIVE_FORMAT,
+            "schema_version": self.schema_version,
+            "backend": self.backend,
+            "recipe": self.recipe.to_dict(),
+            "teacher": self.teacher.to_dict(),
+            "dataset": self.dataset.to_dict(),
+            "codec": self.codec.to_dict(),
+            "layout": self.layout.to_dict(),
+            "libraries": dict(self.libraries),
+        }
+        if self.shards is not None:
+            data["shards"] = [shard.to_dict() for shard in self.shards]
+        if self.files is not None:
+            data["files"] = {key: entry.to_dict() for key, entry in sorted(self.files.items())}
+        if self.total_bytes is not None:
+            data["total_bytes"] = self.total_bytes
+        if self.manifest_fingerprint is not None:
+            data[SEAL] = self.manifest_fingerprint
+        return data
+
+    @classmethod
+    def plan(cls, backend: str, recipe: ViewRecipe, teacher: TeacherInfo, dataset: DatasetInfo, codec: Codec,
+             positions_per_shard: int | None = None) -> Manifest:
+        """The manifest-to-be of a new archive: everything but the shard list and checksums."""
+        check_backend_name(backend)
+        views, classes, params = recipe.views_per_sample, teacher.num_classes, view_param_fields(recipe)
+        fields = codec.fields(views, classes) | {"view_params": ((views, len(params)), np.dtype(np.float32))}
+        bytes_per_position = sum(int(np.prod(tail)) * dtype.itemsize for tail, dtype in fields.values())
+        layout = Layout.plan(recipe.epochs, dataset.num_samples, views, classes, params, bytes_per_position,
+                             positions_per_shard, buffer_bytes_per_position=views * classes * 4)
+        return cls(backend=backend, schema_version=SCHEMA_VERSION, recipe=recipe, teacher=teacher, dataset=dataset,
+                   codec=codec, layout=layout, libraries=library_versions())
+
+    def finish(self, shards: list[ShardEntry], files: dict[str, FileEntry]) -> Manifest:
+        """The finished archive's manifest: this plan with its shards and objects, sealed."""
+        done = replace(self, shards=tuple(shards), files=dict(sorted(files.items())),
+                       total_bytes=sum(entry.bytes for entry in files.values()), manifest_fingerprint=None)
+        return replace(done, manifest_fingerprint=seal(done.to_dict())[SEAL])
+
+    @classmethod
+    def from_dict(cls, data: Any, finished: bool = True) -> Manifest:
+        """A manifest (or, with `finished` False, a plan) from its JSON form, refusing any
+        field of the wrong type and any two fields that contradict each other."""
+        keys = PLAN_KEYS + (MANIFEST_ONLY if finished else ())
+        data = parse_object(data, "manifest", keys)
+        if data["format"] != ARCHIVE_FORMAT:
+            raise ManifestError(f"format must be {ARCHIVE_FORMAT!r}, got {data['format']!r}")
+        version = parse_schema_version(data["schema_version"])
+        backend = data["backend"]
+        if backend not in BACKENDS:
+            raise ManifestError(f"backend {backend!r} is unknown to this kdpipe (it reads {', '.join(BACKENDS)}); "
+                                "upgrade kdpipe")
+        layout = Layout.from_dict(data["layout"])
+        dataset = DatasetInfo.from_dict(data["dataset"])
+        manifest = cls(
+            backend=backend, schema_version=version, recipe=_parse_recipe(data["recipe"]),
+            teacher=TeacherInfo.from_dict(data["teacher"], dataset.classes), dataset=dataset,
+            codec=codec_from_dict(data["codec"], layout.num_classes), layout=layout,
+            libraries=_parse_libraries(data["libraries"]),
+        )
+        manifest._check_parts()
+        if not finished:
+            return manifest
+        files = data["files"]
+        if not isinstance(files, dict):
+            raise ManifestError(f"files must be an object, got {files!r}")
+        manifest = replace(
+            manifest,
+            shards=tuple(ShardEntry.from_dict(entry, i) for i, entry in enumerate(_parse_list(data["shards"], "shards"))),
+            files={key: FileEntry.from_dict(entry, key) for key, entry in files.items()},
+            total_bytes=parse_int(data["total_bytes"], "total_bytes"),
+            manifest_fingerprint=parse_str(data[SEAL], SEAL),
+        )
+        manifest._check_shards()
+        return manifest
+
+    def _check_parts(self) -> None:
+        """The sections agree: the layout is the recipe's and the teacher's, the dataset's
+        size is the layout's, and an archive of embeddings is dense."""
+        layout, recipe = self.layout, self.recipe
+        agree = [
+            ("layout.epochs", layout.epochs, "recipe.epochs", recipe.epochs),
+            ("layout.views_per_sample", layout.views_per_sample, "recipe.views_per_sample", recipe.views_per_sample),
+            ("layout.num_samples", layout.num_samples, "dataset.num_samples", self.dataset.num_samples),
+            ("layout.num_classes", layout.num_classes, "teacher.num_classes", self.teacher.num_classes),
+        ]
+        for field, value, other, expected in agree:
+            if value != expected:
+                raise ManifestError(f"{field} {value} contradicts {other} {expected}")
+        if layout.view_param_fields != view_param_fields(recipe):
+            raise ManifestError(f"layout.view_param_fields {list(layout.view_param_fields)} are not those of the "
+                                f"recipe {list(view_param_fields(recipe))} (recipe.mixup {recipe.mixup})")
+        if self.teacher.outputs == "embeddings" and isinstance(self.codec, TopKCodec):
+            raise ManifestError(f"codec.name {self.codec.name!r} contradicts teacher.outputs 'embeddings' "
+                                "(embeddings are stored dense)")
+
+    def _check_shards(self) -> None:
+        """`shards` lists every (epoch, shard) of the layout in order with its positions and
+        the backend's objects, each of them in `files`, whose sizes add up to `total_bytes`."""
+        units = list(self.layout.units())
+        if len(self.shards) != len(units):
+            raise ManifestError(f"shards lists {len(self.shards)} shards but the layout has {len(units)} "
+                                f"({self.layout.epochs} epochs of {self.layout.shards_per_epoch})")
+        backend = make_backend(self.backend, self.layout, self.codec)
+        for i, (entry, (epoch, shard, start, stop)) in enumerate(zip(self.shards, units)):
+            if (entry.epoch, entry.shard, entry.start, entry.stop) != (epoch, shard, start, stop):
+                raise ManifestError(
+                    f"shards[{i}] is epoch {entry.epoch}, shard {entry.shard}, positions {entry.start}-{entry.stop}; "
+                    f"the layout puts epoch {epoch}, shard {shard}, positions {start}-{stop} there"
+                )
+            expected = tuple(sorted(backend.shard_files(epoch, shard)))
+            if entry.files != expected:
+                raise ManifestError(f"shards[{i}].files {list(entry.files)} are not the {self.backend} objects of "
+                                    f"epoch {epoch}, shard {shard} {list(expected)}")
+            unlisted = [key for key in entry.files if key not in self.files]
+            if unlisted:
+                raise ManifestError(f"shards[{i}].files names {unlisted[0]}, which files does not list")
+        total = sum(entry.bytes for entry in self.files.values())
+        if self.total_bytes != total:
+            raise ManifestError(f"total_bytes {self.total_bytes} is not the sum of the files' bytes ({total})")
+
+
+def parse_schema_version(data: Any) -> int:
+    """An integer of at least 1 (a bool, a string or a float is the wrong type, not an old version)."""
+    return parse_int(data, "schema_version", minimum=1)
+
+
+def _parse_recipe(data: Any) -> ViewRecipe:
+    if not isinstance(data, dict):
+        raise ManifestError(f"recipe must be an object, got {data!r}")
+    try:
+        return ViewRecipe.from_dict(data)
+    except (ConfigError, TypeError, ValueError) as exc:
+        raise ManifestError(f"recipe is not a valid view recipe: {exc}") from None
+
+
+def _parse_libraries(data: Any) -> dict:
+    if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
+        raise ManifestError(f"libraries must map library names to version strings, got {data!r}")
+    return data
+
+
+def _parse_list(data: Any, field: str) -> list:
+    if not isinstance(data, list):
+        raise ManifestError(f"{field} must be a list, got {data!r}")
+    return data
+
+
+def read_manifest(location: Location | str | os.PathLike, storage_options: dict | None = None) -> Manifest:
     """The manifest of a finished archive; a clear error for anything else."""
     if not isinstance(location, Location):
         location = Location(location, storage_options)
@@ -99,8 +410,11 @@ def read_manifest(location: Location | str | os.PathLike, storage_options: dict 
     manifest = _parse_json(data, location, MANIFEST, "manifest")
     if not isinstance(manifest, dict) or manifest.get("format") != ARCHIVE_FORMAT:
         raise ArchiveError(f"{location}/{MANIFEST} is not a kdpipe archive manifest")
-    version = manifest.get("schema_version")
-    if not isinstance(version, int) or version > SCHEMA_VERSION:
+    try:
+        version = parse_schema_version(manifest.get("schema_version"))
+    except ManifestError as exc:
+        raise ArchiveError(f"the manifest of archive {location}: {exc}") from None
+    if version > SCHEMA_VERSION:
         raise ArchiveError(
             f"archive {location} has schema version {version}; this kdpipe reads up to {SCHEMA_VERSION}: upgrade kdpipe"
         )
@@ -114,15 +428,32 @@ def read_manifest(location: Location | str | os.PathLike, storage_options: dict 
             f"the manifest of archive {location} was changed after it was written (its {SEAL} does not match); "
             "fetch a fresh copy"
         )
-    return manifest
+    return parse_manifest(manifest, location)
 
 
-def check_archive_matches(manifest: dict, location: str, **expected: Any) -> None:
+def parse_manifest(data: Any, location: Location | str, finished: bool = True) -> Manifest:
+    """`Manifest.from_dict`, with the archive named in its error."""
+    try:
+        return Manifest.from_dict(data, finished=finished)
+    except ManifestError as exc:
+        what = "manifest" if finished else "plan"
+        raise ArchiveError(f"the {what} of archive {location}: {exc}") from None
+
+
+def read_plan(location: Location) -> Manifest:
+    """The plan of an unfinished archive."""
+    return parse_manifest(read_json(location, PLAN, "plan"), location, finished=False)
+
+
+def check_archive_matches(manifest: Manifest | dict, location: str, **expected: Any) -> None:
     """Refuse an archive whose fields differ from what the caller expects, naming the field.
 
     Keyword names are manifest sections with `__` for dots, e.g.
-    `dataset__fingerprint=...`, `recipe={...}`, `teacher__fingerprint=...`.
+    `dataset__fingerprint=...`, `recipe={...}`, `teacher__fingerprint=...`; they are
+    compared with the manifest's JSON form.
     """
+    if isinstance(manifest, Manifest):
+        manifest = manifest.to_dict()
     for key, want in expected.items():
         path = key.split("__")
         have: Any = manifest

@@ -19,12 +19,13 @@ import gzip
 import io
 import tarfile
 import zlib
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Mapping
 
 import numpy as np
 
 from ..errors import ArchiveError
 from .codecs import Codec
+from .layout import Layout
 
 META_FIELDS = ("epoch", "position", "sample", "label")
 
@@ -45,15 +46,16 @@ def _npy_header(dtype: np.dtype) -> bytes:
 
 
 class WebDatasetBackend:
+    """The `Backend` of gzip tar shards (see pipeline.store.backends)."""
+
     name = "webdataset"
 
-    def __init__(self, manifest: dict, codec: Codec):
-        layout = manifest["layout"]
-        self.num_samples, self.shard_size = layout["num_samples"], layout["positions_per_shard"]
-        views, classes = layout["views_per_sample"], layout["num_classes"]
+    def __init__(self, layout: Layout, codec: Codec, files: Mapping[str, dict]):
+        self.layout = layout
+        views = layout.views_per_sample
         fields = [(name, "<i8") for name in META_FIELDS]
-        fields.append(("view_params", "<f4", (views, len(layout["view_param_fields"]))))
-        for name, (tail, dtype) in codec.fields(views, classes).items():
+        fields.append(("view_params", "<f4", (views, len(layout.view_param_fields))))
+        for name, (tail, dtype) in codec.fields(views, layout.num_classes).items():
             fields.append((name, dtype.newbyteorder("<"), tail))
         self.dtype = np.dtype(fields)
         self.header = _npy_header(self.dtype)
@@ -80,6 +82,9 @@ class WebDatasetBackend:
                 tar.addfile(info, io.BytesIO(data))
         return {shard_key(epoch, shard): gzip.compress(out.getvalue(), compresslevel=6, mtime=0)}
 
+    def shard_files(self, epoch: int, shard: int) -> list[str]:
+        return [shard_key(epoch, shard)]
+
     def open(self, fetch: Callable[[str], bytes]) -> None:
         self._fetch = fetch
 
@@ -90,8 +95,8 @@ class WebDatasetBackend:
             data = gzip.decompress(self._fetch(key))
         except (OSError, EOFError, zlib.error) as exc:
             raise ArchiveError(f"{key} is not a readable gzip file: {exc}") from None
-        start = shard * self.shard_size
-        count = min(self.shard_size, self.num_samples - start)
+        start, stop = self.layout.shard_range(shard)
+        count = stop - start
         payloads = []
         try:
             with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:

@@ -16,7 +16,7 @@ reader opens it.
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Mapping
 
 import numpy as np
 import zarr
@@ -26,8 +26,10 @@ from zarr.storage import MemoryStore
 
 from ..errors import ArchiveError
 from .codecs import Codec
+from .layout import Layout
 
 INDEX_ARRAYS = ("sample_index", "position_index")
+STATIC_ARRAYS = INDEX_ARRAYS + ("labels",)  # fill value 0: zarr writes no chunk that is all zeros
 
 
 def _compressor(dtype: np.dtype) -> BloscCodec:
@@ -47,18 +49,19 @@ def shard_key(array: str, epoch: int, shard: int, ndim: int) -> str:
 
 
 class ZarrBackend:
+    """The `Backend` of zarr v3 groups (see pipeline.store.backends)."""
+
     name = "zarr"
 
-    def __init__(self, manifest: dict, codec: Codec):
-        layout = manifest["layout"]
-        self.epochs, self.num_samples = layout["epochs"], layout["num_samples"]
-        self.views, self.classes = layout["views_per_sample"], layout["num_classes"]
-        self.params = len(layout["view_param_fields"])
-        self.shard_size, self.chunk = layout["positions_per_shard"], layout["positions_per_chunk"]
-        self.fields = codec.fields(self.views, self.classes) | {
-            "view_params": ((self.views, self.params), np.dtype(np.float32))
+    def __init__(self, layout: Layout, codec: Codec, files: Mapping[str, dict]):
+        self.layout = layout
+        self.epochs, self.num_samples = layout.epochs, layout.num_samples
+        self.shard_size, self.chunk = layout.positions_per_shard, layout.positions_per_chunk
+        views = layout.views_per_sample
+        self.fields = codec.fields(views, layout.num_classes) | {
+            "view_params": ((views, len(layout.view_param_fields)), np.dtype(np.float32))
         }
-        self._files = manifest.get("files", {})  # a finished archive's objects
+        self._files = files  # a finished archive's objects
         self._store: dict = {}
         self._staging: zarr.Group | None = None
 
@@ -112,13 +115,16 @@ class ZarrBackend:
             out[key] = self._store.pop(key).to_bytes()
         return out
 
+    def shard_files(self, epoch: int, shard: int) -> list[str]:
+        return [shard_key(name, epoch, shard, len(tail) + 2) for name, (tail, _) in self.fields.items()]
+
     def open(self, fetch: Callable[[str], bytes]) -> None:
         """Load the (verified) metadata and labels; shards and indices come on demand."""
         self._fetch = fetch
         self._prototype = default_buffer_prototype()
         for key in self._files:
             if key.endswith("zarr.json") or key.startswith("labels/c/"):
-                self._put(key)
+                self._put(key)  # a labels chunk the manifest does not list is all zeros (one class)
         try:
             self._group = zarr.open_group(MemoryStore(self._store), mode="r", zarr_format=3)
             self._labels = self._group["labels"][...]
@@ -129,16 +135,23 @@ class ZarrBackend:
     def _put(self, key: str) -> None:
         self._store[key] = self._prototype.buffer.from_bytes(self._fetch(key))
 
+    def _put_static(self, key: str) -> None:
+        """Load a chunk of an index array. zarr writes no object for a chunk that is all
+        fill value (0), and the manifest lists every object that was written: an unlisted
+        chunk is all zeros, which for a position index means a single sample; any other
+        unlisted chunk is refused by the fetch as damage."""
+        if key in self._files or self.num_samples != 1:
+            self._put(key)
+
     def decode(self, epoch: int, shard: int) -> dict[str, np.ndarray]:
         """Every stored array of one shard, plus each position's sample index and label."""
-        start = shard * self.shard_size
-        stop = min(start + self.shard_size, self.num_samples)
+        start, stop = self.layout.shard_range(shard)
         if epoch != self._epoch:
             for key in [k for k in self._store if k.startswith("sample_index/c/")]:
                 del self._store[key]
-            self._put(f"sample_index/c/{epoch}/0")
+            self._put_static(f"sample_index/c/{epoch}/0")
             self._epoch = epoch
-        keys = [shard_key(name, epoch, shard, len(tail) + 2) for name, (tail, _) in self.fields.items()]
+        keys = self.shard_files(epoch, shard)
         for key in keys:
             self._put(key)
         try:

@@ -1,0 +1,67 @@
+"""The backend interface: how an archive's views become stored objects, and back.
+
+A backend turns one shard of encoded fields into whole objects (bytes by key) and a
+verified shard's objects back into arrays; the archive writer and reader do all the
+I/O, checksums and commit bookkeeping around it. `BACKENDS` names every backend this
+kdpipe implements; config validation, the CLI and the tests all use it.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator, Protocol
+
+import numpy as np
+
+from ..errors import ConfigError
+from .codecs import Codec
+from .layout import Layout, ManifestError
+
+BACKENDS = ("zarr", "webdataset")  # the first is the default
+
+
+class Backend(Protocol):
+    """What the zarr and webdataset backends implement, each built from
+    `(layout, codec, files)`: `files` are a finished archive's objects (empty when writing)."""
+
+    name: str
+
+    def static_files(self, labels: np.ndarray, order: Callable[[int], np.ndarray]) -> Iterator[tuple[str, bytes]]:
+        """The objects written once when an archive is created (metadata, labels, the
+        per-epoch position indices); `order(epoch)` gives the sample at each position."""
+        ...
+
+    def encode(self, epoch: int, shard: int, start: int, fields: dict[str, np.ndarray], params: np.ndarray,
+               sample_index: np.ndarray, labels: np.ndarray) -> dict[str, bytes]:
+        """The objects of one whole shard (positions [start, start + n) of `epoch`)."""
+        ...
+
+    def shard_files(self, epoch: int, shard: int) -> list[str]:
+        """The keys of the objects `encode` writes for one shard."""
+        ...
+
+    def open(self, fetch: Callable[[str], bytes]) -> None:
+        """Prepare to decode; `fetch(key)` returns an object's verified bytes."""
+        ...
+
+    def decode(self, epoch: int, shard: int) -> dict[str, np.ndarray]:
+        """Every stored array of one shard, plus `sample_index` and `label` per position."""
+        ...
+
+
+def check_backend_name(name: str) -> None:
+    """Refuse a `--format` this kdpipe does not write."""
+    if name not in BACKENDS:
+        raise ConfigError(f"--format must be one of {', '.join(BACKENDS)}, got {name!r}")
+
+
+def make_backend(name: str, layout: Layout, codec: Codec, files: dict | None = None) -> Backend:
+    """The backend called `name` for an archive of `layout` and `codec`."""
+    if name == "zarr":
+        from .zarr_store import ZarrBackend
+
+        return ZarrBackend(layout, codec, files or {})
+    if name == "webdataset":
+        from .wds_store import WebDatasetBackend
+
+        return WebDatasetBackend(layout, codec, files or {})
+    raise ManifestError(f"backend {name!r} is unknown to this kdpipe (it reads {', '.join(BACKENDS)}); upgrade kdpipe")
