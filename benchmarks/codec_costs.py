@@ -40,8 +40,7 @@ from typer.testing import CliRunner
 
 from cli import app
 from pipeline.data import SyntheticImages
-from pipeline.store import ArchiveReader
-from pipeline.store.codecs import codec_from_manifest, parse_codec
+from pipeline.store import ArchiveReader, Manifest, parse_codec, read_manifest
 
 CODECS = ("dense-fp32", "dense-fp16", "topk:5", "topk:10", "topk:20", "topk:50")
 REFERENCE = "dense-fp32"  # lossless: what the other codecs are compared with
@@ -91,16 +90,15 @@ def read_all(archive: str) -> dict:
             "samples": np.concatenate(samples), "manifest": reader.manifest}
 
 
-def sizes(manifest: dict) -> dict:
+def sizes(manifest: Manifest) -> dict:
     """Bytes per view: the whole archive, its logit arrays alone, and the codec's raw
     (uncompressed) fields."""
-    layout = manifest["layout"]
-    views = layout["epochs"] * layout["num_samples"] * layout["views_per_sample"]
-    codec = codec_from_manifest(manifest)
-    fields = codec.fields(layout["views_per_sample"], layout["num_classes"])
-    raw = sum(math.prod(tail) * dtype.itemsize for tail, dtype in fields.values()) / layout["views_per_sample"]
-    logit_bytes = sum(entry["bytes"] for key, entry in manifest["files"].items() if key.split("/")[0] in fields)
-    return {"bytes_per_view": manifest["total_bytes"] / views, "logit_bytes_per_view": logit_bytes / views,
+    layout = manifest.layout
+    views = layout.views
+    fields = manifest.codec.fields(layout.views_per_sample, layout.num_classes)
+    raw = sum(math.prod(tail) * dtype.itemsize for tail, dtype in fields.values()) / layout.views_per_sample
+    logit_bytes = sum(entry.bytes for key, entry in manifest.files.items() if key.split("/")[0] in fields)
+    return {"bytes_per_view": manifest.total_bytes / views, "logit_bytes_per_view": logit_bytes / views,
             "raw_logit_bytes_per_view": raw}
 
 
@@ -221,9 +219,9 @@ def setting_b(work: Path, args: argparse.Namespace) -> dict:
         if result.exit_code != 0:
             sys.exit(f"kdpipe quickstart failed:\n{result.output}")
     summary = json.loads((quickstart / "summary.json").read_text())
-    manifest = json.loads((quickstart / "teacher.zarr" / "manifest.json").read_text())
+    manifest = read_manifest(quickstart / "teacher.zarr")
     settings = json.loads((quickstart / "runs" / "cached-seed0" / "config.json").read_text())
-    recipe, teacher = manifest["recipe"], manifest["teacher"]["spec"]
+    recipe, teacher = manifest.recipe.to_dict(), manifest.teacher.spec
     recipe_args = ["--size", recipe["size"], "--scale", ",".join(map(str, recipe["scale"])),
                    "--ratio", ",".join(map(str, recipe["ratio"])), "--flip-prob", recipe["flip_prob"],
                    "--color-jitter", recipe["color_jitter"], "--views-per-sample", recipe["views_per_sample"],
@@ -231,14 +229,14 @@ def setting_b(work: Path, args: argparse.Namespace) -> dict:
     teacher_args = ["--teacher", teacher["name"], "--weights", teacher["weights"], "--num-classes",
                     teacher["num_classes"], "--mean", ",".join(map(str, teacher["mean"])),
                     "--std", ",".join(map(str, teacher["std"]))]
-    data = manifest["dataset"]["location"]
+    data = manifest.dataset.location
     # K is capped at the class count: topk:20 of 10 classes is topk:10, cached and trained once
     effective = {codec: parse_codec(codec, teacher["num_classes"]).name for codec in CODECS}
     archives = {}
     for codec in dict.fromkeys(effective.values()):
         archives[codec] = str(work / f"{codec.replace(':', '')}.zarr")
         kdpipe("cache-teacher", "--data", data, *teacher_args, *recipe_args, *cache_args(codec, Path(archives[codec])))
-    same = json.loads(Path(archives["dense-fp16"], "manifest.json").read_text())["files"] == manifest["files"]
+    same = read_manifest(archives["dense-fp16"]).files == manifest.files
     measured, stats = compare_codecs(archives)
     students = train_students(archives, data, settings["val"], settings["student"]["name"], settings,
                               list(range(args.seeds)), work / "runs")
@@ -247,7 +245,7 @@ def setting_b(work: Path, args: argparse.Namespace) -> dict:
         rows[codec] = measured[stored] | students[stored] | ({"same_as": stored} if stored != codec else {})
     return {
         "setting": (f"quickstart: teacher {teacher['name']} (val top-1 {summary['teacher']['val_top1']:.2f}%), "
-                    f"{recipe['epochs']} epochs x {manifest['dataset']['num_samples']} images x "
+                    f"{recipe['epochs']} epochs x {manifest.dataset.num_samples} images x "
                     f"{recipe['views_per_sample']} views, 10 classes; student {settings['student']['name']}, "
                     f"{settings['epochs']} epochs, lr {settings['lr']}, batch {settings['batch_size']}, "
                     f"no labels, init seeds {list(range(args.seeds))}"),

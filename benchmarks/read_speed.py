@@ -176,7 +176,7 @@ class TimeSplit:
     def run(self, open_reader, batch: int) -> dict:
         import hashlib
 
-        from pipeline.store.location import Location
+        from pipeline.store import Location
 
         reader = open_reader()  # a first reader, to learn the backend and codec classes
         backend, codec = type(reader.backend), type(reader.codec)

@@ -14,7 +14,7 @@ import pytest
 import torch
 import zarr
 
-from pipeline.config import ModelSpec, ViewRecipe
+from pipeline.config import ModelSpec
 from pipeline.data import ImageFolder, ViewDataset
 from pipeline.models import build_model, model_fingerprint
 from pipeline.store import SCHEMA_VERSION, ArchiveReader, read_manifest
