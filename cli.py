@@ -7,7 +7,9 @@ import errno
 import functools
 import json
 import os
+import signal
 import sys
+import threading
 from typing import Annotated, Optional
 
 import typer
@@ -26,28 +28,64 @@ app = typer.Typer(
 
 # Failures of the machine rather than of kdpipe: a full disk, a read-only place.
 NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
+# Signals that stop a run like Ctrl-C: a cluster scheduler's SIGTERM, a closed terminal's
+# SIGHUP. The exit code is 128 + the signal's number, as a shell reports it.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class Stopped(KeyboardInterrupt):
+    """A stop signal, raised wherever the main thread is, so the run unwinds as from
+    Ctrl-C: the writer lease is released and the DataLoader workers are shut down."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _stop(signum: int, frame) -> None:
+    raise Stopped(signum)
+
+
+def _environment_error(exc: BaseException) -> str | None:
+    """One line of advice for a failure of the machine's resources, or None."""
+    text = str(exc)
+    if isinstance(exc, OSError) and exc.errno in NO_SPACE + NOT_WRITABLE:
+        where = f" ({exc.filename})" if exc.filename else ""
+        advice = "free some space" if exc.errno in NO_SPACE else "choose a writable location"
+        return f"{exc.strerror}{where}; {advice}, then re-run"
+    if "shared memory" in text or "/dev/shm" in text or "torch_shm_manager" in text:
+        return ("the DataLoader workers ran out of shared memory (/dev/shm is too small, as in a default container); "
+                "pass --workers 0, or give the machine more shared memory (docker run --shm-size 8g)")
+    if isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and "out of memory" in text.lower()):
+        return "out of memory; lower --batch-size (or --teacher-batch-size, --size), then re-run"
+    return None
 
 
 def _user_errors(command):
-    """Turn a KdpipeError into one line on stderr and exit code 2."""
+    """Turn a KdpipeError, or a failure of the machine's resources, into one line on
+    stderr and exit code 2; a stop signal into one line and 128 + its number."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
+        if threading.current_thread() is threading.main_thread():
+            for signum in STOP_SIGNALS[1:]:
+                signal.signal(signum, _stop)
         try:
             return command(*args, **kwargs)
         except KdpipeError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from None
-        except OSError as exc:
-            if exc.errno not in NO_SPACE + NOT_WRITABLE:
+        except KeyboardInterrupt as exc:
+            signum = getattr(exc, "signum", signal.SIGINT)
+            what = "interrupted" if signum == signal.SIGINT else f"interrupted by {signal.Signals(signum).name}"
+            typer.echo(f"{what}; re-run the same command to continue (train-student: add --resume)", err=True)
+            raise typer.Exit(128 + signum) from None
+        except (OSError, RuntimeError, MemoryError) as exc:
+            message = _environment_error(exc)
+            if message is None:
                 raise
-            where = f" ({exc.filename})" if exc.filename else ""
-            advice = "free some space" if exc.errno in NO_SPACE else "choose a writable location"
-            typer.echo(f"error: {exc.strerror}{where}; {advice}, then re-run", err=True)
+            typer.echo(f"error: {message}", err=True)
             raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            typer.echo("interrupted; re-run the same command to continue (train-student: add --resume)", err=True)
-            raise typer.Exit(130) from None
 
     return wrapper
 
@@ -264,9 +302,7 @@ def train_student_command(
         mode = "cached" if cache else "online" if teacher else "supervised"
     if teacher is None and (weights or teacher_mean or teacher_std):
         raise ConfigError("--weights, --teacher-mean and --teacher-std describe a teacher: add --teacher MODEL")
-    teacher_spec = None
-    if teacher is not None:
-        teacher_spec = _model_spec(teacher, num_classes, weights, teacher_mean, teacher_std)
+    teacher_spec = _model_spec(teacher, num_classes, weights, teacher_mean, teacher_std) if teacher else None
     spec = TrainSpec(
         data=data, student=_model_spec(student, num_classes, student_weights, mean, std), out=out, mode=mode,
         cache=cache, storage_options=parse_storage_options(storage_option), local_cache=local_cache, teacher=teacher_spec, val=val, epochs=epochs, cycle_epochs=cycle_epochs, batch_size=batch_size,

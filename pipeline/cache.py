@@ -15,7 +15,7 @@ from . import distributed
 from .config import MAIN_TEACHER, CacheSpec
 from .data import RangeBatches, ViewDataset, open_source
 from .errors import ArchiveError, ConfigError, ModelError
-from .host import keep_freed_memory
+from .host import keep_freed_memory, quiet_worker
 from .models import Teacher, with_num_classes
 from .progress import say, views_progress
 from .store import (ArchiveWriter, DatasetInfo, Location, Manifest, TeacherInfo, check_archive_matches,
@@ -84,6 +84,7 @@ def cache_teacher(spec: CacheSpec) -> dict:
             batch_sampler=RangeBatches([(e, start, stop) for e, _, start, stop in units], num_samples, spec.batch_size),
             num_workers=spec.workers,
             pin_memory=teacher.device.type == "cuda",
+            worker_init_fn=quiet_worker,
         )
         compute_started = time.perf_counter()
         queue = iter(units)

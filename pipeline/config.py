@@ -10,12 +10,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ConfigError
 
+UNLABELLED = -1  # the label of a sample that has none
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -42,6 +44,36 @@ def _from_dict(cls, data: dict[str, Any]):
         raise ConfigError(f"{cls.__name__} has no field(s) {sorted(unknown)}")
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
     return cls(**values)
+
+
+MAX_VIEW_SIZE = 8192  # pixels per side of a rendered view: beyond this a typo, not a model's input
+MAX_EPOCHS = 100_000  # of views cached or trained: beyond this a typo (200000 for 200)
+MAX_VIEWS_PER_SAMPLE = 1024
+MAX_WORKERS = 512
+
+
+def check_number(option: str, value: Any, low: float | None = None, high: float | None = None,
+                 above: bool = False, below: bool = False) -> None:
+    """Refuse an option's value that is not a finite number in [low, high] (or the open
+    side where `above`/`below`), naming the option: a NaN or an infinity passes every
+    comparison-based check and then fails far from where it was typed."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if above else value >= low
+    if ok and high is not None:
+        ok = value < high if below else value <= high
+    if not ok:
+        lower = "" if low is None else f"{'>' if above else '>='} {low:g}"
+        upper = "" if high is None else f"{'<' if below else '<='} {high:g}"
+        allowed = " and ".join(part for part in (lower, upper) if part)
+        raise ConfigError(f"{option} must be a finite number{' ' + allowed if allowed else ''}, got {value!r}")
+
+
+def check_path(option: str, value: str | None) -> None:
+    """Refuse an empty path or URL: "" would mean the current folder, or "/" once a
+    trailing slash is stripped (a whole filesystem to list or to write into)."""
+    if value is not None and not str(value).strip():
+        raise ConfigError(f"{option} is empty; give a folder or URL")
 
 
 def parse_storage_options(pairs: list[str] | None) -> dict:
@@ -114,25 +146,25 @@ class ViewRecipe:
     mixup: dict | None = None
 
     def __post_init__(self):
-        if self.size < 1:
-            raise ConfigError(f"view size must be at least 1 pixel, got {self.size}")
+        check_number("--size", self.size, 1, MAX_VIEW_SIZE)
+        for option, values in (("--scale", self.scale), ("--ratio", self.ratio)):
+            for value in values:
+                check_number(option, value, 0, above=True)
+        check_number("--flip-prob", self.flip_prob, 0, 1)
+        check_number("--color-jitter", self.color_jitter, 0, 1, below=True)
+        check_number("--views-per-sample", self.views_per_sample, 1, MAX_VIEWS_PER_SAMPLE)
+        check_number("--epochs", self.epochs, 1, MAX_EPOCHS)
         if not (0 < self.scale[0] <= self.scale[1] <= 1):
-            raise ConfigError(f"crop scale must satisfy 0 < min <= max <= 1, got {self.scale}")
+            raise ConfigError(f"--scale must satisfy 0 < min <= max <= 1, got {self.scale}")
         if not (0 < self.ratio[0] <= self.ratio[1]):
-            raise ConfigError(f"crop ratio must satisfy 0 < min <= max, got {self.ratio}")
-        if not (0 <= self.flip_prob <= 1):
-            raise ConfigError(f"flip probability must be in [0, 1], got {self.flip_prob}")
-        if not (0 <= self.color_jitter < 1):
-            raise ConfigError(f"colour jitter must be in [0, 1), got {self.color_jitter}")
-        if self.views_per_sample < 1 or self.epochs < 1:
-            raise ConfigError("views per sample and epochs must be at least 1")
+            raise ConfigError(f"--ratio must satisfy 0 < min <= max, got {self.ratio}")
         if self.seed < 0:
             raise ConfigError(f"seed must be a non-negative integer, got {self.seed}")
         if self.mixup is not None:
             mode, alpha = self.mixup.get("mode"), self.mixup.get("alpha")
             if set(self.mixup) != {"mode", "alpha"} or mode not in MIX_MODES:
                 raise ConfigError(f"mixing must be one of {', '.join(MIX_MODES)}, got {self.mixup}")
-            if not isinstance(alpha, (int, float)) or alpha < 0:
+            if not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha < 0:
                 raise ConfigError(f"--mix-alpha must be 0 (lam uniform) or positive (Beta(alpha, alpha)), got {alpha}")
 
     def to_dict(self) -> dict[str, Any]:
@@ -197,10 +229,12 @@ class CacheSpec:
         if self.embedding_layer is not None and self.codec.startswith("topk:"):
             raise ConfigError(f"--codec {self.codec} keeps the largest logits; embeddings are stored with a dense codec")
         check_teacher_name(self.teacher_name)
-        if self.batch_size < 1:
-            raise ConfigError("batch size must be at least 1")
-        if self.positions_per_shard is not None and self.positions_per_shard < 1:
-            raise ConfigError("shard size must be at least 1 position")
+        check_path("--data", self.data)
+        check_path("--out", self.out)
+        check_number("--batch-size", self.batch_size, 1)
+        check_number("--workers", self.workers, 0, MAX_WORKERS)
+        if self.positions_per_shard is not None:
+            check_number("--shard-size", self.positions_per_shard, 1)
 
 
 MODES = ("cached", "online", "supervised")
@@ -245,8 +279,6 @@ class TrainSpec:
     probe_data: str | None = None  # labelled images the linear probe of a SEED student is fitted on
 
     def __post_init__(self):
-        from .losses import loss_options
-
         if (self.teachers or self.schedule) and self.mode != "cached":
             raise ConfigError("--teachers and --schedule name teachers of an archive: use them with --cache")
         for name in self.teachers or ():
@@ -261,13 +293,6 @@ class TrainSpec:
                 raise ConfigError(f"--schedule must give each teacher at least 1 epoch and {self.epochs} (--epochs) in all")
         if self.loss == "seed" and (self.mode == "supervised" or self.alpha > 0):
             raise ConfigError("--loss seed distils a teacher's embeddings: use it with --cache or --teacher and --alpha 0")
-        allowed = [name for name in loss_options(self.loss) if name != "temperature"]
-        for name, value in self.loss_options.items():
-            if name not in allowed:
-                known = ", ".join(allowed) or "none"
-                raise ConfigError(f"the {self.loss} loss has no option {name!r} (its options: {known}; T is --temperature)")
-            if not isinstance(value, (int, float)):
-                raise ConfigError(f"--loss-option {name} must be a number, got {value!r}")
         if self.mode not in MODES:
             raise ConfigError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.optimizer not in OPTIMIZERS:
@@ -280,10 +305,20 @@ class TrainSpec:
             raise ConfigError(f"--cache is used only with --mode cached, not {self.mode}")
         if self.mode == "supervised" and self.teacher is not None:
             raise ConfigError("--teacher is not used in supervised mode; drop it or choose --mode online")
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ConfigError("epochs and batch size must be at least 1")
-        if self.student_size is not None and self.student_size < 1:
-            raise ConfigError(f"--student-size must be at least 1 pixel, got {self.student_size}")
+        for option, path in (("--data", self.data), ("--out", self.out), ("--cache", self.cache), ("--val", self.val),
+                             ("--local-cache", self.local_cache), ("--probe-data", self.probe_data)):
+            check_path(option, path)
+        check_number("--epochs", self.epochs, 1, MAX_EPOCHS)
+        check_number("--batch-size", self.batch_size, 1)
+        check_number("--workers", self.workers, 0, MAX_WORKERS)
+        check_number("--lr", self.lr, 0, above=True)
+        check_number("--weight-decay", self.weight_decay, 0)
+        check_number("--momentum", self.momentum, 0, 1, below=True)
+        check_number("--temperature", self.temperature)
+        check_number("--alpha", self.alpha)
+        check_number("--init-seed", self.seed, 0)
+        if self.student_size is not None:
+            check_number("--student-size", self.student_size, 1, MAX_VIEW_SIZE)
         if self.teacher_batch_size is not None and (self.teacher_batch_size < 1 or self.mode != "online"):
             raise ConfigError("--teacher-batch-size must be at least 1 and is used only in online mode")
         if "://" in str(self.out):

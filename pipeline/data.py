@@ -18,13 +18,13 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
-from .config import ViewRecipe, canonical_json, fingerprint
+from .config import UNLABELLED, ViewRecipe, canonical_json, fingerprint
 from .distributed import Ranks
 from .errors import DataError
+from .progress import say
 from .views import epoch_order, full_view, mix, mix_view, partners, render, sample_view, view_param_fields
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
-UNLABELLED = -1
 
 
 class Source(Protocol):
@@ -46,6 +46,38 @@ class Source(Protocol):
 
 def _is_image(name: str) -> bool:
     return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def _unreadable(path: str, exc: OSError) -> DataError:
+    return DataError(f"cannot read {path}: {exc.strerror or exc}; fix its permissions or remove it from the data")
+
+
+def _listing(folder: str | os.PathLike) -> list[os.DirEntry]:
+    try:
+        with os.scandir(folder) as entries:
+            return list(entries)
+    except OSError as exc:
+        raise _unreadable(os.fspath(folder), exc) from None
+
+
+def _images_below(folder: str) -> Iterator[str]:
+    """Every image file below `folder`, in name order; an unreadable subfolder is an error
+    (skipping it would quietly train on part of a class)."""
+
+    def fail(exc: OSError) -> None:
+        raise _unreadable(exc.filename or folder, exc)
+
+    for dirpath, dirnames, filenames in os.walk(folder, onerror=fail):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        yield from (os.path.join(dirpath, name) for name in sorted(filter(_is_image, filenames)))
+
+
+def _size(path: str) -> int:
+    """A file's size in bytes; a dangling link or vanished file is an error naming it."""
+    try:
+        return os.stat(path).st_size
+    except OSError as exc:
+        raise DataError(f"cannot read image {path}: {exc.strerror or exc} (a broken link?); fix or remove it") from None
 
 
 def _rgb8(image: Image.Image) -> np.ndarray:
@@ -70,9 +102,9 @@ class ImageFolder:
             raise DataError(f"data folder {self.root} does not exist")
         if not self.root.is_dir():
             raise DataError(f"data path {self.root} is not a folder of images")
-        entries = sorted((e for e in os.scandir(self.root) if not e.name.startswith(".")), key=lambda e: e.name)
+        entries = sorted((e for e in _listing(self.root) if not e.name.startswith(".")), key=lambda e: e.name)
         class_dirs = [e for e in entries if e.is_dir()]
-        top_images = [e for e in entries if e.is_file() and _is_image(e.name)]
+        top_images = [e for e in entries if _is_image(e.name) and not e.is_dir()]
         if class_dirs and top_images:
             raise DataError(
                 f"{self.root} mixes images ({top_images[0].name}) with class folders; "
@@ -82,14 +114,14 @@ class ImageFolder:
         if class_dirs:
             self.classes = [e.name for e in class_dirs]
             for label, class_dir in enumerate(class_dirs):
-                for dirpath, dirnames, filenames in os.walk(class_dir.path):
-                    dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-                    for name in sorted(filter(_is_image, filenames)):
-                        path = os.path.join(dirpath, name)
-                        keys.append((os.path.relpath(path, self.root), os.path.getsize(path), label))
+                found = [(path, _size(path), label) for path in _images_below(class_dir.path)]
+                if not found:
+                    say(f"warning: class folder {class_dir.path} holds no images; it stays class {label} "
+                        f"({class_dir.name}), which the student learns but never sees")
+                keys.extend((os.path.relpath(path, self.root), size, label) for path, size, label in found)
         else:
             self.classes = None
-            keys = [(e.name, e.stat().st_size, UNLABELLED) for e in top_images]
+            keys = [(e.name, _size(e.path), UNLABELLED) for e in top_images]
         if not keys:
             raise DataError(
                 f"no images found in {self.root}: expected one subfolder per class, "

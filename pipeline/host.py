@@ -1,4 +1,5 @@
-"""The host's memory allocator, set up for the large, short-lived tensors of CPU training.
+"""The host process, set up for kdpipe: its memory allocator (for the large, short-lived
+tensors of CPU training) and its DataLoader workers' signals.
 
 A training step or a teacher pass allocates its activations and frees them again, over
 and over. glibc serves blocks above its mmap threshold (up to 32 MB) with fresh
@@ -16,6 +17,7 @@ import ctypes
 import ctypes.util
 import os
 import platform
+import signal
 
 # mallopt(3) parameters, from glibc's <malloc.h>.
 M_TRIM_THRESHOLD = -1
@@ -36,3 +38,13 @@ def keep_freed_memory() -> bool:
         return False
     libc = ctypes.CDLL(ctypes.util.find_library("c"))
     return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+def quiet_worker(worker_id: int = 0) -> None:
+    """A DataLoader worker's start: leave Ctrl-C, SIGTERM and SIGHUP to the main process.
+
+    A scheduler or a terminal signals the whole process group. The main process turns the
+    signal into one line and shuts its workers down; a worker that handled it too would
+    die mid-batch and print a traceback of its own."""
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)

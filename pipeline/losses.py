@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .data import UNLABELLED
+from .config import UNLABELLED
 from .errors import ConfigError
 
 # Added to the standard deviation in `ls_loss`, so that a constant logit vector gives zeros
@@ -214,6 +214,18 @@ def loss_options(name: str) -> tuple[str, ...]:
     """The keyword hyper-parameters loss `name` takes."""
     get_loss(name)
     return LOSS_OPTIONS.get(name) or STATEFUL_OPTIONS.get(name, ())
+
+
+def check_loss_options(name: str, options: dict) -> None:
+    """Refuse an option that loss `name` does not take, or one that is not a number; the
+    temperature is not a loss option (it is --temperature)."""
+    allowed = [option for option in loss_options(name) if option != "temperature"]
+    for option, value in options.items():
+        if option not in allowed:
+            known = ", ".join(allowed) or "none"
+            raise ConfigError(f"the {name} loss has no option {option!r} (its options: {known}; T is --temperature)")
+        if not isinstance(value, (int, float)):
+            raise ConfigError(f"--loss-option {option} must be a number, got {value!r}")
 
 
 def get_loss(name: str):

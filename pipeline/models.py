@@ -165,13 +165,25 @@ def model_fingerprint(model: nn.Module) -> str:
     return "sha256:" + digest.hexdigest()
 
 
-def output_classes(model: nn.Module, size: int) -> int:
-    """How many logits the model gives for one image of `size` x `size` pixels."""
+def output_classes(model: nn.Module, size: int, role: str = "teacher") -> int:
+    """How many logits the model gives for an image of `size` x `size` pixels: one dry
+    forward pass in eval mode (no statistics updated, no random draws), so a model that
+    cannot take such views, or returns something other than (batch, classes) logits, is
+    refused before any work is done."""
+    was_training = model.training
     model.eval()
-    with torch.inference_mode():
-        out = model(torch.zeros(1, 3, size, size))
-    if out.ndim != 2:
-        raise ModelError(f"model output has shape {tuple(out.shape)}; kdpipe needs (batch, classes) logits")
+    try:
+        with torch.inference_mode():
+            out = model(torch.zeros(1, 3, size, size, device=next(model.parameters(), torch.zeros(0)).device))
+    except Exception as exc:  # noqa: BLE001 - a user model failing on its input raises anything
+        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise ModelError(f"the {role} cannot take views of {size} x {size} pixels ({reason}); "
+                         "choose another --size (or --student-size) or another model") from None
+    finally:
+        model.train(was_training)
+    if not isinstance(out, torch.Tensor) or out.ndim != 2:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ModelError(f"the {role} returns {shape}; kdpipe needs (batch, classes) logits from its forward pass")
     return int(out.shape[1])
 
 

@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .data import Source, ValDataset
+from .host import quiet_worker
 
 PROBE_STEPS = 200  # L-BFGS iterations: full-batch, so a few hundred suffice
 WEIGHT_DECAY = 1e-4
@@ -47,7 +48,8 @@ def features(model: nn.Module, loader: DataLoader, device: torch.device) -> tupl
 
 def whole_images(source: Source, size: int, workers: int = 0) -> DataLoader:
     """Whole images of `source` at `size` px (the validation view), in order."""
-    return DataLoader(ValDataset(source, size), batch_size=256, num_workers=workers, persistent_workers=workers > 0)
+    return DataLoader(ValDataset(source, size), batch_size=256, num_workers=workers, persistent_workers=workers > 0,
+                      worker_init_fn=quiet_worker)
 
 
 def linear_probe(model: nn.Module, train: DataLoader, val: DataLoader, device: torch.device) -> float:

@@ -11,13 +11,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from pipeline.config import ModelSpec, TrainSpec, ViewRecipe
+from pipeline.config import ModelSpec, ViewRecipe
 from pipeline.data import RangeBatches, ViewDataset, open_source
 from pipeline.errors import ConfigError
 from pipeline.losses import SeedLoss
 from pipeline.models import build_model
 from pipeline.store import read_manifest
-from pipeline.train import loss_terms
+from pipeline.objective import Objective
 from pipeline.views import MIX_PARAM_FIELDS, VIEW_PARAM_FIELDS, partners, render, sample_view
 
 from .conftest import assert_user_error, cli_json, run_cli, write_image_folder
@@ -93,8 +93,7 @@ def test_mixed_views_are_the_two_renders_mixed(mode):
 def test_mixed_cross_entropy_weights_both_labels_by_lam():
     logits, labels, partner_labels = torch.randn(4, 3), torch.tensor([0, 1, 2, 0]), torch.tensor([1, 1, 0, 2])
     lam = torch.tensor([1.0, 0.25, 0.5, 0.0])
-    spec = TrainSpec(data=DATA, student=ModelSpec("kdpipe:mlp"), out="x", mode="supervised")
-    got = loss_terms(logits, None, labels, spec, (partner_labels, lam))["ce"]
+    got = Objective(distill=None).terms(logits, None, labels, (partner_labels, lam))["ce"]
     by_hand = sum(float(l) * float(F.cross_entropy(logits[i], labels[i])) + (1 - float(l)) *
                   float(F.cross_entropy(logits[i], partner_labels[i])) for i, l in enumerate(lam)) / 4
     assert float(got) == pytest.approx(by_hand, rel=1e-6)

@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import ModelSpec, TrainSpec
+from pipeline.config import ModelSpec
 from pipeline.models import build_model
 from pipeline.order import adaptation_cost, backward_greedy_order, cost_table
-from pipeline.train import distillation, ensemble_logits, scheduled_teacher
+from pipeline.objective import Objective, ensemble_logits, make_loss, scheduled_teacher
 
 from .conftest import archive_files, assert_user_error, cli_json, run_cli
 
@@ -91,15 +91,16 @@ def test_ensemble_is_the_mean_of_probabilities_and_schedules_take_turns():
         assert torch.allclose(F.softmax(merged / t, -1), (F.softmax(a / t, -1) + F.softmax(b / t, -1)) / 2, atol=1e-6)
     schedule = (("x", 2), ("y", 1), ("z", 3))
     assert [scheduled_teacher(schedule, e) for e in range(6)] == ["x", "x", "y", "z", "z", "z"]
-    spec = TrainSpec(data=DATA, student=ModelSpec("kdpipe:mlp"), out="r", cache="c", temperature=2.0)
+    objective = Objective(make_loss("kd", {}, temperature=2.0), temperature=2.0)
     student = torch.randn(5, 4)
-    got = distillation(student, {"x": a, "y": b}, torch.zeros(5, dtype=torch.long), spec, 0, {})
+    got = objective.distillation(student, {"x": a, "y": b}, torch.zeros(5, dtype=torch.long))
     mean_p = (F.softmax(a / 2, -1) + F.softmax(b / 2, -1)) / 2
     by_hand = 4 * (mean_p * (mean_p.log() - F.log_softmax(student / 2, -1))).sum(-1).mean()
     assert float(got) == pytest.approx(float(by_hand), rel=1e-5)
     # teachers of different classes each teach their own columns
     columns = {"x": [0, 1], "y": [2, 3]}
-    got = distillation(student, {"x": a[:, :2], "y": b[:, 2:]}, torch.zeros(5, dtype=torch.long), spec, 0, columns)
+    objective = Objective(make_loss("kd", {}, temperature=2.0), temperature=2.0, columns=columns)
+    got = objective.distillation(student, {"x": a[:, :2], "y": b[:, 2:]}, torch.zeros(5, dtype=torch.long))
     def kd(s, t):
         p = F.softmax(t / 2, -1)
         return 4 * (p * (p.log() - F.log_softmax(s / 2, -1))).sum(-1).mean()

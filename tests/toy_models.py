@@ -112,3 +112,23 @@ class Paced(nn.Module):
 
 def paced_teacher(num_classes: int) -> nn.Module:
     return Paced(small_cnn(num_classes, width=8), delay=0.1)
+
+
+def dropout_mlp(num_classes: int) -> nn.Module:
+    """A student with a random layer: its training steps depend on torch's generator."""
+    return nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(48, 32), nn.ReLU(), nn.Dropout(0.5),
+                         nn.Linear(32, num_classes))
+
+
+def dict_output(num_classes: int) -> nn.Module:
+    """A model whose forward returns a dict (as detection and Hugging Face models do)."""
+
+    class DictOut(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(3, num_classes)
+
+        def forward(self, x):
+            return {"logits": self.linear(x.mean((2, 3)))}
+
+    return DictOut()
