@@ -19,8 +19,7 @@ from pipeline.config import ModelSpec
 from pipeline.distributed import Ranks
 from pipeline.models import Teacher, build_model
 
-from .conftest import REPO, archive_files, cli_json, subprocess_env, write_image_folder
-from .test_remote import weights
+from .conftest import REPO, archive_files, cli_json, subprocess_env, weights, write_image_folder
 
 CACHE = ["--teacher", "kdpipe:cnn", "--epochs", "2", "--views-per-sample", "2", "--size", "16", "--shard-size", "4",
          "--batch-size", "3", "--workers", "0"]

@@ -112,8 +112,9 @@ class WebDatasetBackend:
         records = np.frombuffer(b"".join(p[header:] for p in payloads), dtype=self.dtype)
         if (records["epoch"] != epoch).any() or (records["position"] != np.arange(start, start + count)).any():
             raise ArchiveError(f"{key} holds records of other epochs or positions")
-        # contiguous, writable copies of each field (a field of a record array is strided)
-        out = {name: np.ascontiguousarray(records[name]) for name in self.dtype.names if name not in META_FIELDS}
-        out["sample_index"] = np.ascontiguousarray(records["sample"])
-        out["label"] = np.ascontiguousarray(records["label"])
+        # writable copies of each field with plain strides (a field of a record array is
+        # strided, and ascontiguousarray keeps a one-record field's record-sized stride)
+        out = {name: records[name].copy() for name in self.dtype.names if name not in META_FIELDS}
+        out["sample_index"] = records["sample"].copy()
+        out["label"] = records["label"].copy()
         return out
