@@ -1,18 +1,27 @@
-"""Shared helpers: real image folders on disk, CLI runs, and error checks."""
+"""Shared helpers: real image folders on disk, CLI runs (in-process and in a fresh
+process), error checks, trained weights, and real S3 and HTTP servers on 127.0.0.1."""
 
 from __future__ import annotations
 
+import functools
+import http.server
 import json
 import os
+import socket
+import subprocess
 import sys
+import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
 from cli import app
+from pipeline.store import BACKENDS  # noqa: F401 (every archive backend: tests that hold for each run on both)
 
 REPO = Path(__file__).resolve().parents[1]
 MODES = ("L", "RGB", "RGBA", "P")
@@ -81,3 +90,110 @@ def subprocess_env() -> dict:
 
 
 KDPIPE = [sys.executable, "-m", "cli"]
+
+
+@dataclass
+class Finished:
+    """A kdpipe child process, shaped like CliRunner's result so `assert_user_error` reads it."""
+
+    exit_code: int
+    stdout: str
+    stderr: str
+    exception: None = None
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+
+def run_kdpipe(*args, env: dict | None = None, timeout: float = 180) -> Finished:
+    """Run kdpipe in a fresh process, as a user would from the shell. Only for what needs a
+    process of its own (signals, resource limits, the environment it starts with)."""
+    child = subprocess.run(KDPIPE + [str(a) for a in args], cwd=REPO, env=env or subprocess_env(),
+                           capture_output=True, text=True, timeout=timeout)
+    return Finished(child.returncode, child.stdout, child.stderr)
+
+
+# --- trained students ----------------------------------------------------------------
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    """The student's weights a run directory holds."""
+    return torch.load(run / "student.pt", map_location="cpu", weights_only=True)
+
+
+def assert_same_weights(run: Path, expected: dict[str, torch.Tensor]) -> None:
+    got = weights(run)
+    assert got.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(got[name], tensor), f"{name} differs from the reference run"
+
+
+# --- a real S3 server ------------------------------------------------------------------
+
+BUCKET = "kdpipe-test"
+KEY, SECRET = "testing", "testing"  # moto accepts any credentials until IAM checks are switched on
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A moto S3 server on 127.0.0.1 with one bucket, shared by every test; its URL. Each
+    test writes under a prefix of its own."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=KEY, aws_secret_access_key=SECRET,
+                 region_name="us-east-1").create_bucket(Bucket=BUCKET)
+    yield endpoint
+    server.stop()
+
+
+@pytest.fixture
+def s3(s3_endpoint):
+    """An s3fs filesystem on the test server, to look at what kdpipe stored."""
+    import s3fs
+
+    return s3fs.S3FileSystem(endpoint_url=s3_endpoint, key=KEY, secret=SECRET, skip_instance_cache=True)
+
+
+# --- a real HTTP server ----------------------------------------------------------------
+
+
+class StaticFiles(http.server.SimpleHTTPRequestHandler):
+    """Plain files only, like a CDN or a bucket's public URL: no directory listings, no log lines."""
+
+    def list_directory(self, path):
+        self.send_error(404, "no directory listings here")
+        return None
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def http_server():
+    """Serve a folder's files over http:// from 127.0.0.1; call it with the folder (and a
+    handler class), get the base URL."""
+    servers = []
+
+    def serve(folder: Path, handler_class=StaticFiles) -> str:
+        handler = functools.partial(handler_class, directory=str(folder))
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}"
+
+    yield serve
+    for server in servers:
+        server.shutdown()
+        server.server_close()

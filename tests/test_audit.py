@@ -9,7 +9,9 @@ import torch
 
 from pipeline.config import ModelSpec
 from pipeline.models import build_model
-from pipeline.store import ArchiveReader, ArchiveWriter, Location, file_entry, json_bytes, read_manifest, seal
+from pipeline.store import (
+    BACKENDS, ArchiveReader, ArchiveWriter, Location, file_entry, json_bytes, read_manifest, seal,
+)
 
 from .conftest import assert_user_error, cli_json, run_cli
 
@@ -27,7 +29,7 @@ def _cache(image_folder, out, weights, *extra):
                     "--shard-size", 5, *extra)
 
 
-@pytest.mark.parametrize("backend", ["zarr", "webdataset"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_inspect_reports_shapes_sizes_and_agreement(image_folder, tmp_path, teacher_weights, backend):
     _cache(image_folder, tmp_path / "a", teacher_weights, "--format", backend)
     report = cli_json("inspect", tmp_path / "a", "--json") if False else json.loads(

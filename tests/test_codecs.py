@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pipeline.errors import ConfigError, ModelError
-from pipeline.store import DenseCodec, TopKCodec, parse_codec
+from pipeline.store import BACKENDS, DenseCodec, TopKCodec, parse_codec
 from pipeline.store.codecs import LOG_TAIL_FLOOR, LOGPROB_STEP
 
 from .conftest import cli_json
@@ -101,7 +101,7 @@ def test_bad_codec_names_are_refused(name):
         parse_codec(name, classes=10)
 
 
-@pytest.mark.parametrize("backend", ["zarr", "webdataset"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_a_student_trains_from_a_topk_archive(image_folder, tmp_path, backend):
     common = ["--epochs", 2, "--views-per-sample", 2, "--size", 16, "--workers", 0]
     dense = cli_json("cache-teacher", "--data", image_folder, "--teacher", "kdpipe:cnn", "--out", tmp_path / "d",

@@ -18,6 +18,7 @@ import torch
 from pipeline.config import ModelSpec
 from pipeline.distributed import Ranks
 from pipeline.models import Teacher, build_model
+from pipeline.store import BACKENDS
 
 from .conftest import REPO, archive_files, cli_json, subprocess_env, weights, write_image_folder
 
@@ -40,7 +41,8 @@ def data(tmp_path_factory) -> Path:
     return write_image_folder(tmp_path_factory.mktemp("ddp") / "data")
 
 
-@pytest.mark.parametrize("format", ["zarr", "webdataset"])
+@pytest.mark.slow
+@pytest.mark.parametrize("format", BACKENDS)
 def test_two_rank_cache_equals_one_rank_cache(format, data, tmp_path):
     """Ranks take the 10 (epoch, shard) units in turn; the archive is the same, file for file."""
     cli_json("cache-teacher", "--data", data, "--out", tmp_path / "one", "--format", format, *CACHE)
@@ -51,6 +53,7 @@ def test_two_rank_cache_equals_one_rank_cache(format, data, tmp_path):
     assert archive_files(tmp_path / "two") == archive_files(tmp_path / "one")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["cached", "online"])
 def test_two_rank_training_matches_one_rank(mode, data, tmp_path):
     """Same global batch, 1 rank against 2: the same losses per epoch and the same
@@ -74,6 +77,7 @@ def test_two_rank_training_matches_one_rank(mode, data, tmp_path):
     assert len(losses[0]) == 2 and losses[0] == pytest.approx(losses[1], abs=1e-5)
 
 
+@pytest.mark.slow
 def test_a_batch_too_small_for_the_ranks_is_refused(data, tmp_path):
     """18 samples in batches of 17 leave a last batch of 1: one rank would have nothing."""
     child = torchrun("train-student", "--data", data, "--out", tmp_path / "run", "--student", "kdpipe:mlp",

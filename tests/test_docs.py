@@ -333,6 +333,7 @@ def bash_blocks(path: Path) -> list[str]:
     return ["\n".join(line for line in block.splitlines() if not SKIP.match(line)) for block in blocks]
 
 
+@pytest.mark.slow
 def test_readme_and_docs_commands_run(tmp_path):
     readme = bash_blocks(REPO / "README.md")
     assert any("kdpipe quickstart" in block for block in readme)

@@ -32,6 +32,7 @@ def _faults_per_pass(mode: str) -> tuple[bool, float]:
     return out[0] == "True", float(out[1])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform != "linux", reason="the setting is glibc's; elsewhere keep_freed_memory() is a no-op")
 def test_kept_memory_is_reused_instead_of_faulted_in_on_every_pass():
     kept, with_setting = _faults_per_pass("keep")

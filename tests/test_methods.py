@@ -20,7 +20,7 @@ from pipeline.store import read_manifest
 from pipeline.objective import Objective
 from pipeline.views import MIX_PARAM_FIELDS, VIEW_PARAM_FIELDS, partners, render, sample_view
 
-from .conftest import assert_user_error, cli_json, run_cli, write_image_folder
+from .conftest import assert_user_error, cli_json, run_cli, weights, write_image_folder
 
 DATA = "synthetic:24:4:20"
 
@@ -99,10 +99,6 @@ def test_mixed_cross_entropy_weights_both_labels_by_lam():
     assert float(got) == pytest.approx(by_hand, rel=1e-6)
 
 
-def _weights(run):
-    return torch.load(run / "student.pt", weights_only=True)
-
-
 @pytest.mark.parametrize("mode", ["mixup", "cutmix"])
 def test_mixed_student_from_the_cache_equals_the_online_one(mode, tmp_path):
     """The teacher computed its logits on the mixed pixels; the cached student (at 12 px,
@@ -117,7 +113,7 @@ def test_mixed_student_from_the_cache_equals_the_online_one(mode, tmp_path):
     cli_json("train-student", *common, "--out", tmp_path / "cached", "--cache", tmp_path / "a", "--workers", 2)
     cli_json("train-student", *common, "--out", tmp_path / "online", "--teacher", "tests.toy_models:tiny_cnn",
              "--weights", tmp_path / "t.pt", "--workers", 0, *recipe)
-    cached, online = _weights(tmp_path / "cached"), _weights(tmp_path / "online")
+    cached, online = weights(tmp_path / "cached"), weights(tmp_path / "online")
     assert all(torch.equal(cached[name], online[name]) for name in cached)
     config = json.loads((tmp_path / "cached" / "config.json").read_text())
     assert config["student_size"] == 12 and config["recipe"]["size"] == 16
@@ -200,7 +196,7 @@ def test_seed_student_from_cached_embeddings_equals_the_online_one(tmp_path):
     cached = cli_json("train-student", *common, "--cache", tmp_path / "e", "--out", tmp_path / "cached")
     online = cli_json("train-student", *common, "--teacher", "tests.toy_models:tiny_cnn", "--weights", tmp_path / "t.pt",
                       "--views-per-sample", 2, "--size", 16, "--out", tmp_path / "online")
-    a, b = _weights(tmp_path / "cached"), _weights(tmp_path / "online")
+    a, b = weights(tmp_path / "cached"), weights(tmp_path / "online")
     assert all(torch.equal(a[name], b[name]) for name in a)
     assert cached["val_top1"] == online["val_top1"] and 25 < cached["val_top1"] <= 100  # four classes: chance 25%
     width = manifest.layout.num_classes
@@ -236,7 +232,7 @@ def test_embeddings_next_to_logits_in_one_archive(tmp_path):
     assert added.teacher.outputs == "embeddings" and added.teacher.classes is None
     summary = cli_json("train-student", "--data", DATA, "--student", "kdpipe:mlp", "--cache", tmp_path / "a",
                        "--teachers", "feats", "--loss", "seed", "--out", tmp_path / "s", "--epochs", 2, "--workers", 0)
-    assert summary["epochs"] == 2 and _weights(tmp_path / "s")["4.weight"].shape[0] == added.layout.num_classes
+    assert summary["epochs"] == 2 and weights(tmp_path / "s")["4.weight"].shape[0] == added.layout.num_classes
     assert_user_error(run_cli("train-student", "--data", DATA, "--student", "kdpipe:mlp", "--cache", tmp_path / "a",
                               "--teachers", "main,feats", "--out", tmp_path / "x", "--epochs", 2, "--workers", 0),
                       "holds teacher embeddings")

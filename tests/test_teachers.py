@@ -15,16 +15,12 @@ from pipeline.models import build_model
 from pipeline.order import adaptation_cost, backward_greedy_order, cost_table
 from pipeline.objective import Objective, ensemble_logits, make_loss, scheduled_teacher
 
-from .conftest import archive_files, assert_user_error, cli_json, run_cli
+from .conftest import archive_files, assert_user_error, cli_json, run_cli, weights
 
 DATA = "synthetic:24:4:20"
 CACHE = ["--data", DATA, "--size", 16, "--epochs", 2, "--views-per-sample", 2, "--batch-size", 6, "--workers", 0,
          "--codec", "dense-fp32"]
 TRAIN = ["--data", DATA, "--student", "kdpipe:mlp", "--epochs", 2, "--batch-size", 6, "--workers", 0]
-
-
-def _weights(run):
-    return torch.load(run / "student.pt", weights_only=True)
 
 
 def _same(a, b):
@@ -69,15 +65,15 @@ def test_a_schedule_of_one_teacher_trains_exactly_as_that_teacher_alone(two_teac
              "--out", tmp_path / "s-main")
     cli_json("train-student", *TRAIN, "--cache", two_teachers, "--teachers", "main,big", "--schedule", "big:2",
              "--out", tmp_path / "s-big")
-    assert _same(_weights(tmp_path / "s-main"), _weights(tmp_path / "main"))
-    assert _same(_weights(tmp_path / "s-big"), _weights(tmp_path / "big"))
-    assert not _same(_weights(tmp_path / "main"), _weights(tmp_path / "big"))
+    assert _same(weights(tmp_path / "s-main"), weights(tmp_path / "main"))
+    assert _same(weights(tmp_path / "s-big"), weights(tmp_path / "big"))
+    assert not _same(weights(tmp_path / "main"), weights(tmp_path / "big"))
     progressive = cli_json("train-student", *TRAIN, "--cache", two_teachers, "--teachers", "main,big",
                            "--schedule", "big:1,main:1", "--out", tmp_path / "p")
     ensemble = cli_json("train-student", *TRAIN, "--cache", two_teachers, "--teachers", "main,big",
                         "--out", tmp_path / "e")
     assert progressive["epochs"] == ensemble["epochs"] == 2
-    assert len({json.dumps({k: v.tolist() for k, v in _weights(tmp_path / r).items()}) for r in "pe"}) == 2
+    assert len({json.dumps({k: v.tolist() for k, v in weights(tmp_path / r).items()}) for r in "pe"}) == 2
     assert_user_error(run_cli("train-student", *TRAIN, "--cache", two_teachers, "--teachers", "main,big",
                               "--schedule", "big:1", "--out", tmp_path / "x"), "--schedule")
     assert_user_error(run_cli("train-student", *TRAIN, "--cache", two_teachers, "--teachers", "main,nope",
@@ -117,7 +113,7 @@ def test_teachers_of_different_classes_teach_a_student_of_their_union(tmp_path):
              "--teacher-classes", "class_0002,class_0003", "--out", archive, "--teacher-name", "upper")
     summary = cli_json("train-student", *TRAIN, "--cache", archive, "--teachers", "main,upper", "--out", tmp_path / "u")
     assert summary["epochs"] == 2
-    assert _weights(tmp_path / "u")["4.weight"].shape[0] == 4  # the MLP's last layer: the union's 4 classes
+    assert weights(tmp_path / "u")["4.weight"].shape[0] == 4  # the MLP's last layer: the union's 4 classes
     assert_user_error(run_cli("train-student", *TRAIN, "--cache", archive, "--teachers", "main,upper", "--loss", "dkd",
                               "--out", tmp_path / "d"), "--loss dkd")
     assert_user_error(run_cli("cache-teacher", *CACHE, "--teacher", "kdpipe:cnn", "--num-classes", 2,
