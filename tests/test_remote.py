@@ -302,4 +302,5 @@ def test_damaged_object_on_s3_is_never_trained_on(data, tmp_path, s3_options, s3
                      *s3_options)
     assert_user_error(result, "damaged", url, key)
     assert not (tmp_path / "run" / "summary.json").exists() and not (tmp_path / "run" / "student.pt").exists()
+    del result  # its traceback holds the DataLoader: collected, it shuts its workers down
     gc.collect()
