@@ -1,10 +1,12 @@
-"""`kdpipe bench` end to end, on tiny models: every case measured (each in a fresh
-process), the ratios derived from them, the best of the repeats kept."""
+"""`kdpipe bench` end to end, on tiny models: every case measured, the ratios derived
+from them, the best of the repeats kept; each case in a fresh interpreter."""
 
 import json
+import os
 
 import pytest
 
+from pipeline import bench as bench_module
 from pipeline.bench import CASES, TARGETS, format_bench
 
 from .conftest import assert_user_error, run_cli
@@ -15,9 +17,13 @@ TINY = ["--teacher", "kdpipe:cnn", "--student", "kdpipe:mlp", "--samples", 24, "
 
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
-    """One bench run of two repeats: its folder and its JSON report."""
+    """One bench run of two repeats: its folder and its JSON report. Its cases run in this
+    process: what the report holds does not depend on where they ran, and a fresh
+    interpreter for each (what `_fresh` gives a real run) is test_each_case_runs_in_a_fresh_interpreter's."""
     workdir = tmp_path_factory.mktemp("bench")
-    result = run_cli("bench", *TINY, "--repeats", 2, "--workdir", workdir, "--json")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(bench_module, "_fresh", lambda function, *args: function(*args))
+        result = run_cli("bench", *TINY, "--repeats", 2, "--workdir", workdir, "--json")
     assert result.exit_code == 0, result.output
     return workdir, json.loads(result.stdout)
 
@@ -71,3 +77,11 @@ def test_text_report_names_each_case_and_target(bench):
 
 def test_bench_refuses_empty_sizes():
     assert_user_error(run_cli("bench", *TINY, "--samples", 0), "at least 1")
+
+
+@pytest.mark.slow
+def test_each_case_runs_in_a_fresh_interpreter():
+    """A bench case runs in a new Python interpreter; its result, or its exception, comes back."""
+    assert bench_module._fresh(os.getpid) != os.getpid()
+    with pytest.raises(ValueError, match="invalid literal"):
+        bench_module._fresh(int, "not a number")
