@@ -47,7 +47,7 @@ from pipeline.store.manifest import MANIFEST_ONLY, SCHEMA_VERSION, json_bytes, s
 
 from .conftest import (
     BUCKET, KDPIPE, KEY, REPO, SECRET, Finished, archive_files, assert_same_weights, assert_user_error, cli_json,
-    run_cli, subprocess_env, weights, write_image_folder,
+    run_cli, run_kdpipe, subprocess_env, weights, write_image_folder,
 )
 
 # SIGKILLs per test: KDPIPE_KILL_REPEATS for zarr (default 5); for webdataset the same
@@ -592,6 +592,21 @@ def test_hostile_image_is_named_in_one_line(kind, workers, tmp_path, monkeypatch
     assert_user_error(result, "cannot read image", str(bad))
     assert not (tmp_path / "run" / "student.pt").exists() and not (tmp_path / "run" / "summary.json").exists()
     gc.collect()
+
+
+@pytest.mark.slow
+def test_a_run_that_fails_in_its_workers_ends_its_process(tmp_path):
+    """The same in a real process, with DataLoader workers: one line, exit 2, and the
+    process ends at once (its workers ignore SIGTERM, so they must be shut down, not left
+    for the interpreter's exit to wait on)."""
+    data = write_image_folder(tmp_path / "data", per_class=3)
+    bad = data / "dog" / "cut.png"
+    bad.write_bytes(HOSTILE["truncated PNG"][1]())
+    for command in (["cache-teacher", "--teacher", "tests.toy_models:tiny_cnn", "--out", tmp_path / "archive"],
+                    ["train-student", "--student", "kdpipe:mlp", "--mode", "supervised", "--out", tmp_path / "run",
+                     "--epochs", 1]):
+        result = run_kdpipe(*command, "--data", data, "--size", 16, "--workers", 2, timeout=60)
+        assert_user_error(result, "cannot read image", str(bad))
 
 
 def write_unusual_images(root: Path) -> Path:
