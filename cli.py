@@ -67,9 +67,9 @@ def _user_errors(command):
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
-        if threading.current_thread() is threading.main_thread():
-            for signum in STOP_SIGNALS[1:]:
-                signal.signal(signum, _stop)
+        handlers = {}
+        if threading.current_thread() is threading.main_thread():  # (a command run in-process may not be)
+            handlers = {signum: signal.signal(signum, _stop) for signum in STOP_SIGNALS[1:]}
         try:
             return command(*args, **kwargs)
         except KdpipeError as exc:
@@ -86,6 +86,9 @@ def _user_errors(command):
                 raise
             typer.echo(f"error: {message}", err=True)
             raise typer.Exit(2) from None
+        finally:
+            for signum, handler in handlers.items():
+                signal.signal(signum, handler)
 
     return wrapper
 

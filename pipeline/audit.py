@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .config import ModelSpec
-from .data import ViewDataset, open_source
+from .data import Source, ViewDataset, open_source
 from .errors import ArchiveError
 from .models import Teacher, with_num_classes
 from .store import (LOGPROB_STEP, ArchiveReader, Location, TopKCodec, UnfinishedArchive, added_teachers,
@@ -142,6 +142,7 @@ def _recompute(reader: ArchiveReader, teacher_spec: ModelSpec, data: str, count:
         sample = dataset[item]
         epoch, position = sample["epoch"], sample["position"]
         fields = reader.read_fields(epoch, position, position + 1)
+        problems.extend(_record_problems(reader, source, sample, fields))
         try:
             fresh = teacher(sample["views"]).cpu()
         except Exception as exc:  # noqa: BLE001 - a user model failing on its input
@@ -169,3 +170,23 @@ def _recompute(reader: ArchiveReader, teacher_spec: ModelSpec, data: str, count:
     return {"views": len(picks) * recipe.views_per_sample, "samples": len(picks),
             "max_abs_error": worst_abs, "max_rel_error": worst_rel,
             "compared": "log-probabilities of the stored classes" if topk else "logits"}
+
+
+def _record_problems(reader: ArchiveReader, source: Source, sample: dict, fields: dict) -> list[str]:
+    """What differs between the archive's record of a view and the view derived afresh:
+    the sample at its position, its view parameters, the bytes its pixels come from
+    (checksums only prove the record is the one written, not that it is right)."""
+    where = f"epoch {sample['epoch']}, position {sample['position']}"
+    stored_index = int(fields["sample_index"][0])
+    if stored_index != sample["index"]:
+        return [f"{where}: the archive holds sample {stored_index} where the recipe puts sample {sample['index']}"]
+    problems = []
+    if not np.array_equal(fields["view_params"][0], sample["params"].numpy()):
+        problems.append(f"{where} (sample {sample['index']}): the stored view parameters are not those the recipe "
+                        "gives (the archive was altered, or the recipe or kdpipe's view code changed)")
+    digests = reader.content_digests()
+    for index, content in ((sample["index"], sample["content"]), (sample["partner"], sample["partner_content"])):
+        if digests is not None and not np.array_equal(digests[index], content.numpy()):
+            problems.append(f"{source.name(index)} changed since the archive was cached (its bytes differ)")
+    return problems
+

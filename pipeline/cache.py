@@ -13,13 +13,14 @@ from torch.utils.data import DataLoader
 
 from . import distributed
 from .config import MAIN_TEACHER, CacheSpec
-from .data import RangeBatches, ViewDataset, open_source
+from .data import RangeBatches, Source, ViewDataset, content_digests, open_source
 from .errors import ArchiveError, ConfigError, ModelError
 from .host import keep_freed_memory, quiet_worker
 from .models import Teacher, with_num_classes
 from .progress import say, views_progress
 from .store import (ArchiveWriter, DatasetInfo, Location, Manifest, TeacherInfo, check_archive_matches,
-                    check_backend_name, check_codec_name, finished_archive_of, parse_codec, read_manifest, teacher_archive)
+                    check_backend_name, check_codec_name, content_fingerprint, finished_archive_of, parse_codec,
+                    read_manifest, teacher_archive)
 from .views import view_param_fields
 
 
@@ -42,24 +43,13 @@ def cache_teacher(spec: CacheSpec) -> dict:
     check_backend_name(spec.format)
     keep_freed_memory()
     source = open_source(spec.data)
-    recipe = spec.recipe
     location = Location(spec.out, spec.storage_options)
     if not location.writable:
         raise ArchiveError(f"cannot write an archive to {spec.out}: http(s) is read-only; use a local path, s3:// or gs://")
+    digests = content_digests(source)  # what every image is, so a replay can tell it is the same
     if spec.teacher_name != MAIN_TEACHER:
-        location = _added_teacher_location(spec, source, location)
-    if spec.embedding_layer is None:
-        classes = _teacher_classes(spec, source.classes)
-        model = with_num_classes(spec.teacher, classes, "teacher")
-    else:  # the head's class count does not matter: what is cached is a layer's output
-        classes = None
-        model = spec.teacher if spec.teacher.num_classes else with_num_classes(spec.teacher, source.classes, "teacher")
-    teacher = Teacher(model, size=recipe.size, embedding=spec.embedding_layer)
-    codec = parse_codec(spec.codec, teacher.num_classes)
-    described = teacher.describe() | {"name": spec.teacher_name, "classes": classes}
-    plan = Manifest.plan(spec.format, recipe, TeacherInfo.from_dict(described), DatasetInfo.from_dict(source.describe()),
-                         codec, spec.positions_per_shard)
-    num_samples, views, classes = len(source), recipe.views_per_sample, teacher.num_classes
+        location = _added_teacher_location(spec, source, digests, location)
+    teacher, plan = _plan(spec, source, digests)
     ranks = distributed.ranks()
     finished = finished_archive_of(location, plan) if ranks.main and not spec.overwrite else None
     done = distributed.broadcast(finished)
@@ -70,54 +60,16 @@ def cache_teacher(spec: CacheSpec) -> dict:
 
     # Rank 0 takes the lease and lays the archive out; then every rank computes its share
     # of the uncommitted (epoch, shard) units, taken in turn, and writes them itself.
-    writer = ArchiveWriter(location, plan, source.labels, overwrite=spec.overwrite) if ranks.main else None
+    writer = ArchiveWriter(location, plan, source.labels, overwrite=spec.overwrite,
+                           content_digests=digests) if ranks.main else None
     pending = distributed.broadcast(writer.pending_units() if ranks.main else None)
     if writer is None:
-        writer = ArchiveWriter(location, plan, source.labels, lead=False)
-    if pending and len(pending) < recipe.epochs * writer.shards_per_epoch:
+        writer = ArchiveWriter(location, plan, source.labels, lead=False, content_digests=digests)
+    if pending and len(pending) < spec.recipe.epochs * writer.shards_per_epoch:
         say(f"resuming {spec.out}: {len(pending)} shard(s) left to compute")
-    units = pending[ranks.rank :: ranks.world]
-    total_views = sum(stop - start for *_, start, stop in units) * views
     try:
-        loader = DataLoader(
-            ViewDataset(source, recipe),
-            batch_sampler=RangeBatches([(e, start, stop) for e, _, start, stop in units], num_samples, spec.batch_size),
-            num_workers=spec.workers,
-            pin_memory=teacher.device.type == "cuda",
-            worker_init_fn=quiet_worker,
-        )
         compute_started = time.perf_counter()
-        queue = iter(units)
-        unit = next(queue, None)
-        # A finished shard is encoded and written on a thread while the teacher computes
-        # the next one; at most one shard is in flight, so commits stay in order.
-        with ThreadPoolExecutor(1, thread_name_prefix="kdpipe-store") as storing, views_progress() as progress:
-            task = progress.add_task("cache-teacher", total=total_views)
-            stored = None
-            for batch in loader:
-                epoch, shard, start, stop = unit
-                if batch["position"][0] == start:
-                    logits_buffer = np.empty((stop - start, views, classes), dtype=np.float32)
-                    params_buffer = np.empty((stop - start, views, len(view_param_fields(recipe))), dtype=np.float32)
-                count = len(batch["index"])
-                logits = teacher(batch["views"].flatten(0, 1)).cpu().view(count, views, classes)
-                if not torch.isfinite(logits).all():
-                    bad = int(batch["index"][(~torch.isfinite(logits)).flatten(1).any(1)][0])
-                    raise ModelError(
-                        f"the teacher gave NaN or Inf logits for sample {bad} in epoch {epoch}; "
-                        "check its weights and input normalisation (nothing was stored for this shard)"
-                    )
-                rows = slice(int(batch["position"][0]) - start, int(batch["position"][-1]) - start + 1)
-                logits_buffer[rows] = logits.float().numpy()
-                params_buffer[rows] = batch["params"].numpy()
-                if rows.stop == stop - start:
-                    if stored is not None:
-                        stored.result()  # raises the store's error, if any
-                    stored = storing.submit(writer.write_unit, epoch, shard, logits_buffer, params_buffer)
-                    unit = next(queue, None)
-                progress.advance(task, count * views)
-            if stored is not None:
-                stored.result()
+        _compute(spec, source, teacher, writer, pending[ranks.rank :: ranks.world])
         with writer.lease.kept() if writer.lease is not None else nullcontext():
             distributed.barrier()  # every rank's shards are committed
         compute_seconds = time.perf_counter() - compute_started
@@ -125,13 +77,73 @@ def cache_teacher(spec: CacheSpec) -> dict:
     except BaseException:
         writer.release()
         raise
-    computed = sum(stop - start for *_, start, stop in pending) * views
+    computed = sum(stop - start for *_, start, stop in pending) * spec.recipe.views_per_sample
     return archive_summary(distributed.broadcast(manifest), spec.out) | {
         "seconds": time.perf_counter() - started,
         "computed_views": computed,
         "views_per_sec": computed / compute_seconds if computed else None,
         "ranks": ranks.world,
     }
+
+
+def _plan(spec: CacheSpec, source: Source, digests: np.ndarray) -> tuple[Teacher, Manifest]:
+    """The teacher to run and the manifest-to-be of its archive."""
+    if spec.embedding_layer is None:
+        classes = _teacher_classes(spec, source.classes)
+        model = with_num_classes(spec.teacher, classes, "teacher")
+    else:  # the head's class count does not matter: what is cached is a layer's output
+        classes = None
+        model = spec.teacher if spec.teacher.num_classes else with_num_classes(spec.teacher, source.classes, "teacher")
+    teacher = Teacher(model, size=spec.recipe.size, embedding=spec.embedding_layer)
+    codec = parse_codec(spec.codec, teacher.num_classes)
+    described = TeacherInfo.from_dict(teacher.describe() | {"name": spec.teacher_name, "classes": classes})
+    dataset = DatasetInfo.from_dict(source.describe() | {"content": content_fingerprint(digests)})
+    return teacher, Manifest.plan(spec.format, spec.recipe, described, dataset, codec, spec.positions_per_shard)
+
+
+def _compute(spec: CacheSpec, source: Source, teacher: Teacher, writer: ArchiveWriter,
+             units: list[tuple[int, int, int, int]]) -> None:
+    """Run the teacher over the views of `units` (epoch, shard, start, stop) and write
+    each shard whole. A finished shard is encoded and written on a thread while the
+    teacher computes the next one; at most one shard is in flight, so commits stay in order."""
+    recipe, num_samples = spec.recipe, len(source)
+    views, classes, params = recipe.views_per_sample, teacher.num_classes, len(view_param_fields(recipe))
+    loader = DataLoader(
+        ViewDataset(source, recipe),
+        batch_sampler=RangeBatches([(e, start, stop) for e, _, start, stop in units], num_samples, spec.batch_size),
+        num_workers=spec.workers,
+        pin_memory=teacher.device.type == "cuda",
+        worker_init_fn=quiet_worker,
+    )
+    queue = iter(units)
+    unit = next(queue, None)
+    with ThreadPoolExecutor(1, thread_name_prefix="kdpipe-store") as storing, views_progress() as progress:
+        task = progress.add_task("cache-teacher", total=sum(stop - start for *_, start, stop in units) * views)
+        stored = None
+        for batch in loader:
+            epoch, shard, start, stop = unit
+            if batch["position"][0] == start:
+                logits_buffer = np.empty((stop - start, views, classes), dtype=np.float32)
+                params_buffer = np.empty((stop - start, views, params), dtype=np.float32)
+            count = len(batch["index"])
+            logits = teacher(batch["views"].flatten(0, 1)).cpu().view(count, views, classes)
+            if not torch.isfinite(logits).all():
+                bad = int(batch["index"][(~torch.isfinite(logits)).flatten(1).any(1)][0])
+                raise ModelError(
+                    f"the teacher gave NaN or Inf logits for sample {bad} in epoch {epoch}; "
+                    "check its weights and input normalisation (nothing was stored for this shard)"
+                )
+            rows = slice(int(batch["position"][0]) - start, int(batch["position"][-1]) - start + 1)
+            logits_buffer[rows] = logits.float().numpy()
+            params_buffer[rows] = batch["params"].numpy()
+            if rows.stop == stop - start:
+                if stored is not None:
+                    stored.result()  # raises the store's error, if any
+                stored = storing.submit(writer.write_unit, epoch, shard, logits_buffer, params_buffer)
+                unit = next(queue, None)
+            progress.advance(task, count * views)
+        if stored is not None:
+            stored.result()
 
 
 def _teacher_classes(spec: CacheSpec, data_classes: list[str] | None) -> list[str] | None:
@@ -148,10 +160,12 @@ def _teacher_classes(spec: CacheSpec, data_classes: list[str] | None) -> list[st
     return classes
 
 
-def _added_teacher_location(spec: CacheSpec, source, base: Location) -> Location:
+def _added_teacher_location(spec: CacheSpec, source, digests: np.ndarray, base: Location) -> Location:
     """Where a further teacher of the finished archive at `base` goes: teachers/NAME
     inside it, a complete archive of its own whose views are checked to be the archive's."""
     manifest = read_manifest(base)
     check_archive_matches(manifest, spec.out, recipe=spec.recipe.to_dict(),
                           dataset__fingerprint=source.describe()["fingerprint"])
+    if manifest.dataset.content is not None:
+        check_archive_matches(manifest, spec.out, dataset__content=content_fingerprint(digests))
     return Location(teacher_archive(base.url, spec.teacher_name), spec.storage_options)

@@ -9,7 +9,9 @@ tell whether it is being replayed on the data it was made from.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator, Protocol
 
@@ -28,20 +30,50 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".
 
 
 class Source(Protocol):
-    """What every data source offers."""
+    """What every data source offers. A sample is stored bytes (`read`) that decode to
+    an image (`decode`); the sha256 of those bytes is the sample's content identity, which
+    an archive records and a replay checks (see `content_digest`)."""
 
     labels: np.ndarray  # int64, UNLABELLED where a sample has no label
     classes: list[str] | None  # None for unlabelled data
 
     def __len__(self) -> int: ...
 
+    def read(self, index: int) -> bytes:
+        """The sample's stored bytes (an image file's bytes)."""
+        ...
+
+    def decode(self, data: bytes, index: int) -> torch.Tensor:
+        """The image those bytes hold, as uint8 RGB (3, H, W)."""
+        ...
+
     def load(self, index: int) -> torch.Tensor:
-        """The decoded image as uint8 RGB (3, H, W)."""
+        """The decoded image of sample `index`: `decode(read(index))`."""
+        ...
+
+    def name(self, index: int) -> str:
+        """What a message calls sample `index` (its file's path)."""
         ...
 
     def describe(self) -> dict:
         """What the manifest records: fingerprint, num_samples, classes, labelled, location."""
         ...
+
+
+DIGEST_BYTES = 32  # sha256
+
+
+def content_digest(data: bytes) -> np.ndarray:
+    """The sha256 of a sample's bytes as DIGEST_BYTES uint8."""
+    return np.frombuffer(hashlib.sha256(data).digest(), dtype=np.uint8)
+
+
+def content_digests(source: Source, threads: int = 8) -> np.ndarray:
+    """(N, 32) uint8: the sha256 of every sample's bytes, in index order (sha256 releases
+    the GIL, so threads overlap reading and hashing)."""
+    with ThreadPoolExecutor(threads, thread_name_prefix="kdpipe-hash") as pool:
+        digests = list(pool.map(lambda index: content_digest(source.read(index)), range(len(source))))
+    return np.stack(digests)
 
 
 def _is_image(name: str) -> bool:
@@ -138,15 +170,27 @@ class ImageFolder:
     def __len__(self) -> int:
         return len(self.paths)
 
-    def load(self, index: int) -> torch.Tensor:
+    def read(self, index: int) -> bytes:
         path = self.paths[index]
         try:
-            with Image.open(path) as image:
+            return path.read_bytes()
+        except OSError as exc:
+            raise DataError(f"cannot read image {path}: {exc.strerror or exc}; fix or remove the file") from None
+
+    def decode(self, data: bytes, index: int) -> torch.Tensor:
+        try:
+            with Image.open(io.BytesIO(data)) as image:
                 array = _rgb8(image)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise DataError(f"cannot read image {path}: {reason}; fix or remove the file") from None
+            raise DataError(f"cannot read image {self.paths[index]}: {reason}; fix or remove the file") from None
         return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+
+    def load(self, index: int) -> torch.Tensor:
+        return self.decode(self.read(index), index)
+
+    def name(self, index: int) -> str:
+        return str(self.paths[index])
 
     def describe(self) -> dict:
         return {
@@ -175,14 +219,23 @@ class SyntheticImages:
     def __len__(self) -> int:
         return self.num_samples
 
-    def load(self, index: int) -> torch.Tensor:
+    def read(self, index: int) -> bytes:
         label = int(self.labels[index])
         pattern = np.random.default_rng([self.seed, label, 0]).uniform(0, 255, size=(3, 4, 4))
         noise = np.random.default_rng([self.seed, index, 1]).normal(0, 40, size=(3, self.size, self.size))
         base = torch.nn.functional.interpolate(
             torch.from_numpy(pattern)[None], size=(self.size, self.size), mode="bilinear", align_corners=False
         )[0].numpy()
-        return torch.from_numpy(np.clip(base + noise, 0, 255).astype(np.uint8))
+        return np.clip(base + noise, 0, 255).astype(np.uint8).tobytes()
+
+    def decode(self, data: bytes, index: int) -> torch.Tensor:
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(3, self.size, self.size)
+
+    def load(self, index: int) -> torch.Tensor:
+        return self.decode(self.read(index), index)
+
+    def name(self, index: int) -> str:
+        return f"synthetic sample {index}"
 
     def describe(self) -> dict:
         return {
@@ -217,7 +270,9 @@ class ViewDataset(Dataset):
     teacher gets both renders of the same view parameters (e.g. "views" at 16 px for
     the student, "teacher_views" at 32 px). With a mixing recipe, each view is mixed
     with the same view of the sample's partner (a second decode), and the item also
-    carries the partner's label and each view's lam.
+    carries the partner's label and each view's lam. `content` (and `partner_content`)
+    is the sha256 of the bytes the pixels were decoded from, so a replay can check that
+    they are the bytes the teacher saw.
     """
 
     def __init__(self, source: Source, recipe: ViewRecipe, sizes: dict[str, int] | None = None):
@@ -248,14 +303,16 @@ class ViewDataset(Dataset):
         recipe = self.recipe
         epoch, position = divmod(int(item), self.num_samples)
         index = int(self.order(epoch)[position])
-        image = self.source.load(index)
+        data = self.source.read(index)
+        image, content = self.source.decode(data, index), content_digest(data)
         views = range(recipe.views_per_sample)
         params = [sample_view(recipe, epoch, index, v, (image.shape[1], image.shape[2])) for v in views]
         renders = {name: [render(image, p, size) for p in params] for name, size in self.sizes.items()}
-        partner = index
+        partner, partner_content = index, content
         if recipe.mixup:
             partner = int(self._draw("partners", epoch)[index])
-            other = self.source.load(partner)
+            other_data = self.source.read(partner)
+            other, partner_content = self.source.decode(other_data, partner), content_digest(other_data)
             other_params = [sample_view(recipe, epoch, partner, v, (other.shape[1], other.shape[2])) for v in views]
             params = [mix_view(recipe, epoch, index, v, params[v], partner) for v in views]
             renders = {
@@ -268,6 +325,9 @@ class ViewDataset(Dataset):
             "index": index,
             "label": int(self.source.labels[index]),
             "partner_label": int(self.source.labels[partner]),
+            "partner": partner,
+            "content": torch.from_numpy(content.copy()),
+            "partner_content": torch.from_numpy(partner_content.copy()),
             "lam": torch.tensor([p.lam for p in params], dtype=torch.float32),
             "params": torch.from_numpy(np.stack([p.as_array(self.fields) for p in params])),
         } | {name: torch.stack(pixels) for name, pixels in renders.items()}

@@ -41,10 +41,18 @@ def keep_freed_memory() -> bool:
 
 
 def quiet_worker(worker_id: int = 0) -> None:
-    """A DataLoader worker's start: leave Ctrl-C, SIGTERM and SIGHUP to the main process.
+    """A DataLoader worker's start: leave Ctrl-C to the main process, and end quietly on
+    SIGTERM or SIGHUP.
 
     A scheduler or a terminal signals the whole process group. The main process turns the
-    signal into one line and shuts its workers down; a worker that handled it too would
-    die mid-batch and print a traceback of its own."""
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, signal.SIG_IGN)
+    signal into one line and shuts its workers down; a worker killed by the signal would
+    make the main process report a dead worker with a traceback instead. A worker that
+    ends with status 0 is not reported, and multiprocessing's own SIGTERM at exit still
+    ends it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _end_worker)
+
+
+def _end_worker(signum: int, frame) -> None:
+    os._exit(0)

@@ -21,6 +21,7 @@ from .config import MAIN_TEACHER, TrainSpec, ViewRecipe
 from .data import Source, ViewDataset
 from .errors import ArchiveMismatchError, ConfigError
 from .models import Teacher, with_num_classes
+from .progress import say
 from .store import ArchiveReader, check_archive_matches, teacher_archive
 
 
@@ -79,8 +80,27 @@ class ReplayBatches(ViewBatches):
                     f"archive {archive} recorded other view parameters at epoch {epoch}, positions {first}-{last}: "
                     "the recipe, the data or kdpipe's view code changed since it was cached"
                 )
+            self._check_content(reader, batch, archive)
             batch["teacher_logits"][name] = torch.from_numpy(logits)
         return batch
+
+    def _check_content(self, reader: ArchiveReader, batch: dict, archive: str) -> None:
+        """The bytes each view was decoded from (its sample's and its mixing partner's)
+        must be those the teacher's views were decoded from: equal names and sizes do not
+        make equal images (a swapped or regenerated file keeps both)."""
+        recorded = reader.content_digests()
+        if recorded is None:  # an archive made before kdpipe recorded content
+            return
+        samples = torch.cat([batch["index"], batch["partner"]]).numpy()
+        decoded = torch.cat([batch["content"], batch["partner_content"]]).numpy()
+        changed = sorted({int(i) for i in samples[(recorded[samples] != decoded).any(1)]})
+        if changed:
+            source = self.views.source
+            names = ", ".join(source.name(i) for i in changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
+            raise ArchiveMismatchError(
+                f"{names} changed since archive {archive} was cached (the teacher saw other bytes); "
+                "restore the files, or cache the archive again"
+            )
 
 
 def resolve_recipe(spec: TrainSpec, recipe_options: dict, reader: ArchiveReader | None) -> ViewRecipe:
@@ -129,6 +149,10 @@ def check_archives(spec: TrainSpec, source: Source, recipe: ViewRecipe,
     if embeddings and (spec.loss != "seed" or len(readers) > 1):
         raise ConfigError(f"{teacher_archive(spec.cache, embeddings[0])} holds teacher embeddings, not logits: "
                           "distil them alone with --loss seed")
+    unchecked = [name for name, reader in readers.items() if reader.manifest.dataset.content is None]
+    if unchecked:
+        say(f"warning: {teacher_archive(spec.cache, unchecked[0])} records no image contents (made by an older "
+            "kdpipe): a changed image with an unchanged name and size would go unnoticed")
     if spec.loss == "seed" and not embeddings:
         raise ConfigError("--loss seed distils embeddings: cache them with cache-teacher --embedding-layer")
     if embeddings:

@@ -58,7 +58,8 @@ def test_inspect_reports_shapes_sizes_and_agreement(image_folder, tmp_path, teac
 def test_inspect_shows_an_unfinished_archive(image_folder, tmp_path, teacher_weights):
     _cache(image_folder, tmp_path / "a", teacher_weights)
     manifest = read_manifest(tmp_path / "a")
-    plan = dataclasses.replace(manifest, shards=None, files=None, total_bytes=None, manifest_fingerprint=None)
+    plan = dataclasses.replace(manifest, shards=None, files=None, total_bytes=None, manifest_fingerprint=None,
+                               dataset=dataclasses.replace(manifest.dataset, content=None))
     writer = ArchiveWriter(Location(tmp_path / "b"), plan, np.zeros(18, dtype=np.int64))
     writer.write_unit(0, 0, np.zeros((5, 2, 3), dtype=np.float32), np.zeros((5, 2, 8), dtype=np.float32))
     report = json.loads(run_cli("inspect", tmp_path / "b", "--json").stdout)

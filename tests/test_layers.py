@@ -112,3 +112,17 @@ def test_the_checker_sees_circles_and_upward_imports(tmp_path):
     fake.write_text("def f():\n    from .losses import kd_loss\n")
     found = imports_of("pipeline.config", fake, {"pipeline.config", "pipeline.losses"})
     assert found == {"pipeline.losses"} and layer_of("pipeline.losses") > layer_of("pipeline.config")
+
+
+MAX_FUNCTION_LINES = 80  # a function longer than a screen is read in pieces: split it
+
+
+def test_no_function_is_longer_than_a_screen():
+    long = []
+    for name, path in project_modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    long.append(f"{name}.{node.name}: {lines} lines")
+    assert not long, long

@@ -324,3 +324,72 @@ def test_an_empty_path_is_refused_at_once(tmp_path, monkeypatch, command, option
                                                            for previous, value in zip([None, *args], args)]
     assert_user_error(run_cli(command, *args), f"{option} is empty")
     assert list(tmp_path.iterdir()) == []
+
+
+def bmp_folder(root, classes=("cat", "dog"), per_class=4):
+    """Images whose files all have the same byte size (BMP of one shape): swapping two
+    keeps every name and size, so only their content tells them apart."""
+    from PIL import Image
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = np.clip(rng.normal(80 + 90 * c, 30, size=(20, 20, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{name}_{i}.bmp")
+    return root
+
+
+@pytest.mark.parametrize("mixup", [[], ["--mixup", "mixup"]])
+def test_a_changed_image_with_the_same_name_and_size_is_refused_by_name(tmp_path, mixup):
+    """Two images swapped across classes, or one regenerated in place, keep every name,
+    size and label: the dataset fingerprint cannot see it, the content check does, and
+    names the files (a mixing partner's too)."""
+    data = bmp_folder(tmp_path / "data")
+    archive = tmp_path / "a.zarr"
+    common = ["--data", data, "--size", 16, "--epochs", 1, "--workers", 0, *mixup]
+    cli_json("cache-teacher", *common, "--teacher", "kdpipe:cnn", "--out", archive)
+    cat, dog = data / "cat" / "cat_1.bmp", data / "dog" / "dog_2.bmp"
+    cat_bytes, dog_bytes = cat.read_bytes(), dog.read_bytes()
+    assert len(cat_bytes) == len(dog_bytes)
+    cat.write_bytes(dog_bytes)
+    dog.write_bytes(cat_bytes)
+    train = ["train-student", "--data", data, "--student", "kdpipe:mlp", "--cache", archive, "--epochs", 1,
+             "--workers", 0, "--batch-size", 8]
+    assert_user_error(run_cli(*train, "--out", tmp_path / "s"), "cat_1.bmp", "dog_2.bmp", "changed since archive")
+    assert not (tmp_path / "s" / "student.pt").exists()
+    verify = run_cli("verify", archive, "--teacher", "kdpipe:cnn", "--data", data, "--recompute", 8)
+    assert verify.exit_code == 1 and "cat_1.bmp changed since the archive was cached" in verify.stdout
+    cat.write_bytes(cat_bytes)
+    dog.write_bytes(dog_bytes)
+    cli_json(*train, "--out", tmp_path / "restored")  # the files restored: the archive is theirs again
+    # regenerated in place: same name, same size, other pixels
+    dog.write_bytes(dog_bytes[:-3] + bytes(3))
+    assert_user_error(run_cli(*train, "--out", tmp_path / "r"), "dog_2.bmp")
+
+
+def test_verify_recompute_compares_the_stored_view_parameters(tmp_path):
+    """An archive whose crop boxes were altered and re-sealed passes every checksum;
+    --recompute re-derives each view and finds it."""
+    from pipeline.store import ArchiveReader, FileEntry, read_manifest, seal
+    from pipeline.store import json_bytes
+    import numpy as np
+    import zarr
+
+    archive = tmp_path / "a.zarr"
+    cli_json("cache-teacher", *CACHE, "--out", archive, "--shard-size", 24)
+    group = zarr.open_group(str(archive), mode="r+")
+    params = group["view_params"][...]
+    params[:, :, :, 0] += 1  # every crop box moved down a pixel
+    group["view_params"][...] = params
+    manifest = json.loads((archive / "manifest.json").read_text())
+    for key in list(manifest["files"]):
+        manifest["files"][key] = FileEntry.of((archive / key).read_bytes()).to_dict()
+    manifest["total_bytes"] = sum(entry["bytes"] for entry in manifest["files"].values())
+    (archive / "manifest.json").write_bytes(json_bytes(seal(manifest)))
+    read_manifest(archive)
+    ArchiveReader(archive).read(0, 0, 1)  # sound as far as checksums go
+    result = run_cli("verify", archive, "--teacher", "tests.toy_models:tiny_cnn", "--data", DATA, "--recompute", 4)
+    assert result.exit_code == 1, result.output
+    assert "stored view parameters are not those the recipe gives" in result.stdout

@@ -21,6 +21,7 @@ content hash, so a remote archive is downloaded once per machine.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from dataclasses import dataclass
@@ -35,8 +36,8 @@ from ..views import epoch_order
 from .backends import make_backend
 from .lease import LEASE, WriterLease, remove_dead_lease
 from .location import Location
-from .manifest import (MANIFEST, PLAN, FileEntry, Manifest, ShardEntry, job_identity, json_bytes, read_json,
-                       read_manifest, read_plan)
+from .manifest import (CONTENT_DIGESTS, MANIFEST, PLAN, FileEntry, Manifest, ShardEntry, content_fingerprint,
+                       job_identity, json_bytes, read_json, read_manifest, read_plan)
 
 COMMITS = "commits"
 STATIC_MARKER = f"{COMMITS}/static.json"
@@ -58,9 +59,13 @@ class ArchiveWriter:
     """
 
     def __init__(self, location: Location, plan: Manifest, labels: np.ndarray, overwrite: bool = False,
-                 lead: bool = True):
+                 lead: bool = True, content_digests: np.ndarray | None = None):
         self.location = location
         self.plan = plan
+        self.content_digests = content_digests  # (N, 32) uint8, stored when the plan records dataset.content
+        if (plan.dataset.content is None) != (content_digests is None) or (
+                content_digests is not None and content_fingerprint(content_digests) != plan.dataset.content):
+            raise ArchiveError("internal: the content digests given are not those the plan records")
         self.layout = plan.layout
         self.codec = plan.codec
         self.backend = make_backend(plan.backend, plan.layout, plan.codec)
@@ -89,7 +94,10 @@ class ArchiveWriter:
         location = self.location
         if not location.exists(STATIC_MARKER):
             entries = {}
-            for key, data in self.backend.static_files(self.labels, self.order):
+            static = self.backend.static_files(self.labels, self.order)
+            if self.content_digests is not None:
+                static = itertools.chain(static, [(CONTENT_DIGESTS, self.content_digests.astype(np.uint8).tobytes())])
+            for key, data in static:
                 location.write(key, data)
                 entries[key] = file_entry(data)
             location.write(STATIC_MARKER, json_bytes({"files": entries}))
@@ -322,6 +330,7 @@ class ArchiveReader:
         self.codec = self.manifest.codec
         self.backend = make_backend(self.manifest.backend, layout, self.codec, self.manifest.files)
         self._shard: tuple[tuple[int, int], dict[str, np.ndarray]] | None = None
+        self._content: np.ndarray | None = None
         self.backend.open(self.fetch)
 
     def _load_shard(self, epoch: int, shard: int) -> dict[str, np.ndarray]:
@@ -344,6 +353,15 @@ class ArchiveReader:
         if len(parts) == 1:
             return parts[0]
         return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+
+    def content_digests(self) -> np.ndarray | None:
+        """(N, 32) uint8: the sha256 of every sample's bytes when cached, by sample index;
+        None for an archive made before kdpipe recorded content."""
+        if self.manifest.dataset.content is None:
+            return None
+        if self._content is None:
+            self._content = np.frombuffer(self.fetch(CONTENT_DIGESTS), dtype=np.uint8).reshape(-1, 32)
+        return self._content
 
     def read(self, epoch: int, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Logits (float32, decoded), view parameters and sample indices of positions [start, stop)."""

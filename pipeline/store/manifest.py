@@ -147,31 +147,50 @@ class TeacherInfo:
         return teacher
 
 
+CONTENT_DIGESTS = "dataset/content.sha256"  # the sha256 of every sample's bytes, N x 32 bytes in index order
+
+
+def content_fingerprint(digests: np.ndarray) -> str:
+    """`dataset.content`: the fingerprint of the per-sample digests (the object's bytes)."""
+    return "sha256:" + sha256_hex(np.ascontiguousarray(digests, dtype=np.uint8).tobytes())
+
+
 @dataclass(frozen=True)
 class DatasetInfo:
-    """The manifest's `dataset`: its fingerprint (keys, labels, content), size, class
-    names (None when unlabelled), and where it was read (informational)."""
+    """The manifest's `dataset`: its fingerprint (keys, file sizes, labels), size, class
+    names (None when unlabelled), where it was read (informational) and `content`, the
+    fingerprint of the sha256 of every sample's bytes (stored whole in CONTENT_DIGESTS),
+    so a replay can check each image it decodes is the one the teacher saw. Archives
+    made before kdpipe recorded content have no `content`."""
 
     fingerprint: str
     num_samples: int
     classes: tuple[str, ...] | None
     labelled: bool
     location: str
+    content: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"fingerprint": self.fingerprint, "num_samples": self.num_samples,
+        data = {"fingerprint": self.fingerprint, "num_samples": self.num_samples,
                 "classes": None if self.classes is None else list(self.classes), "labelled": self.labelled,
                 "location": self.location}
+        return data if self.content is None else data | {"content": self.content}
 
     @classmethod
     def from_dict(cls, data: Any) -> DatasetInfo:
-        data = parse_object(data, "dataset", ("fingerprint", "num_samples", "classes", "labelled", "location"))
+        data = parse_object(data, "dataset", ("fingerprint", "num_samples", "classes", "labelled", "location"),
+                            optional=("content",))
         if not isinstance(data["labelled"], bool):
             raise ManifestError(f"dataset.labelled must be true or false, got {data['labelled']!r}")
+        content = data.get("content")
+        if content is not None and not (isinstance(content, str) and content.startswith("sha256:")
+                                        and SHA256.fullmatch(content[len("sha256:"):])):
+            raise ManifestError(f"dataset.content must be 'sha256:' and 64 lowercase hex digits, got {content!r}")
         return cls(fingerprint=parse_str(data["fingerprint"], "dataset.fingerprint"),
                    num_samples=parse_int(data["num_samples"], "dataset.num_samples", minimum=1),
                    classes=parse_str_list(data["classes"], "dataset.classes", allow_none=True),
-                   labelled=data["labelled"], location=parse_str(data["location"], "dataset.location"))
+                   labelled=data["labelled"], location=parse_str(data["location"], "dataset.location"),
+                   content=content)
 
 
 @dataclass(frozen=True)
@@ -363,6 +382,12 @@ class Manifest:
             unlisted = [key for key in entry.files if key not in self.files]
             if unlisted:
                 raise ManifestError(f"shards[{i}].files names {unlisted[0]}, which files does not list")
+        content = self.files.get(CONTENT_DIGESTS)
+        if (self.dataset.content is None) != (content is None):
+            raise ManifestError(f"files lists {CONTENT_DIGESTS} exactly when dataset.content is given")
+        if content is not None and content.bytes != 32 * self.dataset.num_samples:
+            raise ManifestError(f"files[{CONTENT_DIGESTS!r}].bytes {content.bytes} is not 32 per sample "
+                                f"({32 * self.dataset.num_samples})")
         total = sum(entry.bytes for entry in self.files.values())
         if self.total_bytes != total:
             raise ManifestError(f"total_bytes {self.total_bytes} is not the sum of the files' bytes ({total})")
