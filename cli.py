@@ -53,7 +53,7 @@ def _environment_error(exc: BaseException) -> str | None:
         where = f" ({exc.filename})" if exc.filename else ""
         advice = "free some space" if exc.errno in NO_SPACE else "choose a writable location"
         return f"{exc.strerror}{where}; {advice}, then re-run"
-    if "shared memory" in text or "/dev/shm" in text or "torch_shm_manager" in text:
+    if any(sign in text for sign in ("shared memory", "/dev/shm", "</torch_", "torch_shm_manager")):
         return ("the DataLoader workers ran out of shared memory (/dev/shm is too small, as in a default container); "
                 "pass --workers 0, or give the machine more shared memory (docker run --shm-size 8g)")
     if isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and "out of memory" in text.lower()):

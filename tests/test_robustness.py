@@ -393,3 +393,24 @@ def test_verify_recompute_compares_the_stored_view_parameters(tmp_path):
     result = run_cli("verify", archive, "--teacher", "tests.toy_models:tiny_cnn", "--data", DATA, "--recompute", 4)
     assert result.exit_code == 1, result.output
     assert "stored view parameters are not those the recipe gives" in result.stdout
+
+
+def test_workers_out_of_shared_memory_get_one_line_with_advice(tmp_path):
+    """PyTorch hands a worker's batch over in a shared-memory file; when it cannot be
+    made (a small /dev/shm, as in a default container; here a file-size limit, which
+    stops those files alike) the run ends in one line saying what to do."""
+    import resource
+    import sys
+
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (32768, resource.RLIM_INFINITY))
+
+    command = [sys.executable, "-m", "cli", "train-student", "--data", DATA, "--student", "kdpipe:mlp", "--mode",
+               "supervised", "--epochs", "1", "--batch-size", "12", "--size", "32", "--workers", "2",
+               "--out", str(tmp_path / "run")]
+    child = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, preexec_fn=limit)
+    assert child.returncode == 2, child.stderr
+    lines = child.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in child.stderr, child.stderr
+    assert lines[0].startswith("error: the DataLoader workers ran out of shared memory") and "--workers 0" in lines[0]
