@@ -803,6 +803,7 @@ REMOTE_TRAIN = ("--student", "kdpipe:mlp", "--epochs", 2, "--batch-size", 6, "--
 FLAKY = {"fail_every": 8, "failures": ("503", "drop", "500"), "outage_every": 90, "outage_seconds": 0.6}
 
 
+@pytest.mark.slow
 def test_flaky_store_gives_the_local_archive_and_student(data, tmp_path, failing_proxy, s3, monkeypatch):
     """Every eighth request to S3 fails, in turn with a 503 SlowDown, a connection dropped
     after the store acted, and a 500 InternalError; and every 90 requests the store is out
@@ -831,6 +832,7 @@ def test_flaky_store_gives_the_local_archive_and_student(data, tmp_path, failing
     assert_user_error(result, url + "-again", "(after 1 tries)")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["cache-teacher", "train-student"])
 def test_dead_store_is_one_line_naming_the_url_in_bounded_time(command, data, tmp_path, failing_proxy, s3):
     """Every request fails with 503: one line naming the URL and the tries, exit 2,

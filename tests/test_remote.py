@@ -186,6 +186,7 @@ def test_train_from_http(format, data, tmp_path, reference, http_server):
     assert_same_weights(tmp_path / "run", expected)
 
 
+@pytest.mark.slow
 def test_transient_failures_are_retried_and_persistent_ones_reported(data, tmp_path, reference, http_server,
                                                                      monkeypatch):
     """A server failing every second request still trains the reference student (each
@@ -231,6 +232,7 @@ def iam_user(s3_endpoint):
     return key["AccessKeyId"], key["SecretAccessKey"]
 
 
+@pytest.mark.slow
 def test_wrong_secret_key_is_a_user_error(data, tmp_path, s3_env, s3_endpoint, s3_options, prefix, iam_user):
     """With moto's IAM checks on (moto accepts any key otherwise), a valid key id with the
     wrong secret is refused in one line, for reading (through AWS_* variables) and for
@@ -256,6 +258,7 @@ def test_wrong_secret_key_is_a_user_error(data, tmp_path, s3_env, s3_endpoint, s
     assert not right.exists(f"{prefix}/other")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["train-student", "cache-teacher"])
 def test_unreachable_endpoint_fails_fast(command, data, tmp_path):
     """An endpoint where nothing listens: one line naming the archive, within seconds when
