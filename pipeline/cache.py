@@ -75,7 +75,7 @@ def cache_teacher(spec: CacheSpec) -> dict:
         compute_seconds = time.perf_counter() - compute_started
         manifest = writer.finish() if ranks.main else None
     except BaseException:
-        writer.release()
+        writer.abandon()  # never hides the failure that stopped the run
         raise
     computed = sum(stop - start for *_, start, stop in pending) * spec.recipe.views_per_sample
     return archive_summary(distributed.broadcast(manifest), spec.out) | {

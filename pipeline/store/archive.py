@@ -9,7 +9,8 @@ An archive is a set of objects below a `Location`:
     manifest.json        written last: an archive without it is unfinished
 
 A unit of work is one (epoch, shard): its objects are written whole (atomically), then
-its commit marker. A re-run skips committed units, so an interrupted job completes to
+its commit marker. An epoch's own objects (zarr's index chunks) belong to its first
+shard's unit, so nothing grows with the epochs before the teacher has run. A re-run skips committed units, so an interrupted job completes to
 the same bytes. `finish` checks every object is present with its committed size,
 writes the manifest with a sha256 per object, and removes the markers and the plan.
 
@@ -17,6 +18,10 @@ The reader verifies every object against the manifest's sha256 before first use 
 small ones on opening, each shard when a read first touches it): nothing is ever
 trained on damaged bytes. With a local cache, verified objects are kept on disk by
 content hash, so a remote archive is downloaded once per machine.
+
+kdpipe never deletes what it did not write: `--overwrite` replaces only what a kdpipe
+manifest or plan proves is an archive, and only the objects such an archive consists
+of (`survey`); a location that holds anything else is refused before it is touched.
 """
 
 from __future__ import annotations
@@ -24,6 +29,9 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
+import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -31,22 +39,112 @@ from typing import Iterator
 import numpy as np
 
 from ..config import MAIN_TEACHER, first_difference, sha256_hex
-from ..errors import ArchiveError
+from ..errors import ArchiveError, KdpipeError
 from ..views import epoch_order
 from .backends import make_backend
-from .lease import LEASE, WriterLease, remove_dead_lease
-from .location import Location
-from .manifest import (CONTENT_DIGESTS, MANIFEST, PLAN, FileEntry, Manifest, ShardEntry, content_fingerprint,
-                       job_identity, json_bytes, read_json, read_manifest, read_plan)
+from .layout import ManifestError
+from .lease import LEASE, WriterLease, parse_lease, remove_dead_lease
+from .location import Location, short_reason, temporary_target, write_local_atomic
+from .manifest import (CONTENT_DIGESTS, MANIFEST, MANIFEST_ONLY, PLAN, PLAN_KEYS, FileEntry, Manifest, ShardEntry,
+                       content_fingerprint, job_identity, json_bytes, read_json, read_manifest, read_plan)
 
 COMMITS = "commits"
 STATIC_MARKER = f"{COMMITS}/static.json"
 TEACHERS = "teachers"  # further teachers of a finished archive, each a complete archive of its own
+COMMIT_MARKER = re.compile(rf"{COMMITS}/(static|\d+\.\d+)\.json")
 
 
 def file_entry(data: bytes) -> dict:
     """The manifest entry of an object: its size and sha256."""
     return FileEntry.of(data).to_dict()
+
+
+@dataclass(frozen=True)
+class Survey:
+    """What a location holds: the objects of the kdpipe archive there, in the order to
+    delete them (the manifests and plans that prove it is one come last, so an interrupted
+    deletion can be resumed), and everything else, which kdpipe must never touch."""
+
+    archive: Manifest | None  # the archive's manifest, else its plan; None when neither is there
+    owned: tuple[str, ...]
+    foreign: tuple[str, ...]
+    owned_bytes: int
+
+
+def survey(location: Location, sizes: dict[str, int]) -> Survey:
+    """Sort the objects `sizes` lists (a listing of `location`) into those of the kdpipe
+    archive there and the rest. An archive is proven only by a manifest or plan that
+    parses as kdpipe's own; then its objects are those of its layout and backend (never
+    merely what a manifest lists), its commit markers, the lease, the temporary files of
+    kdpipe's atomic writes of those names, and the added teachers below `teachers/`, each
+    an archive proven the same way. Without a manifest or plan, only a lease and the
+    temporary files of a manifest, plan or lease (a run killed while starting) are kdpipe's.
+    A manifest.json or plan.json that is not kdpipe's is refused, saying so."""
+    manifest = _own_document(location, MANIFEST, finished=True) if MANIFEST in sizes else None
+    plan = _own_document(location, PLAN, finished=False) if PLAN in sizes else None
+    archive = manifest or plan
+    backend = make_backend(archive.backend, archive.layout, archive.codec) if archive is not None else None
+
+    def named_like_ours(key: str) -> bool:
+        if key in (MANIFEST, PLAN, LEASE):
+            return True
+        return archive is not None and (
+            COMMIT_MARKER.fullmatch(key) is not None or backend.owns(key)
+            or (key == CONTENT_DIGESTS and archive.dataset.content is not None)
+        )
+
+    owned, foreign, teachers = [], [], {}
+    for key, size in sizes.items():
+        if archive is not None and key.startswith(f"{TEACHERS}/") and key.count("/") >= 2:
+            _, name, rest = key.split("/", 2)
+            teachers.setdefault(name, {})[rest] = size
+        elif key == LEASE:  # a lease, or an empty one a writer killed while creating it left
+            ours = size == 0 or parse_lease(location.read_if_present(LEASE)) is not None
+            (owned if ours else foreign).append(key)
+        else:
+            target = temporary_target(key)
+            (owned if named_like_ours(key if target is None else target) else foreign).append(key)
+    for name, inner_sizes in sorted(teachers.items()):
+        inner = survey(location.below(f"{TEACHERS}/{name}"), inner_sizes)
+        owned += [f"{TEACHERS}/{name}/{key}" for key in inner.owned]
+        foreign += [f"{TEACHERS}/{name}/{key}" for key in inner.foreign]
+    owned.sort(key=_deletion_order)
+    return Survey(archive, tuple(owned), tuple(sorted(foreign)), sum(sizes.get(key, 0) for key in owned))
+
+
+def _deletion_order(key: str) -> tuple:
+    """Objects first, then the proofs that they are an archive's: the deepest first (an
+    added teacher's before the archive's own), a plan before a manifest."""
+    name = key.rsplit("/", 1)[-1]
+    return (name in (PLAN, MANIFEST), -key.count("/"), name == MANIFEST, key)
+
+
+def _own_document(location: Location, key: str, finished: bool) -> Manifest:
+    """The manifest (or plan) `key` at `location`, when it is one this kdpipe can read; an
+    error saying why not, and never advising --overwrite: what kdpipe cannot read, it
+    cannot prove to be an archive, so it never replaces it."""
+    data, document = location.read(key), None
+    try:
+        document = json.loads(data)
+        return Manifest.from_dict(document, finished=finished)
+    except (ValueError, TypeError, KeyError, AttributeError, ManifestError) as exc:
+        reason = short_reason(exc)
+    if isinstance(document, dict) and document and set(document) <= set(PLAN_KEYS + MANIFEST_ONLY):
+        what = "an unfinished archive of a different job" if key == PLAN else "a kdpipe archive"
+        raise ArchiveError(f"{location} holds {what} whose {key} this kdpipe cannot read ({reason}); kdpipe "
+                           "replaces only archives it can read: move it away, or choose another --out")
+    what = "manifest" if finished else "plan"
+    raise ArchiveError(f"{location} is not a kdpipe archive: its {key} is not a kdpipe {what} ({reason}); "
+                       "kdpipe replaces only its own archives, so choose another --out")
+
+
+def _size(count: int) -> str:
+    """A byte count for people: 1.5 GB."""
+    for unit in ("bytes", "KB", "MB", "GB", "TB"):
+        if count < 1000 or unit == "TB":
+            return f"{count:.0f} {unit}" if unit == "bytes" else f"{count:.1f} {unit}"
+        count /= 1000
+    raise AssertionError("unreachable")
 
 
 class ArchiveWriter:
@@ -75,14 +173,14 @@ class ArchiveWriter:
         self.lease: WriterLease | None = None
         if not lead:
             return
-        self._check_target(overwrite)
+        self._check_target()
         self.lease = WriterLease(location)
         self.lease.acquire()
         try:
             self._claim(overwrite)
             self._write_static()
         except BaseException:
-            self.release()
+            self.abandon()
             raise
 
     def release(self) -> None:
@@ -90,11 +188,21 @@ class ArchiveWriter:
         if self.lease is not None:
             self.lease.release()
 
+    def abandon(self) -> None:
+        """Give up the lease after a failure, never hiding it: when the store refuses this
+        too (a folder made read-only, a store gone), the failure that stopped the run is
+        the one to report. The lease stays behind; a re-run takes it over once its holder
+        is known to be gone (this host: at once; another: after LEASE_SECONDS)."""
+        try:
+            self.release()
+        except KdpipeError:
+            pass
+
     def _write_static(self) -> None:
         location = self.location
         if not location.exists(STATIC_MARKER):
             entries = {}
-            static = self.backend.static_files(self.labels, self.order)
+            static = self.backend.static_files(self.labels)
             if self.content_digests is not None:
                 static = itertools.chain(static, [(CONTENT_DIGESTS, self.content_digests.astype(np.uint8).tobytes())])
             for key, data in static:
@@ -102,22 +210,54 @@ class ArchiveWriter:
                 entries[key] = file_entry(data)
             location.write(STATIC_MARKER, json_bytes({"files": entries}))
 
-    def _check_target(self, overwrite: bool) -> None:
-        """Refuse a location that is a file or a folder of other things, before touching it."""
+    def _check_target(self) -> None:
+        """Refuse, before touching it, a location that is a file, that holds anything but
+        kdpipe's own objects, or whose disk cannot hold the archive."""
         location = self.location
         if location.is_file():
             raise ArchiveError(f"{location} exists and is a file; choose another --out")
-        foreign = [key for key in location.sizes()
-                   if key != LEASE and not key.rsplit("/", 1)[-1].startswith(".")]  # not a lease or temp file
-        if foreign and not (location.exists(MANIFEST) or location.exists(PLAN)):
-            raise ArchiveError(f"{location} exists and is not a kdpipe archive; choose another --out")
+        found = self._survey()
+        self._check_space(found)
+
+    def _survey(self) -> Survey:
+        """What the location holds; an error naming the first object that is not kdpipe's."""
+        location = self.location
+        found = survey(location, location.sizes())
+        if found.foreign and found.archive is None:
+            raise ArchiveError(f"{location} is not a kdpipe archive and not empty (it holds {found.foreign[0]}); "
+                               "kdpipe writes only into an empty folder or its own archive: choose another --out")
+        if found.foreign:
+            raise ArchiveError(f"{location} holds {found.foreign[0]}, which is not part of its kdpipe archive; kdpipe "
+                               "never touches what it did not write: move it away, or choose another --out")
+        return found
+
+    def _check_space(self, found: Survey) -> None:
+        """Refuse a job whose archive cannot fit on its local disk, before anything is
+        written (a typo in --epochs must not fill the disk). The estimate is the stored
+        fields before compression; the archive's objects already there count as written."""
+        if not self.location.local:
+            return  # an object store's free space cannot be known
+        needed = self.plan.projected_bytes - found.owned_bytes
+        folder = Path(self.location.root)
+        while not folder.exists():
+            folder = folder.parent
+        free = shutil.disk_usage(folder).free
+        if needed > free:
+            layout = self.layout
+            raise ArchiveError(
+                f"archive {self.location} needs about {_size(needed)} ({layout.epochs} epochs x {layout.num_samples} "
+                f"samples x {layout.views_per_sample} views, before compression) but {folder} has {_size(free)} free; "
+                "lower --epochs or --views-per-sample, choose a smaller --codec, or another --out"
+            )
 
     def _claim(self, overwrite: bool) -> None:
-        """Make the location ours: new, replaced (only with overwrite), or an unfinished run of this plan."""
+        """Make the location ours: new, replaced (only with overwrite, and only the
+        archive's own objects), or an unfinished run of this plan."""
         location = self.location
-        has_manifest, has_plan = location.exists(MANIFEST), location.exists(PLAN)
+        found = self._survey()  # again: the lease now keeps other writers out
+        has_manifest, has_plan = MANIFEST in found.owned, PLAN in found.owned
         if (has_manifest or has_plan) and overwrite:
-            for key in location.sizes():
+            for key in found.owned:
                 if key != LEASE:
                     location.delete(key)
         elif has_manifest:
@@ -172,6 +312,8 @@ class ArchiveWriter:
         fields = self.codec.encode(logits)
         samples = self.order(epoch)[start:stop]
         objects = self.backend.encode(epoch, shard, start, fields, params, samples, self.labels[samples])
+        if shard == 0:  # the epoch's own objects are committed with its first shard
+            objects = self.backend.epoch_files(epoch, self.order(epoch)) | objects
         for key, data in objects.items():
             self.location.write(key, data)
         marker = {"epoch": epoch, "shard": shard, "start": start, "stop": stop,
@@ -192,14 +334,16 @@ class ArchiveWriter:
         shards = []
         for epoch, shard, start, stop in self.units():
             marker = committed[(epoch, shard)]
-            shards.append(ShardEntry(epoch, shard, start, stop, tuple(sorted(marker["files"]))))
+            shards.append(ShardEntry(epoch, shard, start, stop, tuple(sorted(self.backend.shard_files(epoch, shard)))))
             files.update(marker["files"])
         for key, entry in static.items():
             if sizes.get(key) != entry["bytes"]:
                 raise ArchiveError(f"archive {self.location} lost {key}; re-run with --overwrite")
         for key in sizes:
-            if key not in files and key not in (PLAN, LEASE) and not key.startswith(f"{COMMITS}/"):
-                self.location.delete(key)  # a temporary file left by a killed writer
+            target = temporary_target(key)
+            if target is not None and (target in files or target in (MANIFEST, PLAN, LEASE)
+                                       or COMMIT_MARKER.fullmatch(target)):
+                self.location.delete(key)  # left by a killed write; nothing but kdpipe's own is deleted
         manifest = self.plan.finish(shards, {key: FileEntry(entry["bytes"], entry["sha256"]) for key, entry in files.items()})
         self.location.write(MANIFEST, json_bytes(manifest.to_dict()))
         finish_cleanup(self.location)
@@ -266,13 +410,16 @@ def unfinished_archive(location: Location) -> UnfinishedArchive | None:
     return UnfinishedArchive(read_plan(location), committed)
 
 
+UNWRITABLE_CACHES: set[Path] = set()  # local caches that refused a copy in this process: warned about once
+
+
 class VerifiedObjects:
     """Fetches an archive's objects, each checked against the manifest's sha256; with a
     local cache, verified copies are kept on disk by content hash."""
 
     def __init__(self, location: Location, manifest: Manifest, local_cache: str | os.PathLike | None = None):
         self.location, self.files = location, manifest.files
-        self.local_cache = Path(local_cache) if local_cache else None
+        self.local_cache = Path(local_cache) if local_cache and Path(local_cache) not in UNWRITABLE_CACHES else None
 
     def __call__(self, key: str) -> bytes:
         entry = self.files.get(key)
@@ -291,8 +438,21 @@ class VerifiedObjects:
         if sha256_hex(data) != entry.sha256:
             raise ArchiveError(f"archive {self.location} is damaged: {key} fails its checksum; fetch a fresh copy")
         if cached is not None:
-            Location(cached.parent).write(cached.name, data)
+            self._keep(cached, data)
         return data
+
+    def _keep(self, cached: Path, data: bytes) -> None:
+        """Keep a verified copy in the local cache. A cache that cannot take it (a full
+        disk, a read-only folder) costs only speed, never the run: warn once (per process)
+        and go on reading from the archive, without the cache."""
+        try:
+            write_local_atomic(cached, data)
+        except OSError as exc:
+            if self.local_cache not in UNWRITABLE_CACHES:
+                print(f"warning: cannot write {cached} ({short_reason(exc)}); going on without --local-cache "
+                      f"{self.local_cache}", file=sys.stderr)
+            UNWRITABLE_CACHES.add(self.local_cache)
+            self.local_cache = None
 
     def problems(self) -> list[str]:
         """Every object's problem (missing, wrong size, wrong checksum); empty when sound."""

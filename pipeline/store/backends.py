@@ -25,9 +25,20 @@ class Backend(Protocol):
 
     name: str
 
-    def static_files(self, labels: np.ndarray, order: Callable[[int], np.ndarray]) -> Iterator[tuple[str, bytes]]:
-        """The objects written once when an archive is created (metadata, labels, the
-        per-epoch position indices); `order(epoch)` gives the sample at each position."""
+    def static_files(self, labels: np.ndarray) -> Iterator[tuple[str, bytes]]:
+        """The objects written once when an archive is created (metadata, labels): their
+        size does not grow with the epochs."""
+        ...
+
+    def epoch_files(self, epoch: int, sample_index: np.ndarray) -> dict[str, bytes]:
+        """The objects of one epoch as a whole (zarr: its sample and position index
+        chunks), given the sample at each position; written and committed with the
+        epoch's first shard, so nothing is written per epoch ahead of the teacher."""
+        ...
+
+    def owns(self, key: str) -> bool:
+        """Whether `key` names an object this backend writes for an archive of its layout
+        (what `cache-teacher --overwrite` may delete)."""
         ...
 
     def encode(self, epoch: int, shard: int, start: int, fields: dict[str, np.ndarray], params: np.ndarray,

@@ -4,9 +4,13 @@ Every archive read and write goes through a `Location`, so both backends work on
 store the same way. Writes of whole objects are atomic: a local file is written beside
 its name, fsynced and renamed into place; an object store shows a PUT only once it is
 complete. A remote operation that fails for a reason other than "missing" or
-"forbidden" is retried with exponential backoff (0.25 s, doubling, 5 tries in all), on
-top of whatever retries the store library makes itself. Errors name the object and say
-what to do; nothing leaks a traceback.
+"forbidden" is retried with exponential backoff (0.25 s, doubling, 5 tries in all).
+
+A store that stops answering must not stall a run: every remote request has a connect
+and a read timeout, and kdpipe's retries are the only ones (the store libraries' own
+retry loops are set to one attempt unless the storage options say otherwise), so an
+operation ends within `remote_operation_bound()` seconds, then fails with one line
+naming the object and the endpoint. Errors say what to do; nothing leaks a traceback.
 
 Credentials and endpoints come the standard way (AWS_* variables, AWS_ENDPOINT_URL,
 GOOGLE_APPLICATION_CREDENTIALS) or from `--storage-option KEY=VALUE`. fsspec caches one
@@ -16,8 +20,10 @@ that opens a Location gets its own connection pool.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
+import re
 import time
 import uuid
 from pathlib import Path
@@ -30,6 +36,11 @@ from ..errors import NO_SPACE, ArchiveError, ConfigError, KdpipeError
 T = TypeVar("T")
 RETRIES = 4  # further tries of a failed remote operation
 RETRY_DELAY = 0.25  # seconds before the first retry, doubled before each next one
+CONNECT_TIMEOUT = 10.0  # seconds to open a connection to a remote store
+READ_TIMEOUT = 30.0  # seconds a remote store may stay silent while kdpipe waits for its answer
+
+# write_local_atomic's temporary files: `.NAME.tmp-PID-XXXXXXXX` beside the file NAME
+TEMPORARY_FILE = re.compile(r"\.(?P<name>.+)\.tmp-\d+-[0-9a-f]{8}")
 
 READ_WRITE_SCHEMES = ("file", "local", "s3", "s3a", "gs", "gcs", "memory")
 READ_ONLY_SCHEMES = ("http", "https")
@@ -46,7 +57,67 @@ def is_local(url: str | os.PathLike) -> bool:
     return fsspec.utils.get_protocol(str(url)) in ("file", "local")
 
 
-def _reason(exc: BaseException) -> str:
+def remote_operation_bound() -> float:
+    """The most seconds one remote operation takes before it fails: every try waits at
+    most a connect and a read timeout, and the tries are separated by the backoff delays."""
+    backoff = sum(RETRY_DELAY * 2**attempt for attempt in range(RETRIES))
+    return (RETRIES + 1) * (CONNECT_TIMEOUT + READ_TIMEOUT) + backoff
+
+
+def temporary_target(key: str) -> str | None:
+    """The key that `key` was to become when it is a temporary file of an atomic local
+    write (`dir/.NAME.tmp-PID-XXXXXXXX` -> `dir/NAME`); None for any other key."""
+    folder, _, name = key.rpartition("/")
+    match = TEMPORARY_FILE.fullmatch(name)
+    if match is None:
+        return None
+    return f"{folder}/{match['name']}" if folder else match["name"]
+
+
+def _nested(options: dict, key: str, url: str) -> dict:
+    """The dict at `options[key]`, created when absent; an error when it is not a dict."""
+    value = options.setdefault(key, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"bad storage options for {url}: {key} must be a mapping, got {value!r}")
+    return value
+
+
+def with_timeouts(protocol: str, options: dict, url: str) -> dict:
+    """`options` with kdpipe's connect and read timeouts, and the store library's own
+    retries turned down to one attempt, wherever the user's options set none: kdpipe's
+    retries (RETRIES) are then the only ones, so the time until an error is bounded."""
+    options = copy.deepcopy(options)
+    if protocol in ("s3", "s3a"):  # botocore's Config, through s3fs
+        config = _nested(options, "config_kwargs", url)
+        config.setdefault("connect_timeout", CONNECT_TIMEOUT)
+        config.setdefault("read_timeout", READ_TIMEOUT)
+        config.setdefault("retries", {"total_max_attempts": 1})
+    elif protocol in ("gs", "gcs"):  # gcsfs: one timeout per request
+        options.setdefault("timeout", CONNECT_TIMEOUT + READ_TIMEOUT)
+    elif protocol in ("http", "https"):  # aiohttp, through fsspec's HTTPFileSystem
+        import aiohttp
+
+        client = _nested(options, "client_kwargs", url)
+        client.setdefault("timeout", aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT,
+                                                           sock_read=READ_TIMEOUT))
+    return options
+
+
+def _endpoint(protocol: str, options: dict, url: str) -> str:
+    """Where a remote store is reached, for error messages: the endpoint URL the options
+    give, else the store's own."""
+    client = options.get("client_kwargs")
+    given = options.get("endpoint_url") or (client.get("endpoint_url") if isinstance(client, dict) else None)
+    if given:
+        return str(given)
+    if protocol in ("http", "https"):
+        return "/".join(url.split("/")[:3])
+    if protocol in ("s3", "s3a"):
+        return os.environ.get("AWS_ENDPOINT_URL", "https://s3.amazonaws.com")
+    return "https://storage.googleapis.com"
+
+
+def short_reason(exc: BaseException) -> str:
     """A short, one-line reason for a storage exception."""
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text if len(text) <= 200 else text[:197] + "..."
@@ -64,17 +135,27 @@ class Location:
             )
         self.local = protocol in ("file", "local")
         self.writable = protocol not in READ_ONLY_SCHEMES
+        options = storage_options or {}
+        self.endpoint = None if self.local or protocol == "memory" else _endpoint(protocol, options, self.url)
         try:
-            self.fs, self.root = fsspec.core.url_to_fs(self.url, **(storage_options or {}))
+            self.fs, self.root = fsspec.core.url_to_fs(self.url, **with_timeouts(protocol, options, self.url))
         except ImportError:
             package = PACKAGE_FOR_SCHEME.get(protocol, protocol)
             raise ConfigError(f"{protocol}:// needs the {package} package: pip install 'kdpipe[remote]'") from None
         except (TypeError, ValueError) as exc:
-            raise ConfigError(f"bad storage options for {self.url}: {_reason(exc)}") from None
+            raise ConfigError(f"bad storage options for {self.url}: {short_reason(exc)}") from None
+        if protocol in ("s3", "s3a"):
+            self.fs.retries = 1  # s3fs's own retry loop (a class attribute, not an option): kdpipe retries
         self.root = self.root.rstrip("/")
 
     def __str__(self) -> str:
         return self.url
+
+    def below(self, prefix: str) -> Location:
+        """The location of the objects below `prefix`, on the same store and filesystem."""
+        inner = copy.copy(self)
+        inner.url, inner.root = f"{self.url}/{prefix}", self.path(prefix)
+        return inner
 
     def path(self, key: str) -> str:
         """The filesystem path of `key` (for local locations, a path on disk)."""
@@ -93,15 +174,13 @@ class Location:
                 if self.local or attempt == RETRIES:
                     where = f"{self.url}/{key}" if key else self.url
                     tries = "" if self.local else f" (after {RETRIES + 1} tries)"
-                    advice = ""
-                    if isinstance(exc, OSError) and exc.errno in NO_SPACE:
-                        advice = "; free some space and re-run the same command (committed shards are kept)"
-                    raise ArchiveError(f"cannot {action} {where}{tries}: {_reason(exc)}{advice}") from None
+                    tries += f" via {self.endpoint}" if self.endpoint else ""
+                    raise ArchiveError(f"cannot {action} {where}{tries}: {short_reason(exc)}{_advice(exc)}") from None
                 time.sleep(RETRY_DELAY * 2**attempt)
         raise AssertionError("unreachable")
 
     def _denied(self, action: str, key: str, exc: PermissionError) -> ArchiveError:
-        return ArchiveError(f"cannot {action} {self.url}/{key}: permission denied ({_reason(exc)}); check the credentials")
+        return ArchiveError(f"cannot {action} {self.url}/{key}: permission denied ({short_reason(exc)}); check the credentials")
 
     def exists(self, key: str = "") -> bool:
         try:
@@ -127,10 +206,20 @@ class Location:
             raise self._denied("read", key, exc) from None
 
     def read_many(self, keys: list[str]) -> dict[str, bytes]:
-        """Several small objects at once (concurrently on object stores); any that fail
-        are read again one by one, with retries."""
+        """Several small objects at once (concurrently on object stores). A failure of the
+        store retries the whole batch, so the batch takes no longer than one operation;
+        a missing or forbidden object is then read alone, for its own error."""
         paths = [self.path(k) for k in keys]
-        found = self._call("read", keys[0], lambda: self.fs.cat(paths, on_error="return")) if keys else {}
+
+        def fetch() -> dict:
+            found = self.fs.cat(paths, on_error="return")
+            failed = [value for value in found.values()
+                      if isinstance(value, Exception) and not isinstance(value, (FileNotFoundError, PermissionError))]
+            if failed:
+                raise failed[0]
+            return found
+
+        found = self._call("read", keys[0], fetch) if keys else {}
         return {
             key: value if isinstance(value := found.get(path), bytes) else self.read(key)
             for key, path in zip(keys, paths)
@@ -146,7 +235,7 @@ class Location:
             else:
                 self._call("write", key, lambda: self.fs.pipe_file(self.path(key), data))
         except (FileNotFoundError, PermissionError) as exc:
-            raise ArchiveError(f"cannot write {self.url}/{key}: {_reason(exc)}") from None
+            raise ArchiveError(f"cannot write {self.url}/{key}: {short_reason(exc)}") from None
 
     def create_exclusive(self, key: str, data: bytes) -> bool:
         """Create `key` only if it does not exist; False if it does. Atomic on a local
@@ -160,11 +249,15 @@ class Location:
             except FileExistsError:
                 return False
             except OSError as exc:
-                raise ArchiveError(f"cannot write {self.url}/{key}: {_reason(exc)}") from None
-            with os.fdopen(descriptor, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+                raise ArchiveError(f"cannot write {self.url}/{key}: {short_reason(exc)}") from None
+            try:
+                with os.fdopen(descriptor, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+            except OSError as exc:  # a full disk: name the file, and leave no empty one behind
+                path.unlink(missing_ok=True)
+                raise ArchiveError(f"cannot write {self.url}/{key}: {short_reason(exc)}{_advice(exc)}") from None
             return True
         if self.read_if_present(key) is not None:
             return False
@@ -195,7 +288,7 @@ class Location:
         try:
             self._call("delete", key, remove)
         except (FileNotFoundError, PermissionError) as exc:
-            raise ArchiveError(f"cannot delete {self.url}/{key}: {_reason(exc)}") from None
+            raise ArchiveError(f"cannot delete {self.url}/{key}: {short_reason(exc)}") from None
 
     def is_file(self) -> bool:
         """Whether the root itself is a file (a mistaken --out)."""
@@ -203,6 +296,13 @@ class Location:
             return self.fs.isfile(self.root)
         except Exception:  # noqa: BLE001
             return False
+
+
+def _advice(exc: BaseException) -> str:
+    """What to do after a failed write: on a full disk, free space and re-run."""
+    if isinstance(exc, OSError) and exc.errno in NO_SPACE:
+        return "; free some space and re-run the same command (committed shards are kept)"
+    return ""
 
 
 def write_local_atomic(target: Path, data: bytes) -> None:

@@ -291,12 +291,21 @@ class Manifest:
         """The manifest-to-be of a new archive: everything but the shard list and checksums."""
         check_backend_name(backend)
         views, classes, params = recipe.views_per_sample, teacher.num_classes, view_param_fields(recipe)
-        fields = codec.fields(views, classes) | {"view_params": ((views, len(params)), np.dtype(np.float32))}
-        bytes_per_position = sum(int(np.prod(tail)) * dtype.itemsize for tail, dtype in fields.values())
-        layout = Layout.plan(recipe.epochs, dataset.num_samples, views, classes, params, bytes_per_position,
-                             positions_per_shard, buffer_bytes_per_position=views * classes * 4)
+        layout = Layout.plan(recipe.epochs, dataset.num_samples, views, classes, params,
+                             _bytes_per_position(codec, views, classes, len(params)), positions_per_shard,
+                             buffer_bytes_per_position=views * classes * 4)
         return cls(backend=backend, schema_version=SCHEMA_VERSION, recipe=recipe, teacher=teacher, dataset=dataset,
                    codec=codec, layout=layout, libraries=library_versions())
+
+    @property
+    def projected_bytes(self) -> int:
+        """About how many bytes the archive stores, before compression: every position's
+        fields in every epoch, its sample and position indices (8 bytes each), and each
+        sample's label and content digest (8 and 32 bytes)."""
+        layout = self.layout
+        per_position = _bytes_per_position(self.codec, layout.views_per_sample, layout.num_classes,
+                                           len(layout.view_param_fields)) + 2 * 8
+        return layout.epochs * layout.num_samples * per_position + layout.num_samples * (8 + 32)
 
     def finish(self, shards: list[ShardEntry], files: dict[str, FileEntry]) -> Manifest:
         """The finished archive's manifest: this plan with its shards and objects, sealed."""
@@ -391,6 +400,12 @@ class Manifest:
         total = sum(entry.bytes for entry in self.files.values())
         if self.total_bytes != total:
             raise ManifestError(f"total_bytes {self.total_bytes} is not the sum of the files' bytes ({total})")
+
+
+def _bytes_per_position(codec: Codec, views: int, classes: int, params: int) -> int:
+    """The stored bytes of one position before compression: its views' codec fields and view parameters."""
+    fields = codec.fields(views, classes) | {"view_params": ((views, params), np.dtype(np.float32))}
+    return sum(int(np.prod(tail)) * dtype.itemsize for tail, dtype in fields.values())
 
 
 def parse_schema_version(data: Any) -> int:

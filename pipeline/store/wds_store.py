@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import re
 import tarfile
 import zlib
 from typing import Callable, Iterator, Mapping
@@ -28,6 +29,9 @@ from .codecs import Codec
 from .layout import Layout
 
 META_FIELDS = ("epoch", "position", "sample", "label")
+
+
+SHARD_KEY = re.compile(r"shards/e(?P<epoch>\d{6})-s(?P<shard>\d{5})\.tar\.gz")
 
 
 def shard_key(epoch: int, shard: int) -> str:
@@ -60,8 +64,16 @@ class WebDatasetBackend:
         self.dtype = np.dtype(fields)
         self.header = _npy_header(self.dtype)
 
-    def static_files(self, labels: np.ndarray, order: Callable[[int], np.ndarray]) -> Iterator[tuple[str, bytes]]:
+    def static_files(self, labels: np.ndarray) -> Iterator[tuple[str, bytes]]:
         return iter(())  # every record carries its own keys and label
+
+    def epoch_files(self, epoch: int, sample_index: np.ndarray) -> dict[str, bytes]:
+        return {}  # every record carries its sample index
+
+    def owns(self, key: str) -> bool:
+        match = SHARD_KEY.fullmatch(key)
+        return (match is not None and int(match["epoch"]) < self.layout.epochs
+                and int(match["shard"]) < self.layout.shards_per_epoch)
 
     def encode(self, epoch: int, shard: int, start: int, fields: dict[str, np.ndarray], params: np.ndarray,
                sample_index: np.ndarray, labels: np.ndarray) -> dict[str, bytes]:

@@ -7,7 +7,9 @@ Arrays (docs/format.md is the full spec):
     position_index  (E, N) int64           position of each sample in each epoch
     labels          (N,) int64             label of each sample, -1 when unlabelled
 
-A shard of every per-view array covers one epoch and a run of positions. Shards are
+A shard of every per-view array covers one epoch and a run of positions. The index
+arrays' chunks of an epoch are written with that epoch's first shard, so an archive of
+many epochs writes nothing per epoch before the teacher has run. Shards are
 encoded by zarr in memory and handed to the archive writer as bytes, so the store
 (local disk, s3://, gs://) only ever sees whole objects, and the reader decodes
 verified bytes the same way. The result is an ordinary zarr v3 group: any zarr
@@ -16,6 +18,7 @@ reader opens it.
 
 from __future__ import annotations
 
+import re
 from typing import Callable, Iterator, Mapping
 
 import numpy as np
@@ -41,6 +44,9 @@ def _never_stored(dtype: np.dtype):
     all fill value, and every shard must exist (NaN logits are refused at caching time,
     and no top-k index or log-probability field is all at its dtype's maximum)."""
     return float("nan") if dtype.kind == "f" else int(np.iinfo(dtype).max)
+
+
+CHUNK_KEY = re.compile(r"(?P<array>[a-z_]+)/c/(?P<epoch>\d+)/(?P<shard>\d+)(/0)*")
 
 
 def shard_key(array: str, epoch: int, shard: int, ndim: int) -> str:
@@ -82,26 +88,45 @@ class ZarrBackend:
         group.create_array("labels", shape=(N,), dtype=np.int64, chunks=(N,), **common)
         return group
 
-    def static_files(self, labels: np.ndarray, order: Callable[[int], np.ndarray]) -> Iterator[tuple[str, bytes]]:
-        """Metadata, labels and the per-epoch index arrays, one object at a time."""
+    def static_files(self, labels: np.ndarray) -> Iterator[tuple[str, bytes]]:
+        """The metadata of every array and the labels chunk."""
         store: dict = {}
         group = self._create(store)
         group["labels"][...] = labels
-        for epoch in range(self.epochs):
-            sample_index = order(epoch)
-            position_index = np.empty_like(sample_index)
-            position_index[sample_index] = np.arange(self.num_samples, dtype=np.int64)
-            group["sample_index"][epoch] = sample_index
-            group["position_index"][epoch] = position_index
-            for key in [k for k in store if "/c/" in k and not k.startswith("labels/")]:
-                yield key, store.pop(key).to_bytes()
         for key in sorted(store):
             yield key, store.pop(key).to_bytes()
+
+    def epoch_files(self, epoch: int, sample_index: np.ndarray) -> dict[str, bytes]:
+        """The chunks of `sample_index` and `position_index` for `epoch` (those zarr
+        stores: an all-zero chunk, N = 1, is not), given the sample at each position."""
+        if self._staging is None:
+            self._staging = self._create(self._store)
+        position_index = np.empty_like(sample_index)
+        position_index[sample_index] = np.arange(self.num_samples, dtype=np.int64)
+        self._staging["sample_index"][epoch] = sample_index
+        self._staging["position_index"][epoch] = position_index
+        keys = [f"{name}/c/{epoch}/0" for name in INDEX_ARRAYS]
+        return {key: self._store.pop(key).to_bytes() for key in keys if key in self._store}
+
+    def owns(self, key: str) -> bool:
+        """Whether `key` is an object of a zarr archive of this layout: group or array
+        metadata, the labels chunk, an epoch's index chunk, or a shard of a per-view array."""
+        arrays = (*self.fields, *STATIC_ARRAYS)
+        if key in ("zarr.json", "labels/c/0") or key in {f"{name}/zarr.json" for name in arrays}:
+            return True
+        match = CHUNK_KEY.fullmatch(key)
+        if match is None or int(match["epoch"]) >= self.epochs:
+            return False
+        name, epoch, shard = match["array"], int(match["epoch"]), int(match["shard"])
+        if name in INDEX_ARRAYS:
+            return key == f"{name}/c/{epoch}/0"
+        return (name in self.fields and shard < self.layout.shards_per_epoch
+                and key == shard_key(name, epoch, shard, len(self.fields[name][0]) + 2))
 
     def encode(self, epoch: int, shard: int, start: int, fields: dict[str, np.ndarray], params: np.ndarray,
                sample_index: np.ndarray, labels: np.ndarray) -> dict[str, bytes]:
         """The shard objects of positions [start, start + n) of `epoch`, as bytes (the
-        index arrays and labels are static files)."""
+        index chunks are `epoch_files`, the labels a static file)."""
         if self._staging is None:
             self._staging = self._create(self._store)
         stop = start + len(params)
