@@ -4,10 +4,8 @@ process), error checks, trained weights, and real S3 and HTTP servers on 127.0.0
 from __future__ import annotations
 
 import functools
-import gc
 import http.server
 import json
-import multiprocessing
 import os
 import socket
 import subprocess
@@ -92,16 +90,6 @@ def subprocess_env() -> dict:
 
 
 KDPIPE = [sys.executable, "-m", "cli"]
-
-
-def pytest_sessionfinish(session, exitstatus):
-    """End the DataLoader workers that in-process runs which failed left behind. They
-    ignore SIGTERM (host.quiet_worker), so the interpreter's exit would wait for them for
-    ever; a kdpipe process ends its own (test_reliability.py checks that in a real one)."""
-    gc.collect()
-    for child in multiprocessing.active_children():
-        child.kill()
-        child.join()
 
 
 @dataclass

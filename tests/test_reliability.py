@@ -597,8 +597,7 @@ def test_hostile_image_is_named_in_one_line(kind, workers, tmp_path, monkeypatch
 @pytest.mark.slow
 def test_a_run_that_fails_in_its_workers_ends_its_process(tmp_path):
     """The same in a real process, with DataLoader workers: one line, exit 2, and the
-    process ends at once (its workers ignore SIGTERM, so they must be shut down, not left
-    for the interpreter's exit to wait on)."""
+    process ends at once (no worker is left for the interpreter's exit to wait on)."""
     data = write_image_folder(tmp_path / "data", per_class=3)
     bad = data / "dog" / "cut.png"
     bad.write_bytes(HOSTILE["truncated PNG"][1]())
@@ -829,7 +828,7 @@ def test_flaky_store_gives_the_local_archive_and_student(data, tmp_path, failing
     monkeypatch.setattr(location, "RETRIES", 0)
     proxy, options = failing_proxy(**FLAKY)
     result = run_cli("cache-teacher", "--data", data, "--out", url + "-again", *REMOTE_CACHE, *options)
-    assert_user_error(result, url + "-again", "(after 1 tries)")
+    assert_user_error(result, url + "-again", "after 1 tries")
 
 
 @pytest.mark.slow
