@@ -14,16 +14,12 @@ import time
 import pytest
 import torch
 
-from .conftest import KDPIPE, REPO, assert_user_error, cli_json, run_cli, subprocess_env, write_image_folder
+from .conftest import KDPIPE, REPO, assert_user_error, cli_json, run_cli, subprocess_env, weights, write_image_folder
 
 DATA = "synthetic:24:4:20"
 CACHE = ["--data", DATA, "--teacher", "tests.toy_models:tiny_cnn", "--epochs", 3, "--views-per-sample", 2,
          "--size", 16, "--batch-size", 6, "--workers", 0]
 TRAIN = ["--data", DATA, "--batch-size", 6, "--epochs", 3, "--workers", 0]
-
-
-def weights(run_dir) -> dict[str, torch.Tensor]:
-    return torch.load(run_dir / "student.pt", weights_only=True)
 
 
 def same_weights(a, b) -> bool:
