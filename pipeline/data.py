@@ -48,8 +48,8 @@ class Source(Protocol):
         ...
 
     def load(self, index: int) -> torch.Tensor:
-        """The decoded image of sample `index`: `decode(read(index))`."""
-        ...
+        """The decoded image of sample `index` (sources that subclass Source inherit this)."""
+        return self.decode(self.read(index), index)
 
     def name(self, index: int) -> str:
         """What a message calls sample `index` (its file's path)."""
@@ -124,7 +124,7 @@ def _rgb8(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB"))
 
 
-class ImageFolder:
+class ImageFolder(Source):
     """Images under `root`: `root/CLASS/**/*.png` (labelled, classes sorted by name) or
     `root/*.png` (unlabelled). Any PIL-readable format and mode is converted to RGB."""
 
@@ -186,9 +186,6 @@ class ImageFolder:
             raise DataError(f"cannot read image {self.paths[index]}: {reason}; fix or remove the file") from None
         return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
 
-    def load(self, index: int) -> torch.Tensor:
-        return self.decode(self.read(index), index)
-
     def name(self, index: int) -> str:
         return str(self.paths[index])
 
@@ -202,7 +199,7 @@ class ImageFolder:
         }
 
 
-class SyntheticImages:
+class SyntheticImages(Source):
     """A seeded, learnable synthetic set for tests and benchmarks: each class is a
     smooth random colour pattern, each sample that pattern plus its own noise."""
 
@@ -230,9 +227,6 @@ class SyntheticImages:
 
     def decode(self, data: bytes, index: int) -> torch.Tensor:
         return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(3, self.size, self.size)
-
-    def load(self, index: int) -> torch.Tensor:
-        return self.decode(self.read(index), index)
 
     def name(self, index: int) -> str:
         return f"synthetic sample {index}"

@@ -33,16 +33,19 @@ def parse_int(data: Any, field: str, minimum: int = 0) -> int:
     return data
 
 
-def parse_str(data: Any, field: str) -> str:
-    if not isinstance(data, str):
-        raise ManifestError(f"{field} must be a string, got {data!r}")
+NOUNS = {str: "a string", list: "a list", dict: "an object"}
+
+
+def parse_typed(data: Any, field: str, kind: type) -> Any:
+    """`data` itself, if it is a `kind` (str, list or dict); otherwise the error naming `field`."""
+    if not isinstance(data, kind):
+        raise ManifestError(f"{field} must be {NOUNS[kind]}, got {data!r}")
     return data
 
 
 def parse_object(data: Any, field: str, keys: tuple[str, ...], optional: tuple[str, ...] = ()) -> dict:
     """A JSON object with exactly `keys` (plus any of `optional`)."""
-    if not isinstance(data, dict):
-        raise ManifestError(f"{field} must be an object, got {data!r}")
+    parse_typed(data, field, dict)
     missing = [key for key in keys if key not in data]
     if missing:
         raise ManifestError(f"{field}.{missing[0]} is missing")

@@ -25,7 +25,7 @@ from ..errors import ArchiveError, ArchiveMismatchError, ConfigError
 from ..views import view_param_fields
 from .backends import BACKENDS, check_backend_name, make_backend
 from .codecs import Codec, TopKCodec, codec_from_dict
-from .layout import Layout, ManifestError, parse_int, parse_object, parse_str, parse_str_list
+from .layout import Layout, ManifestError, parse_int, parse_object, parse_str_list, parse_typed
 from .location import Location
 
 ARCHIVE_FORMAT = "kdpipe-archive"
@@ -128,8 +128,7 @@ class TeacherInfo:
         read as "main", "logits" and the dataset's classes."""
         data = parse_object(data, "teacher", ("spec", "fingerprint", "num_classes"),
                             optional=("outputs", "embedding_layer", "name", "classes"))
-        if not isinstance(data["spec"], dict):
-            raise ManifestError(f"teacher.spec must be an object, got {data['spec']!r}")
+        parse_typed(data["spec"], "teacher.spec", dict)
         outputs = data.get("outputs", "logits")
         if outputs not in OUTPUTS:
             raise ManifestError(f"teacher.outputs must be one of {', '.join(OUTPUTS)}, got {outputs!r}")
@@ -137,10 +136,10 @@ class TeacherInfo:
         if (outputs == "embeddings") != ("embedding_layer" in data):
             raise ManifestError("teacher.embedding_layer must be given exactly when teacher.outputs is 'embeddings'")
         classes = parse_str_list(data["classes"], "teacher.classes", allow_none=True) if "classes" in data else dataset_classes
-        teacher = cls(spec=data["spec"], fingerprint=parse_str(data["fingerprint"], "teacher.fingerprint"),
+        teacher = cls(spec=data["spec"], fingerprint=parse_typed(data["fingerprint"], "teacher.fingerprint", str),
                       num_classes=parse_int(data["num_classes"], "teacher.num_classes", minimum=1), outputs=outputs,
-                      embedding_layer=None if layer is None else parse_str(layer, "teacher.embedding_layer"),
-                      name=parse_str(data.get("name", MAIN_TEACHER), "teacher.name"), classes=classes)
+                      embedding_layer=None if layer is None else parse_typed(layer, "teacher.embedding_layer", str),
+                      name=parse_typed(data.get("name", MAIN_TEACHER), "teacher.name", str), classes=classes)
         if teacher.classes is not None and len(teacher.classes) != teacher.num_classes:
             raise ManifestError(f"teacher.classes names {len(teacher.classes)} classes but teacher.num_classes is "
                                 f"{teacher.num_classes}")
@@ -186,10 +185,10 @@ class DatasetInfo:
         if content is not None and not (isinstance(content, str) and content.startswith("sha256:")
                                         and SHA256.fullmatch(content[len("sha256:"):])):
             raise ManifestError(f"dataset.content must be 'sha256:' and 64 lowercase hex digits, got {content!r}")
-        return cls(fingerprint=parse_str(data["fingerprint"], "dataset.fingerprint"),
+        return cls(fingerprint=parse_typed(data["fingerprint"], "dataset.fingerprint", str),
                    num_samples=parse_int(data["num_samples"], "dataset.num_samples", minimum=1),
                    classes=parse_str_list(data["classes"], "dataset.classes", allow_none=True),
-                   labelled=data["labelled"], location=parse_str(data["location"], "dataset.location"),
+                   labelled=data["labelled"], location=parse_typed(data["location"], "dataset.location", str),
                    content=content)
 
 
@@ -337,15 +336,13 @@ class Manifest:
         manifest._check_parts()
         if not finished:
             return manifest
-        files = data["files"]
-        if not isinstance(files, dict):
-            raise ManifestError(f"files must be an object, got {files!r}")
+        files, shards = parse_typed(data["files"], "files", dict), parse_typed(data["shards"], "shards", list)
         manifest = replace(
             manifest,
-            shards=tuple(ShardEntry.from_dict(entry, i) for i, entry in enumerate(_parse_list(data["shards"], "shards"))),
+            shards=tuple(ShardEntry.from_dict(entry, i) for i, entry in enumerate(shards)),
             files={key: FileEntry.from_dict(entry, key) for key, entry in files.items()},
             total_bytes=parse_int(data["total_bytes"], "total_bytes"),
-            manifest_fingerprint=parse_str(data[SEAL], SEAL),
+            manifest_fingerprint=parse_typed(data[SEAL], SEAL, str),
         )
         manifest._check_shards()
         return manifest
@@ -425,12 +422,6 @@ def _parse_recipe(data: Any) -> ViewRecipe:
 def _parse_libraries(data: Any) -> dict:
     if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
         raise ManifestError(f"libraries must map library names to version strings, got {data!r}")
-    return data
-
-
-def _parse_list(data: Any, field: str) -> list:
-    if not isinstance(data, list):
-        raise ManifestError(f"{field} must be a list, got {data!r}")
     return data
 
 
