@@ -1,5 +1,5 @@
-"""Shared helpers: real image folders on disk, CLI runs (in-process and in a fresh
-process), error checks, trained weights, and real S3 and HTTP servers on 127.0.0.1."""
+"""Shared helpers: real image folders on disk, CLI runs (in-process, in a process forked
+from the fork server, and cold), error checks, trained weights, and real S3 and HTTP servers on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -8,11 +8,14 @@ import http.server
 import json
 import os
 import socket
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -23,7 +26,14 @@ from typer.testing import CliRunner
 from cli import app
 from pipeline.store import BACKENDS  # noqa: F401 (every archive backend: tests that hold for each run on both)
 
+from .forkserver import ForkServer, Forked, install_shim
+
 REPO = Path(__file__).resolve().parents[1]
+
+# One thread per process: pytest-xdist runs a worker per core, and the tests' models are
+# tiny, so more threads would only compete for the cores. Child processes inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 MODES = ("L", "RGB", "RGBA", "P")
 
 
@@ -89,7 +99,7 @@ def subprocess_env() -> dict:
     return os.environ | {"PYTHONPATH": str(REPO)}
 
 
-KDPIPE = [sys.executable, "-m", "cli"]
+KDPIPE = [sys.executable, "-m", "cli"]  # a cold start, for the tests where that is the point
 
 
 @dataclass
@@ -106,12 +116,41 @@ class Finished:
         return self.stdout + self.stderr
 
 
-def run_kdpipe(*args, env: dict | None = None, timeout: float = 180) -> Finished:
-    """Run kdpipe in a fresh process, as a user would from the shell. Only for what needs a
-    process of its own (signals, resource limits, the environment it starts with)."""
-    child = subprocess.run(KDPIPE + [str(a) for a in args], cwd=REPO, env=env or subprocess_env(),
-                           capture_output=True, text=True, timeout=timeout)
-    return Finished(child.returncode, child.stdout, child.stderr)
+@functools.cache
+def fork_server() -> ForkServer:
+    """This pytest process's fork server (see tests/forkserver.py), started on first use,
+    with a `kdpipe` shim beside its socket."""
+    folder = Path(tempfile.mkdtemp(prefix="kdpipe-fork-"))  # short: a socket path has a length limit
+    server = ForkServer.start(folder, subprocess_env())
+    install_shim(folder, server.socket_path)
+    return server
+
+
+def pytest_sessionfinish(session):
+    if fork_server.cache_info().currsize:
+        server = fork_server()
+        server.close()
+        shutil.rmtree(server.socket_path.parent, ignore_errors=True)
+
+
+def spawn_kdpipe(*args, env: dict | None = None, start_new_session: bool = False,
+                 prepare: Callable[[], None] | None = None) -> Forked:
+    """Start kdpipe in a process of its own, as a user would from the shell, used like
+    subprocess.Popen. For what needs a process: kills, signals, resource limits."""
+    return fork_server().popen(args, REPO, env or subprocess_env(), start_new_session, prepare)
+
+
+def run_kdpipe(*args, env: dict | None = None, timeout: float = 180,
+               prepare: Callable[[], None] | None = None) -> Finished:
+    """Run kdpipe in a process of its own to the end (see `spawn_kdpipe`)."""
+    child = spawn_kdpipe(*args, env=env, prepare=prepare)
+    try:
+        stdout, stderr = child.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.communicate()
+        raise
+    return Finished(child.returncode, stdout, stderr)
 
 
 # --- trained students ----------------------------------------------------------------
@@ -197,3 +236,19 @@ def http_server():
     for server in servers:
         server.shutdown()
         server.server_close()
+
+
+# --- order ---------------------------------------------------------------------------------
+
+
+def pytest_collection_modifyitems(items):
+    """The longest chain first: the docs' commands on the quickstart's folder, which wait
+    for `kdpipe quickstart`; then the other slow tests; README's own commands last, so that
+    under pytest-xdist (each worker takes a half, then steals) the second worker meets
+    them only once the quickstart is done, and the short tests fill in around the rest."""
+    def rank(item) -> int:
+        if "quickstart" in item.fixturenames:
+            return 3 if "README" in item.name else 0
+        return 1 if item.get_closest_marker("slow") else 2
+
+    items.sort(key=rank)

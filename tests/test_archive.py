@@ -5,7 +5,6 @@ Most tests run against both backends (zarr and webdataset) through the `backend`
 import hashlib
 import json
 import shutil
-import subprocess
 import time
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from pipeline.store import BACKENDS, SCHEMA_VERSION, ArchiveReader, read_manifes
 from pipeline.errors import ArchiveError
 
 from .conftest import (
-    KDPIPE, REPO, archive_files, assert_user_error, cli_json, run_cli, subprocess_env, write_image_folder,
+    archive_files, assert_user_error, cli_json, run_cli, spawn_kdpipe, write_image_folder,
 )
 
 
@@ -241,8 +240,7 @@ def test_a_second_writer_is_refused_while_the_first_lives(tmp_path, image_folder
                 "--out", str(out), "--epochs", "2", "--size", "16", "--shard-size", "3", "--batch-size", "3",
                 "--workers", "0"]
 
-    first = subprocess.Popen(KDPIPE + args(tmp_path / "a"), cwd=REPO, env=subprocess_env(),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = spawn_kdpipe(*args(tmp_path / "a"))
     deadline = time.monotonic() + 120
     while not list((tmp_path / "a" / "commits").glob("*.*.json")) and time.monotonic() < deadline:
         assert first.poll() is None, first.communicate()

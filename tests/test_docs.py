@@ -7,8 +7,9 @@
   every codec, with one sample and with one class, and give exactly what kdpipe gives.
 - docs/cli.md's option reference is the one tools/cli_reference.py generates from the CLI.
 - Every ```bash block of README.md and docs/*.md runs as written (the install and test
-  commands aside): README's commands run first, in a fresh folder, so its
-  `kdpipe quickstart` makes the folder that the examples in README and docs/ work on.
+  commands aside). README's `kdpipe quickstart` runs once per session and makes the folder
+  that the examples of README and docs/cli.md work on; each document's commands run in a
+  folder of their own, so the documents run in parallel under pytest-xdist.
 """
 
 import functools
@@ -24,7 +25,7 @@ import pytest
 import torch
 from markdown_it import MarkdownIt
 
-from .conftest import REPO, cli_json
+from .conftest import REPO, cli_json, fork_server
 
 MARKDOWN = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), REPO / "benchmarks" / "README.md"]
 FORMAT_MD = REPO / "docs" / "format.md"
@@ -333,25 +334,88 @@ def bash_blocks(path: Path) -> list[str]:
     return ["\n".join(line for line in block.splitlines() if not SKIP.match(line)) for block in blocks]
 
 
-@pytest.mark.slow
-def test_readme_and_docs_commands_run(tmp_path):
-    readme = bash_blocks(REPO / "README.md")
-    assert any("kdpipe quickstart" in block for block in readme)
-    assert any(re.search(r"^\s*pytest", block, flags=re.M) for block in re.findall(r"```bash\n(.*?)```", (REPO / "README.md").read_text(), flags=re.S))
-    env = os.environ | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "COLUMNS": "120"}
-    sources = [REPO / "README.md"] + sorted((REPO / "docs").glob("*.md"))
-    for source in sources:
-        for block in bash_blocks(source):
-            if not block.strip():
-                continue
-            result = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=tmp_path, env=env,
+@pytest.fixture(scope="session")
+def shell_env() -> dict:
+    """The environment the docs' blocks run in: `kdpipe` on PATH is the fork server's shim
+    (see tests/forkserver.py), so each command is a process of its own that skips the imports."""
+    shim_folder = fork_server().socket_path.parent
+    path = os.pathsep.join([str(shim_folder), str(Path(sys.executable).parent), os.environ["PATH"]])
+    return os.environ | {"PATH": path, "COLUMNS": "120"}
+
+
+def on_the_quickstart(block: str) -> bool:
+    """Whether a block works on the quickstart's folder (or on what such a block made)."""
+    return "kdpipe-quickstart" in block or "docs-example/cli/" in block
+
+
+def run_blocks(blocks: list[str], source: Path, cwd: Path, env: dict) -> None:
+    """Run `blocks` of `source` in order in `cwd`, as written."""
+    for block in blocks:
+        result = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=cwd, env=env,
+                                capture_output=True, text=True, timeout=900)
+        assert result.returncode == 0, f"{source.name}:\n{block}\n--- stderr:\n{result.stderr[-3000:]}"
+
+
+def runnable(source: Path, quickstart: bool) -> list[str]:
+    """The blocks of `source` that work on the quickstart's folder, or the others (the
+    quickstart itself aside: the `quickstart` fixture runs it)."""
+    return [block for block in bash_blocks(source) if block.strip() and block.strip() != "kdpipe quickstart"
+            and on_the_quickstart(block) == quickstart]
+
+
+@pytest.fixture(scope="session")
+def quickstart(tmp_path_factory, shell_env) -> Path:
+    """The folder README's `kdpipe quickstart` makes, made once for the whole session: the
+    pytest-xdist workers share it through a lock in their common base folder."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    folder = shared / "quickstart-run"
+    with FileLock(str(shared / "quickstart-run.lock")):
+        if not (folder / "kdpipe-quickstart" / "summary.json").exists():
+            folder.mkdir(exist_ok=True)
+            assert any(block.strip() == "kdpipe quickstart" for block in bash_blocks(REPO / "README.md"))
+            result = subprocess.run(["bash", "-c", "kdpipe quickstart"], cwd=folder, env=shell_env,
                                     capture_output=True, text=True, timeout=900)
-            assert result.returncode == 0, f"{source.name}:\n{block}\n--- stderr:\n{result.stderr[-3000:]}"
-    # the quickstart did what README says it does
-    summary = json.loads((tmp_path / "kdpipe-quickstart" / "summary.json").read_text())
+            assert result.returncode == 0, result.stderr[-3000:]
+    return folder / "kdpipe-quickstart"
+
+
+@pytest.mark.slow
+def test_readme_quickstart_does_what_readme_says(quickstart):
+    summary = json.loads((quickstart / "summary.json").read_text())
     assert set(summary) >= {"teacher", "supervised", "online", "cached", "cache"}
     for mode in ("teacher", "supervised", "online", "cached"):
         assert {"val_top1", "wall_seconds", "views_per_sec"} <= set(summary[mode])
     assert summary["cache"]["bytes"] > 0 and summary["cache"]["bytes_per_view"] > 0
     # distillation is what lifts the student above its few labels
     assert summary["cached"]["val_top1"] > summary["supervised"]["val_top1"] + 5
+
+
+def test_readme_gives_the_install_quickstart_and_test_commands():
+    blocks = re.findall(r"```bash\n(.*?)```", (REPO / "README.md").read_text(), flags=re.S)
+    assert any(re.search(r"^\s*pip install", block, flags=re.M) for block in blocks)
+    assert any(block.strip() == "kdpipe quickstart" for block in blocks)
+    assert any(re.search(r"^\s*pytest", block, flags=re.M) for block in blocks)
+
+
+DOCUMENTS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+USES_QUICKSTART = [path for path in DOCUMENTS if runnable(path, quickstart=True)]
+STANDALONE = [path for path in DOCUMENTS if runnable(path, quickstart=False)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source", USES_QUICKSTART, ids=lambda path: path.name)
+def test_commands_on_the_quickstart_folder_run(source, quickstart, shell_env, tmp_path):
+    """The examples that work on the quickstart's folder, each document's in a folder of
+    their own beside (a link to) that folder, as a user who ran the quickstart has it."""
+    (tmp_path / "kdpipe-quickstart").symlink_to(quickstart, target_is_directory=True)
+    run_blocks(runnable(source, quickstart=True), source, tmp_path, shell_env)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source", STANDALONE, ids=lambda path: path.name)
+def test_commands_of_each_document_run(source, shell_env, tmp_path):
+    """The other examples (synthetic data, the bench), each document's in a folder of their own."""
+    run_blocks(runnable(source, quickstart=False), source, tmp_path, shell_env)

@@ -13,6 +13,7 @@ The SIGKILL tests kill cache-teacher `KDPIPE_KILL_REPEATS` times per archive for
 
 from __future__ import annotations
 
+import functools
 import gc
 import hashlib
 import http.client
@@ -21,7 +22,6 @@ import io
 import json
 import os
 import random
-import resource
 import shutil
 import signal
 import socket
@@ -45,9 +45,10 @@ from pipeline.store import BACKENDS, location, read_manifest
 from pipeline.store.lease import WriterLease
 from pipeline.store.manifest import MANIFEST_ONLY, SCHEMA_VERSION, json_bytes, seal
 
+from . import forkserver
 from .conftest import (
-    BUCKET, KDPIPE, KEY, REPO, SECRET, Finished, archive_files, assert_same_weights, assert_user_error, cli_json,
-    run_cli, run_kdpipe, subprocess_env, weights, write_image_folder,
+    BUCKET, KEY, SECRET, Finished, archive_files, assert_same_weights, assert_user_error, cli_json, run_cli,
+    run_kdpipe, spawn_kdpipe, subprocess_env, weights, write_image_folder,
 )
 
 # SIGKILLs per test: KDPIPE_KILL_REPEATS for zarr (default 5); for webdataset the same
@@ -77,24 +78,18 @@ def leftover_temporaries(root: Path) -> list[str]:
 
 
 def cache_command(data: Path, out: Path, format: str = "zarr") -> list[str]:
-    return KDPIPE + ["cache-teacher", "--data", str(data), "--out", str(out), "--format", format, *CACHE_ARGS]
+    return ["cache-teacher", "--data", str(data), "--out", str(out), "--format", format, *CACHE_ARGS]
 
 
 def train_command(data: Path, out: Path, *extra: str) -> list[str]:
-    return KDPIPE + ["train-student", "--data", str(data), "--out", str(out), *TRAIN_ARGS, *extra]
+    return ["train-student", "--data", str(data), "--out", str(out), *TRAIN_ARGS, *extra]
 
 
 def run_child(command: list[str], limit_file_size: int | None = None, env: dict | None = None) -> Finished:
-    """Run kdpipe in a fresh process; with `limit_file_size`, no file it writes may grow
-    past that many bytes (a write past it fails with EFBIG, as on a full disk)."""
-
-    def limit() -> None:
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write instead of killing the process
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_file_size, limit_file_size))
-
-    child = subprocess.run(command, cwd=REPO, env=env or subprocess_env(), capture_output=True, text=True,
-                           timeout=180, preexec_fn=limit if limit_file_size is not None else None)
-    return Finished(child.returncode, child.stdout, child.stderr)
+    """Run kdpipe in a process of its own; with `limit_file_size`, no file it writes may
+    grow past that many bytes (a write past it fails with EFBIG, as on a full disk)."""
+    prepare = None if limit_file_size is None else functools.partial(forkserver.limit_file_size, limit_file_size)
+    return run_kdpipe(*command, env=env, prepare=prepare)
 
 
 def dead_pid() -> int:
@@ -141,8 +136,7 @@ def reference(data, tmp_path_factory):
         out = tmp_path_factory.mktemp(f"reference-{format}") / "archive"
         if timed:
             started = time.monotonic()
-            child = subprocess.Popen(cache_command(data, out, format), cwd=REPO, env=subprocess_env(),
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            child = spawn_kdpipe(*cache_command(data, out, format))
             while not (out / "plan.json").exists() and child.poll() is None:
                 time.sleep(0.01)
             startup = time.monotonic() - started
@@ -150,7 +144,7 @@ def reference(data, tmp_path_factory):
             assert child.returncode == 0, stderr
             made[format] = Reference(out, archive_files(out), time.monotonic() - started, startup)
         else:
-            cli_json(*cache_command(data, out, format)[len(KDPIPE):])
+            cli_json(*cache_command(data, out, format))
             made[format] = Reference(out, archive_files(out))
         assert known is None or made[format].files == known.files
         return made[format]
@@ -173,7 +167,7 @@ def train_reference(data, tmp_path_factory):
             result = run_child(train_command(data, out))
             assert result.exit_code == 0, result.output
         else:
-            cli_json(*train_command(data, out)[len(KDPIPE):])
+            cli_json(*train_command(data, out))
         made.append(Reference(out, {}, time.monotonic() - started if timed else None))
         if len(made) > 1:
             assert_same_weights(out, weights(made[0].root))
@@ -240,8 +234,7 @@ def test_kill_at_random_moments_then_resume_gives_the_uninterrupted_archive(form
               "missed (the run had ended)": 0}
     while True:
         before = committed_views(out, ref) if out.exists() else 0
-        child = subprocess.Popen(cache_command(data, out, format), cwd=REPO, env=subprocess_env(),
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        child = spawn_kdpipe(*cache_command(data, out, format))
         expected = ref.startup + (ref.seconds - ref.startup) * (TOTAL_VIEWS - before) / TOTAL_VIEWS
         # no kill once the manifest is there: that run is the no-op that completes the chain
         finished = (out / "manifest.json").exists()
@@ -332,10 +325,9 @@ def test_ctrl_c_releases_the_lease_and_the_re_run_completes(data, reference, tmp
     # 0.4 s a teacher batch: the run lasts 12 s after its first commit, so the signal lands
     # mid-run even on a loaded machine
     # A shell starts background jobs with SIGINT ignored, and a child inherits that: give
-    # this one the default disposition, so that Python turns Ctrl-C into KeyboardInterrupt.
-    child = subprocess.Popen(cache_command(data, out), cwd=REPO, env=subprocess_env() | {"KDPIPE_TEST_PACE": "0.4"},
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    # this one Python's own disposition, so that Ctrl-C is a KeyboardInterrupt as in a terminal.
+    child = spawn_kdpipe(*cache_command(data, out), env=subprocess_env() | {"KDPIPE_TEST_PACE": "0.4"},
+                         prepare=forkserver.default_sigint)
     deadline = time.monotonic() + 120
     while not list(out.glob("commits/*.*.json")) and time.monotonic() < deadline:
         assert child.poll() is None, child.communicate()
@@ -375,8 +367,7 @@ def test_train_student_killed_at_random_moments_resumes_to_the_same_weights(data
     expected = weights(ref.root)
     chain, kills, out, history = 0, 0, tmp_path / "chain-0", []
     while True:
-        child = subprocess.Popen(train_command(data, out, "--resume"), cwd=REPO, env=subprocess_env(),
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        child = spawn_kdpipe(*train_command(data, out, "--resume"))
         moment = next(moments) * ref.seconds if kills < repeats else None
         try:
             _, stderr = child.communicate(timeout=moment if moment is not None else 180)
@@ -489,7 +480,7 @@ def test_disk_full_while_train_student_saves_its_checkpoint(data, tmp_path):
             "--workers", "0"]
     cli_json("train-student", "--data", data, "--out", tmp_path / "straight", *args)
     out = tmp_path / "run"
-    result = run_child(KDPIPE + ["train-student", "--data", str(data), "--out", str(out), *args], limit_file_size=2048)
+    result = run_child(["train-student", "--data", str(data), "--out", str(out), *args], limit_file_size=2048)
     assert_user_error(result, "checkpoint.pt")
     assert "free" in result.stderr
     assert not (out / "student.pt").exists() and not (out / "summary.json").exists()

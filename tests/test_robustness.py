@@ -5,16 +5,17 @@ like Ctrl-C, and every bad option or damaged run file refused in one line."""
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import os
 import signal
-import subprocess
 import time
 
 import pytest
 import torch
 
-from .conftest import KDPIPE, REPO, assert_user_error, cli_json, run_cli, subprocess_env, weights, write_image_folder
+from . import forkserver
+from .conftest import assert_user_error, cli_json, run_cli, run_kdpipe, spawn_kdpipe, weights, write_image_folder
 
 DATA = "synthetic:24:4:20"
 CACHE = ["--data", DATA, "--teacher", "tests.toy_models:tiny_cnn", "--epochs", 3, "--views-per-sample", 2,
@@ -142,16 +143,13 @@ def test_stop_signals_are_handled_like_ctrl_c_in_both_stages(tmp_path, signum):
     released, no traceback; the re-run completes."""
     data = write_image_folder(tmp_path / "data", per_class=8)
     archive = tmp_path / "archive"
-    cache = KDPIPE + ["cache-teacher", "--data", str(data), "--teacher", "tests.toy_models:paced_teacher", "--out",
-                      str(archive), "--epochs", "4", "--size", "16", "--shard-size", "4", "--batch-size", "2",
-                      "--workers", "2"]
-    train = KDPIPE + ["train-student", "--data", str(data), "--student", "tests.toy_models:slow_student", "--mode",
-                      "supervised", "--epochs", "6", "--batch-size", "4", "--size", "16", "--workers", "2",
-                      "--out", str(tmp_path / "run")]
+    cache = ["cache-teacher", "--data", data, "--teacher", "tests.toy_models:paced_teacher", "--out", archive,
+             "--epochs", 4, "--size", 16, "--shard-size", 4, "--batch-size", 2, "--workers", 2]
+    train = ["train-student", "--data", data, "--student", "tests.toy_models:slow_student", "--mode", "supervised",
+             "--epochs", 6, "--batch-size", 4, "--size", 16, "--workers", 2, "--out", tmp_path / "run"]
     for command, started, rerun in ((cache, lambda: list(archive.glob("commits/*.*.json")), []),
                                     (train, lambda: (tmp_path / "run" / "checkpoint.pt").exists(), ["--resume"])):
-        child = subprocess.Popen(command, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE, text=True, start_new_session=True)
+        child = spawn_kdpipe(*command, start_new_session=True)
         deadline = time.monotonic() + 120
         while not started() and time.monotonic() < deadline:
             assert child.poll() is None, child.communicate()
@@ -163,8 +161,8 @@ def test_stop_signals_are_handled_like_ctrl_c_in_both_stages(tmp_path, signum):
         assert stderr.strip().splitlines()[-1].startswith(f"interrupted by {name}; re-run the same command"), stderr
         assert "Traceback" not in stderr, stderr
         assert not (archive / "writer.json").exists()
-        finished = subprocess.run(command + rerun, cwd=REPO, env=subprocess_env(), capture_output=True, text=True)
-        assert finished.returncode == 0, finished.stderr
+        finished = run_kdpipe(*command, *rerun)
+        assert finished.exit_code == 0, finished.stderr
 
 
 @pytest.mark.parametrize("option, value", [
@@ -370,7 +368,6 @@ def test_verify_recompute_compares_the_stored_view_parameters(tmp_path):
     --recompute re-derives each view and finds it."""
     from pipeline.store import ArchiveReader, FileEntry, read_manifest, seal
     from pipeline.store import json_bytes
-    import numpy as np
     import zarr
 
     archive = tmp_path / "a.zarr"
@@ -395,18 +392,10 @@ def test_workers_out_of_shared_memory_get_one_line_with_advice(tmp_path):
     """PyTorch hands a worker's batch over in a shared-memory file; when it cannot be
     made (a small /dev/shm, as in a default container; here a file-size limit, which
     stops those files alike) the run ends in one line saying what to do."""
-    import resource
-    import sys
-
-    def limit() -> None:
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (32768, resource.RLIM_INFINITY))
-
-    command = [sys.executable, "-m", "cli", "train-student", "--data", DATA, "--student", "kdpipe:mlp", "--mode",
-               "supervised", "--epochs", "1", "--batch-size", "12", "--size", "32", "--workers", "2",
-               "--out", str(tmp_path / "run")]
-    child = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, preexec_fn=limit)
-    assert child.returncode == 2, child.stderr
+    command = ["train-student", "--data", DATA, "--student", "kdpipe:mlp", "--mode", "supervised", "--epochs", "1",
+               "--batch-size", "12", "--size", "32", "--workers", "2", "--out", str(tmp_path / "run")]
+    child = run_kdpipe(*command, prepare=functools.partial(forkserver.limit_file_size, 32768))
+    assert child.exit_code == 2, child.stderr
     lines = child.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in child.stderr, child.stderr
     assert lines[0].startswith("error: the DataLoader workers ran out of shared memory") and "--workers 0" in lines[0]

@@ -4,15 +4,12 @@ an archive fits before writing it, and reports the failure that stopped a run
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
-import resource
 import shutil
-import signal
 import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -23,11 +20,12 @@ from torch import nn
 
 from pipeline.store import location as store_location
 
-from .toy_models import tiny_cnn
+from . import forkserver
 from .conftest import (
-    BUCKET, KDPIPE, KEY, REPO, SECRET, Finished, archive_files, assert_user_error, cli_json, free_port, run_cli,
+    BUCKET, KEY, REPO, SECRET, archive_files, assert_user_error, cli_json, free_port, run_cli, run_kdpipe,
     subprocess_env, write_image_folder,
 )
+from .toy_models import tiny_cnn
 
 CACHE = ["--teacher", "tests.toy_models:tiny_cnn", "--epochs", 2, "--views-per-sample", 2, "--size", 16,
          "--workers", 0, "--shard-size", 4]
@@ -254,18 +252,19 @@ def read_only_midway(num_classes: int) -> nn.Module:
     return ReadOnlyMidway(num_classes)
 
 
-AS_NOBODY = """
-import os, sys, zoneinfo
-import cli, tests.test_store_safety  # all the run needs, imported while root: nobody cannot read root's Python
-os.setgid(65534)
-os.setuid(65534)
-cli.app(sys.argv[1:], prog_name="kdpipe")
-"""
+def as_nobody() -> None:
+    """Drop to the user nobody. Run as the fork server's `prepare`, after everything the run
+    needs was imported while root (nobody cannot read root's Python): this module came in
+    with this very function, and the model is made by it; pydantic imports zoneinfo late."""
+    import zoneinfo  # noqa: F401
+
+    os.setgid(65534)
+    os.setuid(65534)
 
 
 def test_a_folder_turned_read_only_mid_run_reports_the_failed_write():
-    """As an ordinary user (root writes anywhere: a fresh interpreter drops to nobody once
-    it has imported kdpipe): the write that failed is reported, not the lease that could
+    """As an ordinary user (root writes anywhere: the process drops to nobody once it has
+    imported kdpipe): the write that failed is reported, not the lease that could
     then not be removed."""
     root = Path(tempfile.mkdtemp(prefix="kdpipe-ro-"))
     try:
@@ -274,11 +273,9 @@ def test_a_folder_turned_read_only_mid_run_reports_the_failed_write():
         out.mkdir()
         for path in [root, *root.rglob("*")]:
             os.chown(path, 65534, 65534)
-        command = [sys.executable, "-c", AS_NOBODY, "cache-teacher", "--data", data, "--out", out, *CACHE,
-                   "--batch-size", 2, "--teacher", "tests.test_store_safety:read_only_midway"]
-        child = subprocess.run([str(a) for a in command], cwd=REPO, capture_output=True, text=True, timeout=180,
-                               env=subprocess_env() | {"KDPIPE_TEST_READ_ONLY": str(out)})
-        result = Finished(child.returncode, child.stdout, child.stderr)
+        result = run_kdpipe("cache-teacher", "--data", data, "--out", out, *CACHE, "--batch-size", 2,
+                            "--teacher", "tests.test_store_safety:read_only_midway", prepare=as_nobody,
+                            env=subprocess_env() | {"KDPIPE_TEST_READ_ONLY": str(out)})
         assert_user_error(result, f"cannot write {out}/", "Permission denied")
         assert "cannot delete" not in result.stderr
     finally:
@@ -308,13 +305,7 @@ def test_a_full_disk_when_taking_the_lease_names_the_file(data, tmp_path):
     """No file may grow (RLIMIT_FSIZE 0, as on a full disk): the first write, the lease,
     fails with one line naming it."""
     out = tmp_path / "archive"
-
-    def full_disk() -> None:
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))
-
-    child = subprocess.run([str(a) for a in [*KDPIPE, "cache-teacher", "--data", data, "--out", out, *CACHE]],
-                           cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=180,
-                           preexec_fn=full_disk)
-    assert_user_error(Finished(child.returncode, child.stdout, child.stderr), f"{out}/writer.json", "free some space")
+    result = run_kdpipe("cache-teacher", "--data", data, "--out", out, *CACHE,
+                        prepare=functools.partial(forkserver.limit_file_size, 0))
+    assert_user_error(result, f"{out}/writer.json", "free some space")
     assert not (out / "writer.json").exists()
