@@ -3,27 +3,42 @@ from them, the best of the repeats kept; each case in a fresh interpreter."""
 
 import json
 import os
+import re
+import shlex
 
 import pytest
 
 from pipeline import bench as bench_module
 from pipeline.bench import CASES, CEILINGS, TARGETS, format_bench
 
-from .conftest import assert_user_error, run_cli
+from .conftest import REPO, assert_user_error, run_cli
 
-TINY = ["--teacher", "kdpipe:cnn", "--student", "kdpipe:mlp", "--samples", 24, "--classes", 3, "--image-size", 40,
-        "--size", 16, "--views-per-sample", 2, "--epochs", 2, "--batch-size", 8, "--workers", 0]
+def documented_command() -> list[str]:
+    """docs/cli.md's tiny `kdpipe bench` example, as arguments (its output redirection and
+    --workdir aside): this file runs it, so that the docs' test need not run it again."""
+    block = next(block for block in re.findall(r"```bash\n(.*?)```", (REPO / "docs" / "cli.md").read_text(), re.S)
+                 if block.startswith("kdpipe bench "))
+    words = shlex.split(block.replace("\\\n", " ").splitlines()[0])
+    words = words[2:words.index(">")]
+    at = words.index("--workdir")
+    return words[:at] + words[at + 2:]
+
+
+DOCUMENTED = documented_command()
+TINY = DOCUMENTED[:DOCUMENTED.index("--repeats")]
 
 
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
-    """One bench run of two repeats: its folder and its JSON report. Its cases run in this
-    process: what the report holds does not depend on where they ran, and a fresh
-    interpreter for each (what `_fresh` gives a real run) is test_each_case_runs_in_a_fresh_interpreter's."""
+    """docs/cli.md's tiny bench run (two repeats): its folder and its JSON report. Its
+    cases run in this process: what the report holds does not depend on where they ran,
+    and a fresh interpreter for each (what `_fresh` gives a real run) is
+    test_each_case_runs_in_a_fresh_interpreter's."""
     workdir = tmp_path_factory.mktemp("bench")
+    assert DOCUMENTED == [*TINY, "--repeats", "2", "--json"]
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(bench_module, "_fresh", lambda function, *args: function(*args))
-        result = run_cli("bench", *TINY, "--repeats", 2, "--workdir", workdir, "--json")
+        result = run_cli("bench", *DOCUMENTED, "--workdir", workdir)
     assert result.exit_code == 0, result.output
     return workdir, json.loads(result.stdout)
 

@@ -7,9 +7,10 @@
   every codec, with one sample and with one class, and give exactly what kdpipe gives.
 - docs/cli.md's option reference is the one tools/cli_reference.py generates from the CLI.
 - Every ```bash block of README.md and docs/*.md runs as written (the install and test
-  commands aside). README's `kdpipe quickstart` runs once per session and makes the folder
-  that the examples of README and docs/cli.md work on; each document's commands run in a
-  folder of their own, so the documents run in parallel under pytest-xdist.
+  commands aside; cli.md's tiny bench is tests/test_bench.py's command). README's
+  `kdpipe quickstart` runs once per session and makes the folder that the examples of
+  README and docs/cli.md work on; each document's commands run in a folder of their own,
+  so the documents run in parallel under pytest-xdist.
 """
 
 import functools
@@ -356,11 +357,16 @@ def run_blocks(blocks: list[str], source: Path, cwd: Path, env: dict) -> None:
         assert result.returncode == 0, f"{source.name}:\n{block}\n--- stderr:\n{result.stderr[-3000:]}"
 
 
+def run_elsewhere(block: str) -> bool:
+    """Blocks another test runs as written: README's quickstart (the `quickstart` fixture
+    here) and cli.md's tiny bench (tests/test_bench.py)."""
+    return block.strip() == "kdpipe quickstart" or block.startswith("kdpipe bench ")
+
+
 def runnable(source: Path, quickstart: bool) -> list[str]:
-    """The blocks of `source` that work on the quickstart's folder, or the others (the
-    quickstart itself aside: the `quickstart` fixture runs it)."""
-    return [block for block in bash_blocks(source) if block.strip() and block.strip() != "kdpipe quickstart"
-            and on_the_quickstart(block) == quickstart]
+    """The blocks of `source` that work on the quickstart's folder, or the others."""
+    return [block for block in bash_blocks(source)
+            if block.strip() and not run_elsewhere(block) and on_the_quickstart(block) == quickstart]
 
 
 @pytest.fixture(scope="session")
