@@ -1,5 +1,6 @@
 """Shared helpers: real image folders on disk, CLI runs (in-process, in a process forked
-from the fork server, and cold), error checks, trained weights, and real S3 and HTTP servers on 127.0.0.1."""
+from the fork server, and cold), error checks, trained weights, real S3 and HTTP servers
+on 127.0.0.1, and the order the tests run in."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ import functools
 import http.server
 import json
 import os
-import socket
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile

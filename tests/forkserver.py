@@ -11,8 +11,8 @@ exactly the given command line; only the imports are shared. Starting from nothi
 tested where it is the point: the console script (test_cli), torchrun's ranks
 (test_distributed), glibc's environment (test_host).
 
-    server = ForkServer.start(folder)       # one per pytest worker (conftest's `kdpipe`)
-    child = server.popen(["cache-teacher", ...], env=..., start_new_session=True)
+    server = ForkServer.start(folder, env)  # one per pytest worker: conftest's fork_server()
+    child = server.popen(["cache-teacher", ...], cwd, env, start_new_session=True)
     child.communicate(timeout=...); child.kill(); child.returncode
     install_shim(folder, server.socket_path)  # a `kdpipe` executable for shell scripts
 """
