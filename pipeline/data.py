@@ -1,64 +1,32 @@
 """Data sources, their fingerprints, and the datasets that turn them into views.
 
-A source is a list of images with optional labels: an image folder (one subfolder per
-class, or images directly inside for unlabelled data) or a seeded synthetic set. Its
-fingerprint hashes the sorted sample keys, file sizes and labels, so an archive can
-tell whether it is being replayed on the data it was made from.
+A source is a list of images with optional labels (the `Source` interface, in
+`pipeline/sources.py`): an image folder (one subfolder per class, or images directly
+inside for unlabelled data), a seeded synthetic set, or one of the sources of
+`pipeline/sources.py` (label files, WebDataset shards, Hugging Face datasets);
+`open_source` opens any of them by its spec. Its fingerprint hashes the sorted sample
+keys, file sizes and labels, so an archive can tell whether it is being replayed on the
+data it was made from.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Iterator
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
-from .config import UNLABELLED, ViewRecipe, canonical_json, fingerprint
+from .config import UNLABELLED, ViewRecipe, fingerprint
 from .distributed import Ranks
 from .errors import DataError
 from .progress import say
+from .sources import ImageFiles, Source, describe_listed, is_image, open_listed
 from .views import epoch_order, full_view, mix, mix_view, partners, render, sample_view, view_param_fields
-
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
-
-
-class Source(Protocol):
-    """What every data source offers. A sample is stored bytes (`read`) that decode to
-    an image (`decode`); the sha256 of those bytes is the sample's content identity, which
-    an archive records and a replay checks (see `content_digest`)."""
-
-    labels: np.ndarray  # int64, UNLABELLED where a sample has no label
-    classes: list[str] | None  # None for unlabelled data
-
-    def __len__(self) -> int: ...
-
-    def read(self, index: int) -> bytes:
-        """The sample's stored bytes (an image file's bytes)."""
-        ...
-
-    def decode(self, data: bytes, index: int) -> torch.Tensor:
-        """The image those bytes hold, as uint8 RGB (3, H, W)."""
-        ...
-
-    def load(self, index: int) -> torch.Tensor:
-        """The decoded image of sample `index` (sources that subclass Source inherit this)."""
-        return self.decode(self.read(index), index)
-
-    def name(self, index: int) -> str:
-        """What a message calls sample `index` (its file's path)."""
-        ...
-
-    def describe(self) -> dict:
-        """What the manifest records: fingerprint, num_samples, classes, labelled, location."""
-        ...
-
 
 DIGEST_BYTES = 32  # sha256
 
@@ -74,10 +42,6 @@ def content_digests(source: Source, threads: int = 8) -> np.ndarray:
     with ThreadPoolExecutor(threads, thread_name_prefix="kdpipe-hash") as pool:
         digests = list(pool.map(lambda index: content_digest(source.read(index)), range(len(source))))
     return np.stack(digests)
-
-
-def _is_image(name: str) -> bool:
-    return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
 def _unreadable(path: str, exc: OSError) -> DataError:
@@ -101,7 +65,7 @@ def _images_below(folder: str) -> Iterator[str]:
 
     for dirpath, dirnames, filenames in os.walk(folder, onerror=fail):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        yield from (os.path.join(dirpath, name) for name in sorted(filter(_is_image, filenames)))
+        yield from (os.path.join(dirpath, name) for name in sorted(filter(is_image, filenames)))
 
 
 def _size(path: str) -> int:
@@ -112,91 +76,45 @@ def _size(path: str) -> int:
         raise DataError(f"cannot read image {path}: {exc.strerror or exc} (a broken link?); fix or remove it") from None
 
 
-def _rgb8(image: Image.Image) -> np.ndarray:
-    """Any PIL image as uint8 RGB (H, W, 3). 16-bit and 32-bit grayscale are scaled down
-    to 8 bits (PIL's own conversion would clip them at 255); other modes (palette, CMYK,
-    LA, RGBA, ...) go through PIL's RGB conversion."""
-    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
-        values = np.asarray(image, dtype=np.float64)
-        peak = 65535.0 if image.mode.startswith("I;16") or values.max(initial=0) > 255 else 255.0
-        gray = np.clip(np.rint(values * (255.0 / peak)), 0, 255).astype(np.uint8)
-        return np.repeat(gray[..., None], 3, axis=2)
-    return np.asarray(image.convert("RGB"))
-
-
-class ImageFolder(Source):
+class ImageFolder(ImageFiles):
     """Images under `root`: `root/CLASS/**/*.png` (labelled, classes sorted by name) or
     `root/*.png` (unlabelled). Any PIL-readable format and mode is converted to RGB."""
 
     def __init__(self, root: str | os.PathLike):
-        self.root = Path(root)
-        if not self.root.exists():
-            raise DataError(f"data folder {self.root} does not exist")
-        if not self.root.is_dir():
-            raise DataError(f"data path {self.root} is not a folder of images")
-        entries = sorted((e for e in _listing(self.root) if not e.name.startswith(".")), key=lambda e: e.name)
+        root = Path(root)
+        if not root.exists():
+            raise DataError(f"data folder {root} does not exist")
+        if not root.is_dir():
+            raise DataError(f"data path {root} is not a folder of images")
+        entries = sorted((e for e in _listing(root) if not e.name.startswith(".")), key=lambda e: e.name)
         class_dirs = [e for e in entries if e.is_dir()]
-        top_images = [e for e in entries if _is_image(e.name) and not e.is_dir()]
+        top_images = [e for e in entries if is_image(e.name) and not e.is_dir()]
         if class_dirs and top_images:
             raise DataError(
-                f"{self.root} mixes images ({top_images[0].name}) with class folders; "
+                f"{root} mixes images ({top_images[0].name}) with class folders; "
                 "put every image in a class folder, or use a folder of images alone for unlabelled data"
             )
         keys: list[tuple[str, int, int]] = []  # (relative path, bytes, label)
         if class_dirs:
-            self.classes = [e.name for e in class_dirs]
+            classes = [e.name for e in class_dirs]
             for label, class_dir in enumerate(class_dirs):
                 found = [(path, _size(path), label) for path in _images_below(class_dir.path)]
                 if not found:
                     say(f"warning: class folder {class_dir.path} holds no images; it stays class {label} "
                         f"({class_dir.name}), which the student learns but never sees")
-                keys.extend((os.path.relpath(path, self.root), size, label) for path, size, label in found)
+                keys.extend((os.path.relpath(path, root), size, label) for path, size, label in found)
         else:
-            self.classes = None
+            classes = None
             keys = [(e.name, _size(e.path), UNLABELLED) for e in top_images]
         if not keys:
             raise DataError(
-                f"no images found in {self.root}: expected one subfolder per class, "
+                f"no images found in {root}: expected one subfolder per class, "
                 "or image files directly inside for unlabelled data"
             )
-        keys.sort(key=lambda k: k[0])
-        self.paths = [self.root / k[0] for k in keys]
-        self.labels = np.array([k[2] for k in keys], dtype=np.int64)
-        digest = hashlib.sha256(canonical_json({"classes": self.classes}).encode())
-        for key in keys:
-            digest.update(canonical_json(key).encode() + b"\n")
-        self.fingerprint = "sha256:" + digest.hexdigest()
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def read(self, index: int) -> bytes:
-        path = self.paths[index]
-        try:
-            return path.read_bytes()
-        except OSError as exc:
-            raise DataError(f"cannot read image {path}: {exc.strerror or exc}; fix or remove the file") from None
-
-    def decode(self, data: bytes, index: int) -> torch.Tensor:
-        try:
-            with Image.open(io.BytesIO(data)) as image:
-                array = _rgb8(image)
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise DataError(f"cannot read image {self.paths[index]}: {reason}; fix or remove the file") from None
-        return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
-
-    def name(self, index: int) -> str:
-        return str(self.paths[index])
+        super().__init__(root, classes, keys)
 
     def describe(self) -> dict:
-        return {
-            "fingerprint": self.fingerprint,
-            "num_samples": len(self),
-            "classes": self.classes,
-            "labelled": self.classes is not None,
-            "location": str(self.root),
-        }
+        return describe_listed(self, os.path.abspath(self.root))
 
 
 class SyntheticImages(Source):
@@ -242,7 +160,8 @@ class SyntheticImages(Source):
 
 
 def open_source(spec: str) -> Source:
-    """Open `synthetic:NUM_SAMPLES:NUM_CLASSES[:SIZE]` or an image folder path."""
+    """Open `synthetic:NUM_SAMPLES:NUM_CLASSES[:SIZE]`, a label file, WebDataset shards, a
+    Hugging Face dataset (see `sources.open_listed`) or an image folder path."""
     if spec.startswith("synthetic:"):
         try:
             numbers = [int(part) for part in spec.split(":")[1:]]
@@ -251,7 +170,7 @@ def open_source(spec: str) -> Source:
         if len(numbers) not in (2, 3):
             raise DataError(f"bad synthetic source {spec!r}; write synthetic:NUM_SAMPLES:NUM_CLASSES[:SIZE]")
         return SyntheticImages(*numbers)
-    return ImageFolder(spec)
+    return open_listed(spec) or ImageFolder(spec)
 
 
 class ViewDataset(Dataset):

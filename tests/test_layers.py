@@ -12,8 +12,8 @@ from .conftest import REPO
 # layer as long as that makes no circle.
 LAYERS = [
     {"pipeline", "pipeline.errors", "pipeline.config", "pipeline.views"},
-    {"pipeline.distributed", "pipeline.host", "pipeline.progress", "pipeline.data", "pipeline.models",
-     "pipeline.losses", "pipeline.probe", "pipeline.store"},
+    {"pipeline.distributed", "pipeline.host", "pipeline.progress", "pipeline.data", "pipeline.sources",
+     "pipeline.models", "pipeline.losses", "pipeline.probe", "pipeline.store"},
     {"pipeline.objective", "pipeline.replay", "pipeline.rundir"},
     {"pipeline.cache", "pipeline.train", "pipeline.audit", "pipeline.order"},
     {"pipeline.bench", "pipeline.quickstart"},
