@@ -14,7 +14,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipeline.config import IMAGENET_MEAN, IMAGENET_STD, CacheSpec, ModelSpec, TrainSpec, ViewRecipe, parse_storage_options
+from pipeline.config import CacheSpec, ModelSpec, TrainSpec, parse_storage_options
 from pipeline.errors import NO_SPACE, ConfigError, KdpipeError
 
 app = typer.Typer(
@@ -156,18 +156,27 @@ def _loss_options(pairs: list[str] | None) -> dict[str, float]:
     return options
 
 
-def _model_spec(name: str, num_classes: int | None, weights: str | None, mean: str | None, std: str | None) -> ModelSpec:
-    return ModelSpec(
-        name=name,
-        num_classes=num_classes,
-        weights=weights,
-        mean=_floats(mean, 3, "--mean") or IMAGENET_MEAN,
-        std=_floats(std, 3, "--std") or IMAGENET_STD,
-    )
+def _model_spec(name: str, num_classes: int | None, weights: str | None, mean: str | None, std: str | None,
+                pretrained: str | None = None) -> ModelSpec:
+    """The ModelSpec of a model's options; unset --mean/--std keep the model's own."""
+    return ModelSpec(name=name, num_classes=num_classes, weights=weights, mean=_floats(mean, 3, "--mean"),
+                     std=_floats(std, 3, "--std"), pretrained=pretrained)
 
 
-DataOpt = Annotated[str, typer.Option(help="Image folder (one subfolder per class, or images alone when unlabelled), or synthetic:N:C[:SIZE].")]
-SizeOpt = Annotated[Optional[int], typer.Option(help="Side of each rendered view in pixels. [default: 32]")]
+def _teacher_spec(name: str | None, num_classes: int | None, weights: str | None, mean: str | None, std: str | None,
+                  pretrained: str | None) -> ModelSpec | None:
+    """train-student's --teacher and its options as a ModelSpec (None without --teacher,
+    where the teacher's options are refused)."""
+    if name is None:
+        if weights or pretrained or mean or std:
+            raise ConfigError("--weights, --teacher-pretrained, --teacher-mean and --teacher-std describe a teacher: "
+                              "add --teacher MODEL")
+        return None
+    return _model_spec(name, num_classes, weights, mean, std, pretrained)
+
+
+DataOpt = Annotated[str, typer.Option(help="Image folder (one subfolder per class, or images alone when unlabelled); a label file labels.csv|labels.jsonl[?root=DIR&classes=FILE]; WebDataset shards 'train-{000..009}.tar'[?classes=FILE], local or remote; a Hugging Face dataset [hf:]PATH[?split=NAME] (save_to_disk folder or parquet); or synthetic:N:C[:SIZE].")]
+SizeOpt = Annotated[Optional[int], typer.Option(help="Side of each rendered view in pixels. [default: the archive's in cached mode, else the input size of the teacher (online) or the student]")]
 ScaleOpt = Annotated[Optional[str], typer.Option(help="Random-resized-crop area range MIN,MAX. [default: 0.08,1.0]")]
 RatioOpt = Annotated[Optional[str], typer.Option(help="Random-resized-crop aspect-ratio range MIN,MAX. [default: 0.75,1.333]")]
 FlipOpt = Annotated[Optional[float], typer.Option(help="Horizontal flip probability. [default: 0.5]")]
@@ -177,26 +186,30 @@ MixAlphaOpt = Annotated[Optional[float], typer.Option(help="lam ~ Beta(A, A) for
 ViewsOpt = Annotated[Optional[int], typer.Option(help="Views per sample and epoch. [default: 1]")]
 SeedOpt = Annotated[Optional[int], typer.Option(help="Seed of the view stream and epoch order. [default: 0]")]
 WorkersOpt = Annotated[int, typer.Option(help="DataLoader worker processes (0 = decode in the main process).")]
-MeanOpt = Annotated[Optional[str], typer.Option(help="Input normalisation mean R,G,B. [default: ImageNet's]")]
+MeanOpt = Annotated[Optional[str], typer.Option(help="Input normalisation mean R,G,B. [default: the model's own]")]
 StorageOpt = Annotated[Optional[list[str]], typer.Option(help="fsspec storage option KEY=VALUE for the archive's store (repeatable), e.g. endpoint_url=http://127.0.0.1:9000.")]
 LocalCacheOpt = Annotated[Optional[str], typer.Option(help="Folder keeping verified copies of a remote archive's objects, so each is downloaded once.")]
-StdOpt = Annotated[Optional[str], typer.Option(help="Input normalisation std R,G,B. [default: ImageNet's]")]
+StdOpt = Annotated[Optional[str], typer.Option(help="Input normalisation std R,G,B. [default: the model's own]")]
+ModelHelp = "timm:NAME, torchvision:NAME, kdpipe:cnn|mlp, or package.module:factory."
+PretrainedHelp = ("Published weights to start from: a timm pretrained tag (a1_in1k) or a torchvision weights name "
+                  "(IMAGENET1K_V2), or 'default'; read from the Hugging Face or torch hub cache, else downloaded.")
 
 
 @app.command("cache-teacher")
 @_user_errors
 def cache_teacher_command(
     data: DataOpt,
-    teacher: Annotated[str, typer.Option(help="torchvision:NAME, kdpipe:cnn|mlp, or package.module:factory.")],
+    teacher: Annotated[str, typer.Option(help=ModelHelp)],
     out: Annotated[str, typer.Option(help="Archive to write: a local folder, or an s3:// or gs:// URL.")],
-    weights: Annotated[Optional[str], typer.Option(help="Teacher weights: a state_dict or a checkpoint holding one.")] = None,
+    weights: Annotated[Optional[str], typer.Option(help="Teacher weights: a state_dict, a checkpoint holding one, or a .safetensors file.")] = None,
+    pretrained: Annotated[Optional[str], typer.Option(help=PretrainedHelp)] = None,
     num_classes: Annotated[Optional[int], typer.Option(help="Teacher classes. [default: the data's class count]")] = None,
-    epochs: Annotated[int, typer.Option(help="Epochs of views to cache.")] = 1,
+    epochs: Annotated[Optional[int], typer.Option(help="Epochs of views to cache. [default: 1; with --teacher-name, the archive's]")] = None,
     views_per_sample: ViewsOpt = None,
     mixup: MixupOpt = None,
     mix_alpha: MixAlphaOpt = None,
     seed: SeedOpt = None,
-    size: SizeOpt = None,
+    size: Annotated[Optional[int], typer.Option(help="Side of each rendered view in pixels. [default: the teacher's input size; with --teacher-name, the archive's]")] = None,
     scale: ScaleOpt = None,
     ratio: RatioOpt = None,
     flip_prob: FlipOpt = None,
@@ -221,17 +234,16 @@ def cache_teacher_command(
     left alone unless --overwrite is given.
     """
     from pipeline import distributed
-    from pipeline.cache import cache_teacher
+    from pipeline.cache import cache_teacher, resolve_recipe
 
-    recipe = ViewRecipe.from_dict(
-        {"epochs": epochs}
-        | _recipe_options(
-            size=size, scale=scale, ratio=ratio, flip_prob=flip_prob, color_jitter=color_jitter,
-            views_per_sample=views_per_sample, seed=seed, mixup=mixup, mix_alpha=mix_alpha,
-        )
+    teacher_spec = _model_spec(teacher, num_classes, weights, mean, std, pretrained)
+    options = ({} if epochs is None else {"epochs": epochs}) | _recipe_options(
+        size=size, scale=scale, ratio=ratio, flip_prob=flip_prob, color_jitter=color_jitter,
+        views_per_sample=views_per_sample, seed=seed, mixup=mixup, mix_alpha=mix_alpha,
     )
+    recipe = resolve_recipe(teacher_spec, options, teacher_name, out, parse_storage_options(storage_option))
     spec = CacheSpec(
-        data=data, teacher=_model_spec(teacher, num_classes, weights, mean, std), out=out, recipe=recipe,
+        data=data, teacher=teacher_spec, out=out, recipe=recipe,
         codec=codec, format=format, storage_options=parse_storage_options(storage_option), positions_per_shard=shard_size, batch_size=batch_size, workers=workers, overwrite=overwrite,
         teacher_name=teacher_name, teacher_classes=tuple(teacher_classes.split(",")) if teacher_classes else None,
         embedding_layer=_embedding_layer(outputs, embedding_layer),
@@ -246,7 +258,7 @@ def cache_teacher_command(
 @_user_errors
 def train_student_command(
     data: DataOpt,
-    student: Annotated[str, typer.Option(help="torchvision:NAME, kdpipe:cnn|mlp, or package.module:factory.")],
+    student: Annotated[str, typer.Option(help=ModelHelp)],
     out: Annotated[str, typer.Option(help="Run directory to write.")],
     mode: Annotated[Optional[str], typer.Option(help="cached (logits from --cache), online (teacher runs live) or supervised (labels only). [default: cached with --cache, else online with --teacher, else supervised]")] = None,
     cache: Annotated[Optional[str], typer.Option(help="Archive written by cache-teacher (cached mode): a local folder, or an s3://, gs:// or http(s):// URL.")] = None,
@@ -254,12 +266,14 @@ def train_student_command(
     local_cache: LocalCacheOpt = None,
     teacher: Annotated[Optional[str], typer.Option(help="Teacher model: runs live in online mode; in cached mode it is checked against the archive.")] = None,
     weights: Annotated[Optional[str], typer.Option(help="Teacher weights file.")] = None,
-    teacher_mean: Annotated[Optional[str], typer.Option(help="Teacher normalisation mean R,G,B. [default: ImageNet's]")] = None,
-    teacher_std: Annotated[Optional[str], typer.Option(help="Teacher normalisation std R,G,B. [default: ImageNet's]")] = None,
+    teacher_pretrained: Annotated[Optional[str], typer.Option(help="The teacher's published weights: a timm pretrained tag, a torchvision weights name, or 'default'.")] = None,
+    teacher_mean: Annotated[Optional[str], typer.Option(help="Teacher normalisation mean R,G,B. [default: the teacher's own]")] = None,
+    teacher_std: Annotated[Optional[str], typer.Option(help="Teacher normalisation std R,G,B. [default: the teacher's own]")] = None,
     student_weights: Annotated[Optional[str], typer.Option(help="Initial student weights.")] = None,
+    student_pretrained: Annotated[Optional[str], typer.Option(help="Initial student weights, published: a timm pretrained tag, a torchvision weights name, or 'default'.")] = None,
     num_classes: Annotated[Optional[int], typer.Option(help="Classes. [default: the teacher's, else the data's class count]")] = None,
     val: Annotated[Optional[str], typer.Option(help="Labelled image folder scored (top-1) after each epoch.")] = None,
-    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 10,
+    epochs: Annotated[Optional[int], typer.Option(help="Training epochs. [default: the archive's epochs in cached mode, the sum of --schedule, else 10]")] = None,
     cycle_epochs: Annotated[bool, typer.Option(help="Replay the archive's epochs in a cycle when --epochs exceeds them.")] = False,
     batch_size: Annotated[int, typer.Option(help="Samples per step (each gives its views).")] = 128,
     optimizer: Annotated[str, typer.Option(help="adamw or sgd (with momentum).")] = "adamw",
@@ -303,11 +317,9 @@ def train_student_command(
 
     if mode is None:
         mode = "cached" if cache else "online" if teacher else "supervised"
-    if teacher is None and (weights or teacher_mean or teacher_std):
-        raise ConfigError("--weights, --teacher-mean and --teacher-std describe a teacher: add --teacher MODEL")
-    teacher_spec = _model_spec(teacher, num_classes, weights, teacher_mean, teacher_std) if teacher else None
+    teacher_spec = _teacher_spec(teacher, num_classes, weights, teacher_mean, teacher_std, teacher_pretrained)
     spec = TrainSpec(
-        data=data, student=_model_spec(student, num_classes, student_weights, mean, std), out=out, mode=mode,
+        data=data, student=_model_spec(student, num_classes, student_weights, mean, std, student_pretrained), out=out, mode=mode,
         cache=cache, storage_options=parse_storage_options(storage_option), local_cache=local_cache, teacher=teacher_spec, val=val, epochs=epochs, cycle_epochs=cycle_epochs, batch_size=batch_size,
         optimizer=optimizer, lr=lr, weight_decay=weight_decay, momentum=momentum, temperature=temperature,
         alpha=alpha, seed=init_seed, workers=workers, compile=compile, teacher_batch_size=teacher_batch_size,
@@ -346,30 +358,32 @@ def inspect_command(
 @_user_errors
 def verify_command(
     archive: Annotated[str, typer.Argument(help="Archive: a local folder, or an s3://, gs:// or http(s):// URL.")],
-    teacher: Annotated[Optional[str], typer.Option(help="The archive's teacher, to recompute views with.")] = None,
-    weights: Annotated[Optional[str], typer.Option(help="Teacher weights file.")] = None,
-    num_classes: Annotated[Optional[int], typer.Option(help="Teacher classes. [default: the data's class count]")] = None,
+    teacher: Annotated[Optional[str], typer.Option(help="Another teacher to recompute views with. [default: the archive's, as its manifest records it]")] = None,
+    weights: Annotated[Optional[str], typer.Option(help="Teacher weights file. [default: the file the manifest records, e.g. when it has moved]")] = None,
+    pretrained: Annotated[Optional[str], typer.Option(help="The teacher's published weights (with --teacher), as given to cache-teacher --pretrained.")] = None,
+    num_classes: Annotated[Optional[int], typer.Option(help="Teacher classes (with --teacher). [default: the data's class count]")] = None,
     mean: MeanOpt = None,
     std: StdOpt = None,
-    data: Annotated[Optional[str], typer.Option(help="The data the archive was cached from (needed by --recompute).")] = None,
+    data: Annotated[Optional[str], typer.Option(help="The data to recompute views from. [default: where the manifest says the archive was cached from]")] = None,
     recompute: Annotated[int, typer.Option(help="Recompute this many random samples (all their views) with the teacher.")] = 0,
     seed: Annotated[int, typer.Option(help="Seed choosing the samples to recompute.")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text.")] = False,
     storage_option: StorageOpt = None,
 ) -> None:
-    """Check every object of an archive against its sha256 and, with --teacher, --data and
-    --recompute N, compare N freshly computed samples with the stored logits.
+    """Check every object of an archive against its sha256 and, with --recompute N,
+    compare N freshly computed samples with the stored logits (the teacher and the data
+    are those the manifest records, unless given).
 
     Exit code 0 when the archive is sound, 1 when something failed (each listed).
     """
     from pipeline.audit import verify_archive
 
-    if recompute and (teacher is None or data is None):
-        raise ConfigError("--recompute needs --teacher MODEL (with --weights) and --data")
     if recompute < 0:
         raise ConfigError("--recompute must be a non-negative number of samples")
-    spec = _model_spec(teacher, num_classes, weights, mean, std) if teacher else None
-    report = verify_archive(archive, parse_storage_options(storage_option), spec, data, recompute, seed)
+    if teacher is None and (num_classes or mean or std or pretrained):
+        raise ConfigError("--num-classes, --pretrained, --mean and --std describe another teacher: add --teacher MODEL")
+    spec = _model_spec(teacher, num_classes, weights, mean, std, pretrained) if teacher else None
+    report = verify_archive(archive, parse_storage_options(storage_option), spec, data, recompute, seed, weights)
     typer.echo(json.dumps(report, indent=1) if as_json else _format_report(report))
     if report["problems"]:
         raise typer.Exit(1)
@@ -412,6 +426,7 @@ def order_teachers_command(
     cache: Annotated[str, typer.Option(help="Archive holding the candidate teachers (main and those added by name).")],
     student: Annotated[str, typer.Option(help="The student model the order is for.")],
     student_weights: Annotated[Optional[str], typer.Option(help="Student weights. [default: its seeded initialisation]")] = None,
+    student_pretrained: Annotated[Optional[str], typer.Option(help="The student's published weights: a timm pretrained tag, a torchvision weights name, or 'default'.")] = None,
     num_classes: Annotated[Optional[int], typer.Option(help="Student classes. [default: the data's class count]")] = None,
     teachers: Annotated[Optional[str], typer.Option(help="Candidate teachers, comma-separated. [default: all in the archive]")] = None,
     target: Annotated[str, typer.Option(help="The teacher the sequence ends with (the accurate, complex one).")] = "main",
@@ -426,7 +441,7 @@ def order_teachers_command(
     from pipeline.order import format_order, order_teachers
 
     report = order_teachers(
-        data, cache, _model_spec(student, num_classes, student_weights, None, None),
+        data, cache, _model_spec(student, num_classes, student_weights, None, None, student_pretrained),
         tuple(teachers.split(",")) if teachers else None, samples, parse_storage_options(storage_option), epochs, target,
     )
     typer.echo(json.dumps(report, indent=1) if as_json else format_order(report))

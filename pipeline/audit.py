@@ -4,8 +4,8 @@ inspect reads the manifest (or, for an unfinished archive, the plan and its comm
 markers) and, with stats on, every view's logits once: the teacher's top-1 agreement
 with the labels and the entropy of its distributions.
 
-verify checks every object against the manifest's sha256 and, given the teacher and the
-data, recomputes N random views and compares the teacher's fresh logits with the stored
+verify checks every object against the manifest's sha256 and recomputes N random views
+with the teacher on the data (those the manifest records, unless others are given) and compares the teacher's fresh logits with the stored
 ones. Dense codecs compare logits (error relative to the view's largest logit); top-k
 compares the log-probabilities of the stored classes.
 """
@@ -13,13 +13,15 @@ compares the log-probabilities of the stored classes.
 from __future__ import annotations
 
 import math
+import os
+from dataclasses import replace
 
 import numpy as np
 import torch
 
 from .config import ModelSpec
 from .data import Source, ViewDataset, open_source
-from .errors import ArchiveError
+from .errors import ArchiveError, ModelError
 from .models import Teacher, with_num_classes
 from .store import (LOGPROB_STEP, ArchiveReader, Location, TopKCodec, UnfinishedArchive, added_teachers,
                     check_archive_matches, read_manifest, unfinished_archive, verify_objects)
@@ -59,6 +61,8 @@ def inspect_archive(url: str, storage_options: dict | None = None, local_cache: 
         "bytes_per_view": manifest.total_bytes / layout.views,
         "libraries": manifest.libraries,
     }
+    if teacher.preprocessing is not None:  # archives made before kdpipe recorded it have none
+        report["teacher"]["preprocessing"] = teacher.preprocessing.to_dict()
     added = added_teachers(location)
     if added:  # each also an archive of its own: inspect URL/teachers/NAME for its figures
         report["added_teachers"] = added
@@ -112,14 +116,23 @@ def _logit_stats(reader: ArchiveReader) -> dict:
 
 
 def verify_archive(url: str, storage_options: dict | None = None, teacher: ModelSpec | None = None,
-                   data: str | None = None, recompute: int = 0, seed: int = 0) -> dict:
-    """Check every object's checksum; with a teacher and data, recompute `recompute`
-    random views. Returns a report whose `problems` list is empty when the archive is sound."""
+                   data: str | None = None, recompute: int = 0, seed: int = 0, weights: str | None = None) -> dict:
+    """Check every object's checksum; then recompute `recompute` random samples with the
+    teacher (by default the one the manifest records, with `weights` if its file moved)
+    on the data (by default where the manifest says it was cached from). Returns a
+    report whose `problems` list is empty when the archive is sound."""
     location = Location(url, storage_options)
     manifest = read_manifest(location)  # an unfinished, foreign or inconsistent archive is a user error
     problems = verify_objects(location, manifest)
     report = {"archive": str(location), "files_checked": len(manifest.files)}
     if recompute and not problems:
+        teacher = teacher or ModelSpec.from_dict(manifest.teacher.spec)
+        if weights:
+            teacher = replace(teacher, weights=weights)
+        elif teacher.weights and "://" not in teacher.weights and not os.path.isfile(teacher.weights):
+            raise ModelError(f"the teacher's weights {teacher.weights}, recorded in the manifest, are not there; "
+                             "pass --weights FILE (where they are now)")
+        data = data or manifest.dataset.location
         report["recomputed"] = _recompute(ArchiveReader(location), teacher, data, recompute, seed, problems)
     report["problems"] = problems
     return report
@@ -132,7 +145,7 @@ def _recompute(reader: ArchiveReader, teacher_spec: ModelSpec, data: str, count:
     check_archive_matches(manifest, str(reader.location), dataset__fingerprint=source.describe()["fingerprint"])
     recipe = manifest.recipe
     teacher = Teacher(with_num_classes(teacher_spec, source.classes, "teacher"), recipe.size)
-    check_archive_matches(manifest, str(reader.location), teacher__fingerprint=teacher.fingerprint)
+    check_archive_matches(manifest, str(reader.location), teacher__fingerprint=teacher.fingerprint_for(manifest.teacher))
     dataset = ViewDataset(source, recipe)
     rng = np.random.default_rng(seed)
     picks = sorted(set(map(int, rng.choice(len(dataset), size=min(count, len(dataset)), replace=False))))

@@ -6,17 +6,18 @@ from __future__ import annotations
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
+from dataclasses import replace
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 from . import distributed
-from .config import MAIN_TEACHER, CacheSpec
+from .config import MAIN_TEACHER, CacheSpec, ModelSpec, ViewRecipe, absolute_path, check_teacher_name
 from .data import RangeBatches, Source, ViewDataset, content_digests, open_source
 from .errors import ArchiveError, ConfigError, ModelError
 from .host import keep_freed_memory, quiet_worker
-from .models import Teacher, with_num_classes
+from .models import Teacher, preprocessing, with_num_classes
 from .progress import say, views_progress
 from .store import (ArchiveWriter, DatasetInfo, Location, Manifest, TeacherInfo, check_archive_matches,
                     check_backend_name, check_codec_name, content_fingerprint, finished_archive_of, parse_codec,
@@ -39,6 +40,7 @@ def cache_teacher(spec: CacheSpec) -> dict:
     """Cache the teacher's logits for every view of the recipe; resumes an unfinished
     archive of the same job, and is a no-op on a finished one. Returns size and speed."""
     started = time.perf_counter()
+    spec = replace(spec, teacher=replace(spec.teacher, weights=absolute_path(spec.teacher.weights)))  # as recorded
     check_codec_name(spec.codec)  # the options first, before any data or archive is touched
     check_backend_name(spec.format)
     keep_freed_memory()
@@ -84,6 +86,18 @@ def cache_teacher(spec: CacheSpec) -> dict:
         "views_per_sec": computed / compute_seconds if computed else None,
         "ranks": ranks.world,
     }
+
+
+def resolve_recipe(teacher: ModelSpec, options: dict, teacher_name: str, out: str, storage_options: dict) -> ViewRecipe:
+    """The view recipe to cache: for the archive's own teacher the options given, else
+    one epoch at the teacher's input size; for a teacher added to the archive at `out`,
+    the archive's recipe, which options given must agree with."""
+    check_teacher_name(teacher_name)
+    if teacher_name == MAIN_TEACHER:
+        return ViewRecipe.from_dict({"epochs": 1, "size": preprocessing(teacher).input_size} | options)
+    manifest = read_manifest(Location(out, storage_options))
+    check_archive_matches(manifest, out, recipe=manifest.recipe.to_dict() | options)
+    return manifest.recipe
 
 
 def _plan(spec: CacheSpec, source: Source, digests: np.ndarray) -> tuple[Teacher, Manifest]:

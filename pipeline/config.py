@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -74,6 +75,12 @@ def check_path(option: str, value: str | None) -> None:
     trailing slash is stripped (a whole filesystem to list or to write into)."""
     if value is not None and not str(value).strip():
         raise ConfigError(f"{option} is empty; give a folder or URL")
+
+
+def absolute_path(path: str | None) -> str | None:
+    """A local path made absolute (a URL or None unchanged): what a manifest or a run's
+    config records, so that it means the same place from any working folder."""
+    return path if path is None or "://" in path else os.path.abspath(path)
 
 
 def parse_storage_options(pairs: list[str] | None) -> dict:
@@ -176,18 +183,64 @@ class ViewRecipe:
 
 
 @dataclass(frozen=True)
-class ModelSpec:
-    """A model to build: `torchvision:NAME`, `kdpipe:NAME` (built-in) or `module:factory`.
+class Preprocessing:
+    """How a model expects its input: normalisation (`mean`, `std` of [0, 1] pixels),
+    and the evaluation transform it was made for (resize with `interpolation` to
+    `input_size` / `crop_pct`, centre crop of `input_size` pixels a side). kdpipe applies
+    the normalisation inside the model; `input_size` is the default view size of
+    cache-teacher; the rest is recorded so the archive says what the teacher expects."""
 
-    `weights` is a file holding a state_dict (or a checkpoint that holds one).
-    Normalisation (mean/std, applied to [0, 1] pixels) is part of the model.
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str
+    crop_pct: float
+    input_size: int
+
+    def __post_init__(self):
+        for option, values in (("mean", self.mean), ("std", self.std)):
+            if len(values) != 3:
+                raise ConfigError(f"preprocessing {option} needs 3 numbers (R, G, B), got {values!r}")
+            for value in values:
+                check_number(f"preprocessing {option}", value, 0, above=option == "std")
+        check_number("preprocessing crop_pct", self.crop_pct, 0, above=True)
+        check_number("preprocessing input_size", self.input_size, 1, MAX_VIEW_SIZE)
+        if not isinstance(self.interpolation, str) or not self.interpolation:
+            raise ConfigError(f"preprocessing interpolation must be a name (bilinear, bicubic, ...), got {self.interpolation!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Preprocessing:
+        return _from_dict(cls, data)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model to build: `timm:NAME`, `torchvision:NAME`, `kdpipe:NAME` (built-in) or
+    `module:factory`.
+
+    `pretrained` names published weights to start from: a timm pretrained tag, a
+    torchvision weights enum member, or "default". `weights` is a file holding a
+    state_dict (or a checkpoint that holds one). Normalisation (applied to [0, 1]
+    pixels) is part of the model: `mean` and `std` override the model's own
+    (`models.preprocessing`); None keeps it. Older manifests and run configs hold
+    explicit lists, which read back as overrides of the same values.
     """
 
     name: str
     num_classes: int | None = None
     weights: str | None = None
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+    pretrained: str | None = None
+
+    def __post_init__(self):
+        if self.pretrained is not None and self.weights is not None:
+            raise ConfigError(f"model {self.name}: give pretrained weights (--pretrained {self.pretrained}) or a weights "
+                              f"file ({self.weights}), not both")
+        if self.pretrained is not None and not self.pretrained.strip():
+            raise ConfigError(f"model {self.name}: --pretrained is empty; give a tag, or 'default'")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -238,6 +291,7 @@ class CacheSpec:
 
 
 MODES = ("cached", "online", "supervised")
+DEFAULT_EPOCHS = 10  # of train-student without an archive or a schedule to take them from
 COMBINES = ("mean",)
 OPTIMIZERS = ("adamw", "sgd")
 
@@ -257,7 +311,7 @@ class TrainSpec:
     local_cache: str | None = None
     teacher: ModelSpec | None = None
     val: str | None = None
-    epochs: int = 10
+    epochs: int | None = None  # None: the archive's epochs in cached mode, the schedule's sum, else DEFAULT_EPOCHS
     cycle_epochs: bool = False
     batch_size: int = 128
     optimizer: str = "adamw"
@@ -289,7 +343,8 @@ class TrainSpec:
             names = [name for name, _ in self.schedule]
             if self.teachers is not None and not set(names) <= set(self.teachers):
                 raise ConfigError(f"--schedule names a teacher not in --teachers {','.join(self.teachers)}")
-            if any(epochs < 1 for _, epochs in self.schedule) or sum(e for _, e in self.schedule) != self.epochs:
+            total = sum(e for _, e in self.schedule)
+            if any(epochs < 1 for _, epochs in self.schedule) or self.epochs not in (None, total):
                 raise ConfigError(f"--schedule must give each teacher at least 1 epoch and {self.epochs} (--epochs) in all")
         if self.loss == "seed" and (self.mode == "supervised" or self.alpha > 0):
             raise ConfigError("--loss seed distils a teacher's embeddings: use it with --cache or --teacher and --alpha 0")
@@ -308,7 +363,8 @@ class TrainSpec:
         for option, path in (("--data", self.data), ("--out", self.out), ("--cache", self.cache), ("--val", self.val),
                              ("--local-cache", self.local_cache), ("--probe-data", self.probe_data)):
             check_path(option, path)
-        check_number("--epochs", self.epochs, 1, MAX_EPOCHS)
+        if self.epochs is not None:
+            check_number("--epochs", self.epochs, 1, MAX_EPOCHS)
         check_number("--batch-size", self.batch_size, 1)
         check_number("--workers", self.workers, 0, MAX_WORKERS)
         check_number("--lr", self.lr, 0, above=True)

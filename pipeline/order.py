@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from .config import MAIN_TEACHER, ModelSpec
 from .data import RangeBatches, ViewDataset, open_source
 from .errors import ConfigError
-from .models import build_model, with_num_classes
+from .models import build_model, output_classes, with_num_classes
 from .store import ArchiveReader, Location, added_teachers, read_manifest, teacher_archive
 
 HELD_OUT = 0.25  # share of the samples the fitted maps are scored on
@@ -93,6 +93,7 @@ def order_teachers(
     recipe = main.recipe
     model = build_model(with_num_classes(student, source.classes, "student") if student.num_classes is None
                         else student).eval()
+    output_classes(model, recipe.size, "student")  # logits it gives, or one clear line
     loader = DataLoader(ViewDataset(source, recipe), batch_sampler=RangeBatches([(0, 0, count)], len(source), 64))
     with torch.inference_mode():
         student_outputs = np.concatenate([model(batch["views"].flatten(0, 1)).float().numpy() for batch in loader])

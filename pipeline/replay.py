@@ -20,7 +20,7 @@ from torch.utils.data import Dataset, default_collate
 from .config import MAIN_TEACHER, TrainSpec, ViewRecipe
 from .data import Source, ViewDataset
 from .errors import ArchiveMismatchError, ConfigError
-from .models import Teacher, with_num_classes
+from .models import Teacher, preprocessing, with_num_classes
 from .progress import say
 from .store import ArchiveReader, check_archive_matches, teacher_archive
 
@@ -105,12 +105,14 @@ class ReplayBatches(ViewBatches):
 
 def resolve_recipe(spec: TrainSpec, recipe_options: dict, reader: ArchiveReader | None) -> ViewRecipe:
     """The view recipe to train with: the archive's in cached mode (explicit options must
-    agree with it), otherwise the defaults with one view epoch per training epoch."""
+    agree with it), otherwise the defaults with one view epoch per training epoch, at the
+    input size of the model that sees the views first (the teacher online, else the student)."""
     if reader is not None:
         cached = reader.manifest.recipe
         check_archive_matches(reader.manifest, spec.cache, recipe=cached.to_dict() | recipe_options)
         return cached
-    return ViewRecipe.from_dict({"epochs": spec.epochs} | recipe_options)
+    size = preprocessing(spec.teacher or spec.student).input_size
+    return ViewRecipe.from_dict({"epochs": spec.epochs, "size": size} | recipe_options)
 
 
 def open_archives(spec: TrainSpec) -> tuple[dict[str, str], dict[str, ArchiveReader]]:
@@ -144,7 +146,8 @@ def check_archives(spec: TrainSpec, source: Source, recipe: ViewRecipe,
         if len(readers) > 1:
             raise ConfigError("--teacher checks the teacher of a one-teacher run; drop it with --teachers")
         named = Teacher(with_num_classes(spec.teacher, source.classes, "teacher"), recipe.size, torch.device("cpu"))
-        check_archive_matches(next(iter(readers.values())).manifest, spec.cache, teacher__fingerprint=named.fingerprint)
+        manifest = next(iter(readers.values())).manifest
+        check_archive_matches(manifest, spec.cache, teacher__fingerprint=named.fingerprint_for(manifest.teacher))
     embeddings = [name for name, reader in readers.items() if reader.manifest.teacher.outputs == "embeddings"]
     if embeddings and (spec.loss != "seed" or len(readers) > 1):
         raise ConfigError(f"{teacher_archive(spec.cache, embeddings[0])} holds teacher embeddings, not logits: "

@@ -1,6 +1,7 @@
 """The run directory of train-student: what it holds and how each file is written.
 
-    config.json     the resolved TrainSpec; a resumed run must match it
+    config.json     the resolved TrainSpec (paths absolute); a resumed run must match it
+                    in all that defines its result (RESULT_NEUTRAL may change)
     checkpoint.pt   the state after the last finished epoch (--resume continues from it)
     metrics.jsonl   one line per finished epoch
     student.pt      the student's weights (the inner network's state_dict), at the end
@@ -37,6 +38,16 @@ SUMMARY = "summary.json"
 LOCK = "run.lock"
 
 
+# Options that change how a run goes, not what it computes: a resumed run may change them.
+# (Paths need no entry: config.json records them resolved, so the same place compares equal.)
+RESULT_NEUTRAL = ("workers", "local_cache")
+
+
+def _result_defining(config: dict) -> dict:
+    """What of a run's config.json a resumed run must agree with."""
+    return {key: value for key, value in config.items() if key not in RESULT_NEUTRAL}
+
+
 class RunDir:
     """One run directory on this machine (rank 0 owns it)."""
 
@@ -69,7 +80,7 @@ class RunDir:
             if (out / SUMMARY).exists():  # finished while this process waited
                 raise ConfigError(f"{out} already holds a finished run; choose another --out")
             if has_run:
-                where = first_difference(self._read_config(), config)
+                where = first_difference(_result_defining(self._read_config()), _result_defining(config))
                 if where is not None:
                     raise ConfigError(f"cannot resume {out}: {where} differs from the run being resumed")
             self._write_json(CONFIG, config)

@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from . import distributed
-from .config import ModelSpec, TrainSpec
+from .config import DEFAULT_EPOCHS, ModelSpec, TrainSpec, absolute_path
 from .data import RangeBatches, Source, ViewDataset, open_source
 from .errors import ConfigError, DataError, ModelError, TrainingError
 from .host import keep_freed_memory, quiet_worker
@@ -38,6 +38,7 @@ from .probe import evaluate, linear_probe, whole_images
 from .progress import say, views_progress
 from .replay import ReplayBatches, ViewBatches, check_archives, open_archives, resolve_recipe
 from .rundir import RunDir
+from .store import ArchiveReader
 
 GRADIENT_CLIP = 1.0
 
@@ -77,6 +78,7 @@ def resolve_run(spec: TrainSpec, recipe_options: dict) -> Run:
     source = open_source(spec.data)
     val_source = open_source(spec.val) if spec.val else None
     archives, readers = open_archives(spec)
+    spec = replace(spec, epochs=_epochs(spec, readers))
     recipe = resolve_recipe(spec, recipe_options, next(iter(readers.values()), None))
     teacher, columns, classes = None, {}, source.classes
     if spec.mode == "cached":
@@ -110,10 +112,38 @@ def resolve_run(spec: TrainSpec, recipe_options: dict) -> Run:
     distill = None if spec.mode == "supervised" else make_loss(spec.loss, spec.loss_options, spec.temperature)
     objective = Objective(distill, spec.loss, spec.alpha, spec.temperature, spec.schedule, columns)
     spec = replace(spec, student=student, recipe=recipe)
+    spec = replace(spec, **_resolved_paths(spec, source, val_source, probe_source))
     inputs = {"dataset": source.describe()["fingerprint"],
               "archives": {name: reader.manifest.manifest_fingerprint for name, reader in readers.items()}}
     return Run(spec, source, val_source, probe_source, archives, teacher, objective, embeddings,
                None if embeddings else classes, inputs)
+
+
+def _epochs(spec: TrainSpec, readers: dict[str, ArchiveReader]) -> int:
+    """The epochs to train: --epochs, else the schedule's sum, else the archive's epochs
+    of views (every cached view once), else DEFAULT_EPOCHS."""
+    if spec.epochs is not None:
+        return spec.epochs
+    if spec.schedule:
+        return sum(epochs for _, epochs in spec.schedule)
+    if readers:
+        return min(reader.manifest.recipe.epochs for reader in readers.values())
+    return DEFAULT_EPOCHS
+
+
+def _resolved_paths(spec: TrainSpec, source: Source, val_source: Source | None, probe_source: Source | None) -> dict:
+    """The run's places as absolute paths (URLs unchanged), so that config.json says where
+    the inputs were whatever the working folder, and a run resumed from another folder,
+    or with a path written another way, compares equal."""
+    paths = {"data": source.describe()["location"], "out": absolute_path(spec.out), "cache": absolute_path(spec.cache),
+             "val": val_source.describe()["location"] if val_source else None}
+    if spec.probe_data:
+        paths["probe_data"] = probe_source.describe()["location"]
+    for role in ("student", "teacher"):
+        model = getattr(spec, role)
+        if model is not None and model.weights:
+            paths[role] = replace(model, weights=absolute_path(model.weights))
+    return paths
 
 
 def _student_spec(student: ModelSpec, source: Source, num_classes: int, embeddings: bool) -> ModelSpec:

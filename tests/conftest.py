@@ -20,6 +20,8 @@ from typing import Callable
 
 import numpy as np
 import pytest
+import safetensors.torch
+import timm
 import torch
 from PIL import Image
 from typer.testing import CliRunner
@@ -95,12 +97,62 @@ def assert_user_error(result, *fragments: str, after_epochs: bool = False) -> No
         assert fragment in lines[0], lines[0]
 
 
+def train_until(monkeypatch, stop_after_epochs: int, *args):
+    """Run train-student in-process and stop it as Ctrl-C would once `stop_after_epochs`
+    epochs are checkpointed: the run directory is what a kill at that moment leaves."""
+    from pipeline.rundir import RunDir
+
+    saved = {"epochs": 0}
+    save = RunDir.save_checkpoint
+
+    def save_then_stop(self, state):
+        save(self, state)
+        saved["epochs"] += 1
+        if saved["epochs"] == stop_after_epochs:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(RunDir, "save_checkpoint", save_then_stop)
+        result = run_cli("train-student", *args)
+    assert result.exit_code == 130, result.output
+    return result
+
+
 def subprocess_env() -> dict:
     """Environment for running kdpipe in a child process that can import `tests`."""
     return os.environ | {"PYTHONPATH": str(REPO)}
 
 
 KDPIPE = [sys.executable, "-m", "cli"]  # a cold start, for the tests where that is the point
+
+
+TIMM_NAME, TIMM_TAG = "test_resnet", "r160_in1k"  # a tiny timm model with a published tag, for tests
+
+
+def offline_env(tmp_path: Path) -> dict:
+    """A kdpipe process's environment whose Hugging Face and torch hub caches are empty
+    folders below `tmp_path` and which cannot download: the hub is offline, and every
+    HTTP(S) request goes to a proxy port nothing listens on."""
+    proxy = f"http://127.0.0.1:{free_port()}"
+    return subprocess_env() | {
+        "HF_HOME": str(tmp_path / "hf"), "HF_HUB_CACHE": str(tmp_path / "hf" / "hub"), "HF_HUB_OFFLINE": "1",
+        "TORCH_HOME": str(tmp_path / "torch"), "https_proxy": proxy, "http_proxy": proxy, "HTTPS_PROXY": proxy,
+        "HTTP_PROXY": proxy, "no_proxy": "", "NO_PROXY": "",
+    }
+
+
+def put_timm_weights(env: dict) -> dict[str, torch.Tensor]:
+    """A 1000-class test_resnet's weights as the hub cache keeps timm/test_resnet.r160_in1k:
+    models--timm--NAME/snapshots/COMMIT/model.safetensors, and refs/main naming COMMIT."""
+    torch.manual_seed(1)
+    state = timm.create_model(TIMM_NAME).state_dict()
+    repo = Path(env["HF_HUB_CACHE"]) / f"models--timm--{TIMM_NAME}.{TIMM_TAG}"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    safetensors.torch.save_file(state, repo / "snapshots" / commit / "model.safetensors")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    return state
 
 
 @dataclass

@@ -131,6 +131,8 @@ def serve(socket_path: str) -> None:
 
     import cli  # noqa: F401
     from pipeline import audit, bench, cache, order, quickstart, train  # noqa: F401
+    # not timm: it imports huggingface_hub, which reads HF_HUB_CACHE and HF_HUB_OFFLINE once,
+    # at import, and tests give each command a hub cache of its own
 
     gc.freeze()  # what is imported stays out of the children's collections (and their pages shared)
     server = socket.socket(socket.AF_UNIX)

@@ -53,7 +53,8 @@ def test_manifest_records_what_was_cached(image_folder, tmp_path, backend):
     assert manifest.dataset.fingerprint == source.fingerprint
     assert manifest.dataset.classes == ("cat", "dog", "fox")
     teacher = build_model(ModelSpec("tests.toy_models:tiny_cnn", num_classes=3))
-    assert manifest.teacher.fingerprint == model_fingerprint(teacher)
+    assert manifest.teacher.fingerprint == model_fingerprint(teacher, teacher.preprocessing)
+    assert manifest.teacher.preprocessing == teacher.preprocessing
     assert manifest.codec.to_dict() == {"name": "dense-fp32", "dtype": "float32"} and manifest.backend == backend
     layout = manifest.layout
     assert (layout.epochs, layout.num_samples, layout.views_per_sample, layout.num_classes) == (2, 18, 2, 3)

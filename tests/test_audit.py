@@ -109,11 +109,11 @@ def test_verify_recompute_catches_logits_that_are_not_the_teachers(image_folder,
     assert result.exit_code == 1 and "epoch 1, position 0" in result.stdout
 
 
-def test_verify_refuses_another_teacher_or_missing_options(image_folder, tmp_path, teacher_weights):
+def test_verify_refuses_another_teacher_or_options_without_one(image_folder, tmp_path, teacher_weights):
     _cache(image_folder, tmp_path / "a", teacher_weights)
     assert_user_error(run_cli("verify", tmp_path / "a", "--teacher", "kdpipe:cnn", "--data", image_folder,
                               "--recompute", 2), "teacher.fingerprint")
-    assert_user_error(run_cli("verify", tmp_path / "a", "--recompute", 2), "--recompute needs --teacher")
+    assert_user_error(run_cli("verify", tmp_path / "a", "--recompute", 2, "--num-classes", 3), "add --teacher")
     assert_user_error(run_cli("verify", tmp_path / "nothing"), "does not exist")
 
 

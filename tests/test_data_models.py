@@ -9,7 +9,7 @@ import torchvision
 from pipeline.config import ModelSpec
 from pipeline.data import UNLABELLED, ImageFolder, open_source
 from pipeline.errors import DataError, ModelError
-from pipeline.models import Teacher, build_model, model_fingerprint, with_num_classes
+from pipeline.models import Teacher, build_model, model_fingerprint, small_cnn, with_num_classes
 
 from .conftest import write_image_folder
 
@@ -111,9 +111,9 @@ def test_weights_load_from_state_dicts_and_checkpoints(tmp_path, wrap):
 
 
 def test_weights_that_do_not_fit_are_refused(tmp_path):
-    torch.save(build_model(ModelSpec("kdpipe:cnn", 10)).net.state_dict(), tmp_path / "ten.pt")
+    torch.save(small_cnn(3, width=16).state_dict(), tmp_path / "narrow.pt")  # another width: not only the head differs
     with pytest.raises(ModelError, match="do not fit"):
-        build_model(ModelSpec("kdpipe:cnn", num_classes=3, weights=str(tmp_path / "ten.pt")))
+        build_model(ModelSpec("kdpipe:cnn", num_classes=3, weights=str(tmp_path / "narrow.pt")))
     (tmp_path / "junk.pt").write_bytes(b"junk")
     with pytest.raises(ModelError, match="cannot read weights"):
         build_model(ModelSpec("kdpipe:cnn", num_classes=3, weights=str(tmp_path / "junk.pt")))
@@ -134,5 +134,6 @@ def test_teacher_runs_in_eval_mode_and_fingerprints_its_weights():
     assert not teacher.model.training
     logits = teacher(torch.rand(4, 3, 16, 16))
     assert logits.shape == (4, 5) and logits.dtype == torch.float32
-    assert teacher.fingerprint == model_fingerprint(build_model(ModelSpec("kdpipe:cnn", num_classes=5)))
+    model = build_model(ModelSpec("kdpipe:cnn", num_classes=5))
+    assert teacher.fingerprint == model_fingerprint(model, model.preprocessing)
     assert teacher.fingerprint.startswith("sha256:")

@@ -14,19 +14,23 @@
 """
 
 import functools
+import io
 import json
 import os
 import re
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+import timm.data
 import torch
 from markdown_it import MarkdownIt
+from PIL import Image
 
-from .conftest import REPO, cli_json, fork_server
+from .conftest import REPO, TIMM_NAME, TIMM_TAG, cli_json, fork_server, offline_env, put_timm_weights
 
 MARKDOWN = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), REPO / "benchmarks" / "README.md"]
 FORMAT_MD = REPO / "docs" / "format.md"
@@ -247,8 +251,15 @@ def test_format_md_teacher_fingerprint_matches_the_manifest(spec, tmp_path):
     out = tmp_path / "arch"
     cli_json("cache-teacher", "--data", "synthetic:4:3", "--teacher", "kdpipe:mlp", "--weights", weights,
              "--out", out, "--size", "8", "--workers", "0")
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert spec["teacher_fingerprint"](weights) == manifest["teacher"]["fingerprint"]
+    teacher = json.loads((out / "manifest.json").read_text())["teacher"]
+    assert spec["teacher_fingerprint"](weights, teacher) == teacher["fingerprint"]
+    # an archive written before kdpipe recorded preprocessing: mean and std in the spec, the state-dict hash alone
+    from pipeline.config import ModelSpec
+    from pipeline.models import build_model, model_fingerprint
+
+    older = {"spec": teacher["spec"] | {"mean": teacher["preprocessing"]["mean"], "std": teacher["preprocessing"]["std"]}}
+    model = build_model(ModelSpec("kdpipe:mlp", 3, weights=str(weights)))
+    assert spec["teacher_fingerprint"](weights, older) == model_fingerprint(model) != teacher["fingerprint"]
 
 
 def resealed(spec: dict, manifest: dict, **changes) -> dict:
@@ -357,10 +368,14 @@ def run_blocks(blocks: list[str], source: Path, cwd: Path, env: dict) -> None:
         assert result.returncode == 0, f"{source.name}:\n{block}\n--- stderr:\n{result.stderr[-3000:]}"
 
 
+WALKTHROUGH = "# ImageNet walkthrough"
+
+
 def run_elsewhere(block: str) -> bool:
     """Blocks another test runs as written: README's quickstart (the `quickstart` fixture
-    here) and cli.md's tiny bench (tests/test_bench.py)."""
-    return block.strip() == "kdpipe quickstart" or block.startswith("kdpipe bench ")
+    here), its ImageNet walkthrough (on a stand-in, below) and cli.md's tiny bench
+    (tests/test_bench.py)."""
+    return block.strip() == "kdpipe quickstart" or block.startswith(("kdpipe bench ", WALKTHROUGH))
 
 
 def runnable(source: Path, quickstart: bool) -> list[str]:
@@ -424,3 +439,62 @@ def test_commands_on_the_quickstart_folder_run(source, quickstart, shell_env, tm
 def test_commands_of_each_document_run(source, shell_env, tmp_path):
     """The other examples (on synthetic data), each document's in a folder of their own."""
     run_blocks(runnable(source, quickstart=False), source, tmp_path, shell_env)
+
+
+# --- README's ImageNet walkthrough, on a stand-in ------------------------------------------
+
+# timm's tiny models with published tags stand in for the walkthrough's (same library, same
+# loading code, a fraction of the compute)
+STAND_IN_MODELS = {"timm:resnet50.a1_in1k": f"timm:{TIMM_NAME}.{TIMM_TAG}", "timm:mobilenetv3_small_100": "timm:test_vit"}
+
+
+def imagenet_stand_in(folder: Path, train: int = 96, val: int = 48, shards: int = 4) -> None:
+    """ImageNet's layout in miniature, as the walkthrough describes it: training images in
+    WebDataset shards (a .jpg and a .cls class index per sample), validation images in a
+    flat folder with val.csv naming their WordNet ids, and the 1000 ids in classes.txt."""
+    classes = timm.data.ImageNetInfo().label_names()
+    folder.mkdir()
+    (folder / "classes.txt").write_text("\n".join(classes) + "\n")
+    rng = np.random.default_rng(0)
+
+    def jpeg(label: int) -> bytes:
+        pixels = np.clip(rng.normal(40 + label % 200, 30, size=(int(rng.integers(24, 48)), 40, 3)), 0, 255)
+        out = io.BytesIO()
+        Image.fromarray(pixels.astype(np.uint8)).save(out, format="JPEG")
+        return out.getvalue()
+
+    labels = rng.integers(0, 10, size=train + val)  # ten of the thousand classes
+    for shard in range(shards):
+        with tarfile.open(folder / f"train-{shard:04d}.tar", "w") as tar:
+            for i in range(shard * train // shards, (shard + 1) * train // shards):
+                for name, data in ((f"n{i:08d}.jpg", jpeg(labels[i])), (f"n{i:08d}.cls", str(labels[i]).encode())):
+                    member = tarfile.TarInfo(name)
+                    member.size = len(data)
+                    tar.addfile(member, io.BytesIO(data))
+    (folder / "val").mkdir()
+    rows = ["path,label"]
+    for i in range(val):
+        name = f"ILSVRC2012_val_{i + 1:08d}.JPEG"
+        (folder / "val" / name).write_bytes(jpeg(labels[train + i]))
+        rows.append(f"val/{name},{classes[labels[train + i]]}")
+    (folder / "val.csv").write_text("\n".join(rows) + "\n")
+
+
+@pytest.mark.slow
+def test_readme_imagenet_walkthrough_runs_on_a_stand_in(shell_env, tmp_path):
+    """The walkthrough's commands as written, offline, with the teacher's published weights
+    in a Hugging Face cache on tmp_path and STAND_IN_MODELS in place of the two models."""
+    (block,) = [block for block in bash_blocks(REPO / "README.md") if block.startswith(WALKTHROUGH)]
+    for model, stand_in in STAND_IN_MODELS.items():
+        assert model in block
+        block = block.replace(model, stand_in)
+    imagenet_stand_in(tmp_path / "imagenet")
+    env = shell_env | {key: value for key, value in offline_env(tmp_path).items() if key not in os.environ}
+    put_timm_weights(env)
+    run_blocks([block], REPO / "README.md", tmp_path, env)
+    manifest = json.loads((tmp_path / "resnet50-in1k.zarr" / "manifest.json").read_text())
+    own = timm.data.resolve_data_config(model=timm.create_model(f"{TIMM_NAME}.{TIMM_TAG}"))
+    assert manifest["teacher"]["preprocessing"]["mean"] == list(own["mean"])
+    assert manifest["recipe"]["size"] == own["input_size"][-1] and manifest["layout"]["num_classes"] == 1000
+    summary = json.loads((tmp_path / "runs" / "mobilenetv3" / "summary.json").read_text())
+    assert summary["epochs"] == 1 and len(summary["classes"]) == 1000 and summary["val_top1"] is not None

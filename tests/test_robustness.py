@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from . import forkserver
-from .conftest import assert_user_error, cli_json, run_cli, run_kdpipe, spawn_kdpipe, weights, write_image_folder
+from .conftest import (assert_user_error, cli_json, run_cli, run_kdpipe, spawn_kdpipe, train_until, weights,
+                       write_image_folder)
 
 DATA = "synthetic:24:4:20"
 CACHE = ["--data", DATA, "--teacher", "tests.toy_models:tiny_cnn", "--epochs", 3, "--views-per-sample", 2,
@@ -26,27 +27,6 @@ TRAIN = ["--data", DATA, "--batch-size", 6, "--epochs", 3, "--workers", 0]
 def same_weights(a, b) -> bool:
     a, b = weights(a), weights(b)
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-def train_until(monkeypatch, stop_after_epochs: int, *args):
-    """Run train-student in-process and stop it as Ctrl-C would once `stop_after_epochs`
-    epochs are checkpointed: the run directory is what a kill at that moment leaves."""
-    from pipeline.rundir import RunDir
-
-    saved = {"epochs": 0}
-    save = RunDir.save_checkpoint
-
-    def save_then_stop(self, state):
-        save(self, state)
-        saved["epochs"] += 1
-        if saved["epochs"] == stop_after_epochs:
-            raise KeyboardInterrupt
-
-    with monkeypatch.context() as patch:
-        patch.setattr(RunDir, "save_checkpoint", save_then_stop)
-        result = run_cli("train-student", *args)
-    assert result.exit_code == 130, result.output
-    return result
 
 
 def test_a_student_with_dropout_trains_reproducibly_offline_online_and_resumed(tmp_path, monkeypatch):

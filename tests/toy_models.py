@@ -5,7 +5,7 @@ import os
 import resource
 import signal
 import time
-from collections import defaultdict
+from collections import defaultdict, namedtuple
 
 from torch import nn
 
@@ -23,8 +23,8 @@ class Recording(nn.Module):
         self.role, self.net = role, net
 
     def forward(self, x):
-        # the teacher is probed once with a single zero image to count its outputs; skip that
-        if self.training or x.shape[0] > 1:
+        # kdpipe probes a model with a batch of equal (zero) images to count its outputs; skip those
+        if not (x == x[0]).all():
             SEEN[self.role].extend(hashlib.sha256(row.numpy().tobytes()).hexdigest() for row in x.detach())
         return self.net(x)
 
@@ -132,3 +132,46 @@ def dict_output(num_classes: int) -> nn.Module:
             return {"logits": self.linear(x.mean((2, 3)))}
 
     return DictOut()
+
+
+AuxOutputs = namedtuple("AuxOutputs", ["logits", "aux_logits"])  # like torchvision's InceptionOutputs
+
+
+class Returns(nn.Module):
+    """A model whose forward returns `wrap(logits)` instead of its logits; with
+    `training_only`, only in training mode (as inception_v3 and googlenet do)."""
+
+    def __init__(self, num_classes: int, wrap, training_only: bool = False):
+        super().__init__()
+        self.linear, self.wrap, self.training_only = nn.Linear(3, num_classes), wrap, training_only
+
+    def forward(self, x):
+        logits = self.linear(x.mean((2, 3)))
+        return logits if self.training_only and not self.training else self.wrap(logits)
+
+
+def tuple_output(num_classes: int) -> nn.Module:
+    return Returns(num_classes, lambda logits: (logits, logits))
+
+
+def list_output(num_classes: int) -> nn.Module:
+    return Returns(num_classes, lambda logits: [logits])
+
+
+def map_output(num_classes: int) -> nn.Module:
+    """Returns a (batch, classes, 4, 4) map, as a segmentation head would."""
+    return Returns(num_classes, lambda logits: logits[:, :, None, None].expand(-1, -1, 4, 4))
+
+
+def aux_in_training(num_classes: int) -> nn.Module:
+    """Logits in eval mode, (logits, aux_logits) in training mode."""
+    return Returns(num_classes, lambda logits: AuxOutputs(logits, logits), training_only=True)
+
+
+def with_pretrained_cfg(num_classes: int) -> nn.Module:
+    return small_mlp(num_classes, hidden=16)
+
+
+# a factory can say what input its weights expect, as timm's models do
+with_pretrained_cfg.pretrained_cfg = {"mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25), "input_size": (3, 24, 24),
+                                      "interpolation": "bicubic", "crop_pct": 0.9}

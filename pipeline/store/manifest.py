@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from ..config import MAIN_TEACHER, ViewRecipe, first_difference, fingerprint, sha256_hex
+from ..config import MAIN_TEACHER, Preprocessing, ViewRecipe, first_difference, fingerprint, sha256_hex
 from ..errors import ArchiveError, ArchiveMismatchError, ConfigError
 from ..views import view_param_fields
 from .backends import BACKENDS, check_backend_name, make_backend
@@ -105,7 +105,9 @@ def read_json(location: Location, key: str, what: str) -> dict:
 @dataclass(frozen=True)
 class TeacherInfo:
     """The manifest's `teacher`: the model as given (`spec`, a ModelSpec's dict), the hash
-    of its weights, what it outputs per view, its name in the archive and its classes."""
+    of its weights and preprocessing, what it outputs per view, its name in the archive,
+    its classes and the preprocessing it was run with (normalisation and the input its
+    weights were made for)."""
 
     spec: dict
     fingerprint: str
@@ -114,20 +116,23 @@ class TeacherInfo:
     embedding_layer: str | None = None  # embeddings only: the module whose output is stored ("" = penultimate)
     name: str = MAIN_TEACHER
     classes: tuple[str, ...] | None = None
+    preprocessing: Preprocessing | None = None  # None in archives made before kdpipe recorded it
 
     def to_dict(self) -> dict[str, Any]:
         data = {"spec": self.spec, "fingerprint": self.fingerprint, "num_classes": self.num_classes,
                 "outputs": self.outputs}
         if self.outputs == "embeddings":
             data["embedding_layer"] = self.embedding_layer
+        if self.preprocessing is not None:
+            data["preprocessing"] = self.preprocessing.to_dict()
         return data | {"name": self.name, "classes": None if self.classes is None else list(self.classes)}
 
     @classmethod
     def from_dict(cls, data: Any, dataset_classes: tuple[str, ...] | None = None) -> TeacherInfo:
-        """Archives written before teachers had names, outputs or classes lack them: they
-        read as "main", "logits" and the dataset's classes."""
+        """Archives written before teachers had names, outputs, classes or preprocessing
+        lack them: they read as "main", "logits", the dataset's classes and None."""
         data = parse_object(data, "teacher", ("spec", "fingerprint", "num_classes"),
-                            optional=("outputs", "embedding_layer", "name", "classes"))
+                            optional=("outputs", "embedding_layer", "name", "classes", "preprocessing"))
         parse_typed(data["spec"], "teacher.spec", dict)
         outputs = data.get("outputs", "logits")
         if outputs not in OUTPUTS:
@@ -139,7 +144,8 @@ class TeacherInfo:
         teacher = cls(spec=data["spec"], fingerprint=parse_typed(data["fingerprint"], "teacher.fingerprint", str),
                       num_classes=parse_int(data["num_classes"], "teacher.num_classes", minimum=1), outputs=outputs,
                       embedding_layer=None if layer is None else parse_typed(layer, "teacher.embedding_layer", str),
-                      name=parse_typed(data.get("name", MAIN_TEACHER), "teacher.name", str), classes=classes)
+                      name=parse_typed(data.get("name", MAIN_TEACHER), "teacher.name", str), classes=classes,
+                      preprocessing=_parse_preprocessing(data["preprocessing"]) if "preprocessing" in data else None)
         if teacher.classes is not None and len(teacher.classes) != teacher.num_classes:
             raise ManifestError(f"teacher.classes names {len(teacher.classes)} classes but teacher.num_classes is "
                                 f"{teacher.num_classes}")
@@ -417,6 +423,14 @@ def _parse_recipe(data: Any) -> ViewRecipe:
         return ViewRecipe.from_dict(data)
     except (ConfigError, TypeError, ValueError) as exc:
         raise ManifestError(f"recipe is not a valid view recipe: {exc}") from None
+
+
+def _parse_preprocessing(data: Any) -> Preprocessing:
+    parse_object(data, "teacher.preprocessing", ("mean", "std", "interpolation", "crop_pct", "input_size"))
+    try:
+        return Preprocessing.from_dict(data)
+    except (ConfigError, TypeError, ValueError) as exc:
+        raise ManifestError(f"teacher.preprocessing is not valid: {exc}") from None
 
 
 def _parse_libraries(data: Any) -> dict:
