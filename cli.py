@@ -114,6 +114,7 @@ def _recipe_options(**options) -> dict:
         "ratio": _floats(options["ratio"], 2, "--ratio"),
         "flip_prob": options["flip_prob"],
         "color_jitter": options["color_jitter"],
+        "interpolation": options["interpolation"],
         "views_per_sample": options["views_per_sample"],
         "seed": options["seed"],
         "mixup": None if options["mixup"] is None else {"mode": options["mixup"], "alpha": options["mix_alpha"] or 0.0},
@@ -180,6 +181,7 @@ SizeOpt = Annotated[Optional[int], typer.Option(help="Side of each rendered view
 ScaleOpt = Annotated[Optional[str], typer.Option(help="Random-resized-crop area range MIN,MAX. [default: 0.08,1.0]")]
 RatioOpt = Annotated[Optional[str], typer.Option(help="Random-resized-crop aspect-ratio range MIN,MAX. [default: 0.75,1.333]")]
 FlipOpt = Annotated[Optional[float], typer.Option(help="Horizontal flip probability. [default: 0.5]")]
+InterpolationOpt = Annotated[Optional[str], typer.Option(help="How each crop is resized to the view size: bilinear, bicubic or nearest (antialiased). [default: the teacher's own (its pretrained config), in cached mode the archive's]")]
 JitterOpt = Annotated[Optional[float], typer.Option(help="Colour jitter strength j: brightness, contrast, saturation in [1-j, 1+j]. [default: 0]")]
 MixupOpt = Annotated[Optional[str], typer.Option(help="Mix each view with the same view of a seeded partner: mixup or cutmix (the teacher sees the mixed pixels). [default: no mixing]")]
 MixAlphaOpt = Annotated[Optional[float], typer.Option(help="lam ~ Beta(A, A) for A > 0; 0 draws lam ~ U(0, 1), as in function matching. [default: 0]")]
@@ -214,6 +216,7 @@ def cache_teacher_command(
     ratio: RatioOpt = None,
     flip_prob: FlipOpt = None,
     color_jitter: JitterOpt = None,
+    interpolation: InterpolationOpt = None,
     mean: MeanOpt = None,
     std: StdOpt = None,
     codec: Annotated[str, typer.Option(help="How logits are stored: dense-fp16, dense-fp32 (lossless) or topk:K (K classes per view plus the tail mass).")] = "dense-fp16",
@@ -238,7 +241,7 @@ def cache_teacher_command(
 
     teacher_spec = _model_spec(teacher, num_classes, weights, mean, std, pretrained)
     options = ({} if epochs is None else {"epochs": epochs}) | _recipe_options(
-        size=size, scale=scale, ratio=ratio, flip_prob=flip_prob, color_jitter=color_jitter,
+        size=size, scale=scale, ratio=ratio, flip_prob=flip_prob, color_jitter=color_jitter, interpolation=interpolation,
         views_per_sample=views_per_sample, seed=seed, mixup=mixup, mix_alpha=mix_alpha,
     )
     recipe = resolve_recipe(teacher_spec, options, teacher_name, out, parse_storage_options(storage_option))
@@ -297,6 +300,7 @@ def train_student_command(
     ratio: RatioOpt = None,
     flip_prob: FlipOpt = None,
     color_jitter: JitterOpt = None,
+    interpolation: InterpolationOpt = None,
     mean: MeanOpt = None,
     std: StdOpt = None,
     workers: WorkersOpt = 2,
@@ -328,7 +332,7 @@ def train_student_command(
         probe_data=probe_data,
     )
     options = _recipe_options(
-        size=size, scale=scale, ratio=ratio, flip_prob=flip_prob, color_jitter=color_jitter,
+        size=size, scale=scale, ratio=ratio, flip_prob=flip_prob, color_jitter=color_jitter, interpolation=interpolation,
         views_per_sample=views_per_sample, seed=seed, mixup=mixup, mix_alpha=mix_alpha,
     )
     with distributed.job() as ranks:

@@ -4,9 +4,9 @@ inspect reads the manifest (or, for an unfinished archive, the plan and its comm
 markers) and, with stats on, every view's logits once: the teacher's top-1 agreement
 with the labels and the entropy of its distributions.
 
-verify checks every object against the manifest's sha256 and recomputes N random views
-with the teacher on the data (those the manifest records, unless others are given) and compares the teacher's fresh logits with the stored
-ones. Dense codecs compare logits (error relative to the view's largest logit); top-k
+verify checks every object against the manifest's sha256, recomputes N random views with
+the teacher on the data (those the manifest records, unless others are given) and
+compares the teacher's fresh logits with the stored ones. Dense codecs compare logits (error relative to the view's largest logit); top-k
 compares the log-probabilities of the stored classes.
 """
 

@@ -17,7 +17,7 @@ from .config import MAIN_TEACHER, CacheSpec, ModelSpec, ViewRecipe, absolute_pat
 from .data import RangeBatches, Source, ViewDataset, content_digests, open_source
 from .errors import ArchiveError, ConfigError, ModelError
 from .host import keep_freed_memory, quiet_worker
-from .models import Teacher, preprocessing, with_num_classes
+from .models import Teacher, recipe_defaults, with_num_classes
 from .progress import say, views_progress
 from .store import (ArchiveWriter, DatasetInfo, Location, Manifest, TeacherInfo, check_archive_matches,
                     check_backend_name, check_codec_name, content_fingerprint, finished_archive_of, parse_codec,
@@ -90,11 +90,11 @@ def cache_teacher(spec: CacheSpec) -> dict:
 
 def resolve_recipe(teacher: ModelSpec, options: dict, teacher_name: str, out: str, storage_options: dict) -> ViewRecipe:
     """The view recipe to cache: for the archive's own teacher the options given, else
-    one epoch at the teacher's input size; for a teacher added to the archive at `out`,
+    one epoch at the teacher's input size and interpolation; for a teacher added to the archive at `out`,
     the archive's recipe, which options given must agree with."""
     check_teacher_name(teacher_name)
     if teacher_name == MAIN_TEACHER:
-        return ViewRecipe.from_dict({"epochs": 1, "size": preprocessing(teacher).input_size} | options)
+        return ViewRecipe.from_dict({"epochs": 1} | recipe_defaults(teacher) | options)
     manifest = read_manifest(Location(out, storage_options))
     check_archive_matches(manifest, out, recipe=manifest.recipe.to_dict() | options)
     return manifest.recipe

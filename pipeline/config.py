@@ -126,6 +126,7 @@ def first_difference(expected: Any, actual: Any, prefix: str = "") -> str | None
 
 
 MIX_MODES = ("mixup", "cutmix")
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")  # how the renderer resizes a crop
 
 
 @dataclass(frozen=True)
@@ -139,7 +140,9 @@ class ViewRecipe:
     `mixup`, when set, is {"mode": "mixup" | "cutmix", "alpha": A}: every view is mixed
     with the same view of a partner sample (a seeded pairing per epoch), with lam ~
     U(0, 1) for A = 0 (as in function matching) or Beta(A, A). The teacher sees the
-    mixed pixels, so the student is taught on exactly those.
+    mixed pixels, so the student is taught on exactly those. `interpolation` is how a
+    crop is resized to `size` (antialiased), by default the teacher's own (its
+    preprocessing); archives made before it was recorded read as "bilinear".
     """
 
     size: int = 32
@@ -151,9 +154,12 @@ class ViewRecipe:
     epochs: int = 1
     seed: int = 0
     mixup: dict | None = None
+    interpolation: str = "bilinear"
 
     def __post_init__(self):
         check_number("--size", self.size, 1, MAX_VIEW_SIZE)
+        if self.interpolation not in INTERPOLATIONS:
+            raise ConfigError(f"--interpolation must be one of {', '.join(INTERPOLATIONS)}, got {self.interpolation!r}")
         for option, values in (("--scale", self.scale), ("--ratio", self.ratio)):
             for value in values:
                 check_number(option, value, 0, above=True)

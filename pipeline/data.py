@@ -220,7 +220,8 @@ class ViewDataset(Dataset):
         image, content = self.source.decode(data, index), content_digest(data)
         views = range(recipe.views_per_sample)
         params = [sample_view(recipe, epoch, index, v, (image.shape[1], image.shape[2])) for v in views]
-        renders = {name: [render(image, p, size) for p in params] for name, size in self.sizes.items()}
+        resize = recipe.interpolation
+        renders = {name: [render(image, p, size, resize) for p in params] for name, size in self.sizes.items()}
         partner, partner_content = index, content
         if recipe.mixup:
             partner = int(self._draw("partners", epoch)[index])
@@ -229,7 +230,7 @@ class ViewDataset(Dataset):
             other_params = [sample_view(recipe, epoch, partner, v, (other.shape[1], other.shape[2])) for v in views]
             params = [mix_view(recipe, epoch, index, v, params[v], partner) for v in views]
             renders = {
-                name: [mix(pixels[v], render(other, other_params[v], self.sizes[name]), params[v]) for v in views]
+                name: [mix(pixels[v], render(other, other_params[v], self.sizes[name], resize), params[v]) for v in views]
                 for name, pixels in renders.items()
             }
         return {
@@ -267,15 +268,16 @@ class RangeBatches(Sampler):
 
 
 class ValDataset(Dataset):
-    """The whole of each image, resized to `size`: the deterministic validation view."""
+    """The whole of each image, resized to `size` with `interpolation`: the deterministic
+    validation view."""
 
-    def __init__(self, source: Source, size: int):
-        self.source, self.size = source, size
+    def __init__(self, source: Source, size: int, interpolation: str = "bilinear"):
+        self.source, self.size, self.interpolation = source, size, interpolation
 
     def __len__(self) -> int:
         return len(self.source)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         image = self.source.load(index)
-        view = render(image, full_view((image.shape[1], image.shape[2])), self.size)
+        view = render(image, full_view((image.shape[1], image.shape[2])), self.size, self.interpolation)
         return view, int(self.source.labels[index])

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from . import distributed
-from .config import IMAGENET_MEAN, IMAGENET_STD, ModelSpec, Preprocessing, canonical_json
+from .config import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, ModelSpec, Preprocessing, canonical_json
 from .errors import ModelError
 from .progress import say
 
@@ -321,6 +321,14 @@ def preprocessing(spec: ModelSpec, warn: bool = False) -> Preprocessing:
         say(f"warning: {spec.name} was made for mean {_numbers(own.mean)} and std {_numbers(own.std)}, but it is given "
             f"mean {_numbers(resolved.mean)} and std {_numbers(resolved.std)}; drop --mean/--std to use its own")
     return resolved
+
+
+def recipe_defaults(spec: ModelSpec) -> dict:
+    """The view-recipe fields a model's own preprocessing decides unless given: the view
+    size, and the interpolation when the renderer has it (else bilinear)."""
+    own = preprocessing(spec)
+    interpolation = own.interpolation if own.interpolation in INTERPOLATIONS else "bilinear"
+    return {"size": own.input_size, "interpolation": interpolation}
 
 
 def _numbers(values: tuple[float, ...]) -> str:

@@ -46,9 +46,9 @@ def features(model: nn.Module, loader: DataLoader, device: torch.device) -> tupl
     return torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
 
 
-def whole_images(source: Source, size: int, workers: int = 0) -> DataLoader:
+def whole_images(source: Source, size: int, workers: int = 0, interpolation: str = "bilinear") -> DataLoader:
     """Whole images of `source` at `size` px (the validation view), in order."""
-    return DataLoader(ValDataset(source, size), batch_size=256, num_workers=workers, persistent_workers=workers > 0,
+    return DataLoader(ValDataset(source, size, interpolation), batch_size=256, num_workers=workers, persistent_workers=workers > 0,
                       worker_init_fn=quiet_worker)
 
 

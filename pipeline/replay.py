@@ -20,7 +20,7 @@ from torch.utils.data import Dataset, default_collate
 from .config import MAIN_TEACHER, TrainSpec, ViewRecipe
 from .data import Source, ViewDataset
 from .errors import ArchiveMismatchError, ConfigError
-from .models import Teacher, preprocessing, with_num_classes
+from .models import Teacher, recipe_defaults, with_num_classes
 from .progress import say
 from .store import ArchiveReader, check_archive_matches, teacher_archive
 
@@ -106,13 +106,13 @@ class ReplayBatches(ViewBatches):
 def resolve_recipe(spec: TrainSpec, recipe_options: dict, reader: ArchiveReader | None) -> ViewRecipe:
     """The view recipe to train with: the archive's in cached mode (explicit options must
     agree with it), otherwise the defaults with one view epoch per training epoch, at the
-    input size of the model that sees the views first (the teacher online, else the student)."""
+    input size and interpolation of the model that sees the views first (the teacher
+    online, else the student)."""
     if reader is not None:
         cached = reader.manifest.recipe
         check_archive_matches(reader.manifest, spec.cache, recipe=cached.to_dict() | recipe_options)
         return cached
-    size = preprocessing(spec.teacher or spec.student).input_size
-    return ViewRecipe.from_dict({"epochs": spec.epochs, "size": size} | recipe_options)
+    return ViewRecipe.from_dict({"epochs": spec.epochs} | recipe_defaults(spec.teacher or spec.student) | recipe_options)
 
 
 def open_archives(spec: TrainSpec) -> tuple[dict[str, str], dict[str, ArchiveReader]]:

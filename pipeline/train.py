@@ -338,10 +338,11 @@ def _scorer(run: Run) -> Callable[[nn.Module, torch.device], float] | None:
     of its class scores, or for a SEED student a linear probe; None without --val."""
     if run.val_source is None:
         return None
-    val = whole_images(run.val_source, run.student_size, run.spec.workers)
+    resize = run.spec.recipe.interpolation  # the training views'
+    val = whole_images(run.val_source, run.student_size, run.spec.workers, resize)
     if not run.embeddings:
         return lambda model, device: evaluate(model, val, device)
-    probe = whole_images(run.probe_source, run.student_size, run.spec.workers)
+    probe = whole_images(run.probe_source, run.student_size, run.spec.workers, resize)
     return lambda model, device: linear_probe(model, probe, val, device)
 
 

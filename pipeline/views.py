@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import torch
+from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 from .config import ViewRecipe
@@ -152,11 +153,13 @@ def full_view(image_size: tuple[int, int]) -> ViewParams:
     return ViewParams(0, 0, image_size[0], image_size[1], False)
 
 
-def render(image: torch.Tensor, params: ViewParams, size: int) -> torch.Tensor:
+def render(image: torch.Tensor, params: ViewParams, size: int, interpolation: str = "bilinear") -> torch.Tensor:
     """Turn a decoded uint8 image (C, H, W) and view parameters into float32 pixels in
-    [0, 1] of shape (C, size, size). The one renderer of both stages."""
+    [0, 1] of shape (C, size, size), the crop resized with `interpolation` (a recipe's,
+    antialiased). The one renderer of both stages."""
     out = F.resized_crop(
-        image, params.top, params.left, params.height, params.width, [size, size], antialias=True
+        image, params.top, params.left, params.height, params.width, [size, size],
+        interpolation=InterpolationMode(interpolation), antialias=True,
     )
     if params.flip:
         out = F.horizontal_flip(out)

@@ -83,3 +83,22 @@ def test_an_added_teacher_takes_the_archives_recipe(tmp_path):
     # an option given must still agree with the archive's
     assert_user_error(run_cli("cache-teacher", "--data", DATA, "--teacher", "kdpipe:cnn", "--teacher-name", "other",
                               "--size", 32, "--out", tmp_path / "a"), "recipe.size")
+
+
+def test_the_view_size_and_interpolation_default_to_the_models_own(tmp_path):
+    """timm's test_vit was made for 160 px views resized bicubic: cache-teacher renders its
+    views so unless told otherwise, and a supervised run of it as a student too."""
+    cli_json("cache-teacher", "--data", "synthetic:4:3:20", "--teacher", "timm:test_vit", "--workers", 0,
+             "--out", tmp_path / "a")
+    recipe = json.loads((tmp_path / "a" / "manifest.json").read_text())["recipe"]
+    assert (recipe["size"], recipe["interpolation"]) == (160, "bicubic")
+    cli_json("cache-teacher", "--data", "synthetic:4:3:20", "--teacher", "timm:test_vit", "--workers", 0,
+             "--size", 32, "--interpolation", "nearest", "--out", tmp_path / "b")
+    recipe = json.loads((tmp_path / "b" / "manifest.json").read_text())["recipe"]
+    assert (recipe["size"], recipe["interpolation"]) == (32, "nearest")
+    cli_json("train-student", "--data", "synthetic:4:3:20", "--student", "timm:test_vit", "--mode", "supervised",
+             "--epochs", 1, "--workers", 0, "--out", tmp_path / "run")
+    recipe = json.loads((tmp_path / "run" / "config.json").read_text())["recipe"]
+    assert (recipe["size"], recipe["interpolation"]) == (160, "bicubic")
+    assert_user_error(run_cli("cache-teacher", "--data", "synthetic:4:3:20", "--teacher", "kdpipe:cnn",
+                              "--interpolation", "lanczos", "--out", tmp_path / "c"), "--interpolation")

@@ -59,7 +59,7 @@ def test_student_sees_the_pixels_the_teacher_saw(tmp_path):
     toy_models.SEEN.clear()
     cli_json("cache-teacher", "--data", DATA, "--teacher", "tests.toy_models:recording_teacher", "--out", tmp_path / "t.zarr",
              "--epochs", 2, "--views-per-sample", 3, "--size", 12, "--color-jitter", 0.3, "--batch-size", 5,
-             "--workers", 0)
+             "--interpolation", "bicubic", "--workers", 0)
     cli_json("train-student", "--data", DATA, "--student", "tests.toy_models:recording_student", "--out", tmp_path / "s",
              "--cache", tmp_path / "t.zarr", "--epochs", 2, "--batch-size", 7, "--workers", 2)
     teacher_seen, student_seen = toy_models.SEEN["teacher"], toy_models.SEEN["student"]

@@ -111,3 +111,11 @@ def test_recipe_round_trips_through_dict():
     assert ViewRecipe.from_dict(RECIPE.to_dict()) == RECIPE
     with pytest.raises(ConfigError, match="no field"):
         ViewRecipe.from_dict(RECIPE.to_dict() | {"crop": 1})
+
+
+def test_the_renderer_resizes_with_the_recipes_interpolation():
+    image = torch.randint(0, 256, (3, 40, 56), dtype=torch.uint8)
+    params = sample_view(ViewRecipe(size=16), 0, 0, 0, (40, 56))
+    bilinear, bicubic = render(image, params, 16), render(image, params, 16, "bicubic")
+    assert not torch.equal(bilinear, bicubic)
+    assert torch.equal(bicubic, render(image, params, 16, "bicubic"))
