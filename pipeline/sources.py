@@ -541,7 +541,8 @@ class HuggingFaceDataset(Source):
             (c for c, f in features.items() if isinstance(f, datasets.ClassLabel)), None)
         for option, column in (("image", image), ("label", label)):
             if column not in features and (column is not None or option == "image"):  # a label is optional
-                raise DataError(f"{self.path} has no {option} column {column or ''}; name one with ?{option}=COLUMN "
+                named = f" {column!r}" if column else ""
+                raise DataError(f"{self.path} has no {option} column{named}; name one with ?{option}=COLUMN "
                                 f"(columns: {', '.join(features)})")
         self.column = image
         self.dataset = dataset.cast_column(image, datasets.Image(decode=False)).select_columns([image])
