@@ -9,14 +9,15 @@ student trained here loads into a plain timm or torchvision model.
 
 from __future__ import annotations
 
-import copy
 import contextvars
+import copy
 import hashlib
 import importlib
 import os
 import sys
 import urllib.error
 import urllib.parse
+import urllib.request
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -141,12 +142,17 @@ def _create_timm(spec: ModelSpec, num_classes: int) -> nn.Module:
     import timm
 
     name = _timm_name(spec)
+    if spec.pretrained is not None:
+        _check_hub_reachable(name)
     try:
         net = timm.create_model(name, pretrained=spec.pretrained is not None, num_classes=num_classes)
     except OSError as exc:  # not in the cache and not downloadable (a full disk has an errno: not ours)
         if exc.errno is not None:
             raise
         raise ModelError(_missing_timm_weights(name, exc)) from None
+    except Exception as exc:  # noqa: BLE001 - a damaged cached file raises what its reader raises
+        raise ModelError(f"cannot read the weights of timm:{name} from the Hugging Face cache ({_first_line(exc)}); "
+                         "delete the damaged file from the cache so that it is fetched again") from None
     cfg = net.pretrained_cfg
     if spec.pretrained is not None and cfg.get("num_classes") not in (None, num_classes):
         classifiers = cfg.get("classifier") or ()
@@ -155,6 +161,27 @@ def _create_timm(spec: ModelSpec, num_classes: int) -> nn.Module:
                 for key in (f"{head}.weight", f"{head}.bias") if key in own]
         _say_reinitialised(spec.name, keys, cfg["num_classes"], num_classes)
     return net
+
+
+def _check_hub_reachable(name: str) -> None:
+    """Refuse at once, in one line, timm weights that are not in the Hugging Face cache
+    when the hub cannot be reached: huggingface_hub would retry for about a minute,
+    warning on every try, before failing."""
+    import timm
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    cfg = timm.models.get_pretrained_cfg(name)
+    if constants.HF_HUB_OFFLINE or not cfg.hf_hub_id:
+        return  # offline: huggingface_hub fails at once; a plain URL: torch's download says why
+    file = cfg.hf_hub_filename or "model.safetensors"
+    if isinstance(try_to_load_from_cache(cfg.hf_hub_id, file), str):
+        return
+    try:
+        urllib.request.urlopen(urllib.request.Request(constants.ENDPOINT, method="HEAD"), timeout=10).close()
+    except urllib.error.HTTPError:
+        return  # the hub answered
+    except (urllib.error.URLError, OSError) as exc:
+        raise ModelError(_missing_timm_weights(name, exc)) from None
 
 
 def _missing_timm_weights(name: str, exc: OSError) -> str:
@@ -212,7 +239,11 @@ def _create_torchvision(spec: ModelSpec, num_classes: int) -> nn.Module:
             raise ModelError(f"the weights {weights} are not in {folder} and cannot be downloaded "
                              f"({_first_line(exc)}): put {file} (from {weights.url}) into {folder} "
                              "($TORCH_HOME/hub/checkpoints)") from None
-    net = torchvision.models.get_model(name, weights=weights, progress=False)
+    try:
+        net = torchvision.models.get_model(name, weights=weights, progress=False)
+    except Exception as exc:  # noqa: BLE001 - a damaged file raises what torch.load raises
+        raise ModelError(f"cannot read the weights {weights} from {os.path.join(folder, file)} ({_first_line(exc)}); "
+                         "delete that file so that it is downloaded again, or put a good copy there") from None
     classes = len(weights.meta["categories"])
     if classes != num_classes:
         _replace_head(spec.name, net, classes, num_classes)

@@ -29,7 +29,7 @@ import torch
 from braceexpand import braceexpand
 from PIL import Image
 
-from .config import UNLABELLED, canonical_json
+from .config import UNLABELLED, absolute_path, canonical_json
 from .errors import DataError
 from .store import Location, write_local_atomic
 
@@ -134,7 +134,7 @@ def parse_spec(spec: str, options: tuple[str, ...]) -> tuple[str, dict[str, str]
 
 def with_query(path: str, options: dict[str, str]) -> str:
     """The spec `parse_spec` splits back into `path` and `options`."""
-    query = "&".join(f"{key}={urllib.parse.quote(value, safe='/:')}" for key, value in options.items())
+    query = "&".join(f"{key}={urllib.parse.quote(value, safe='/:')}" for key, value in sorted(options.items()))
     return f"{path}?{query}" if query else path
 
 
@@ -150,6 +150,8 @@ def read_class_map(path: str) -> list[str]:
             value = json.loads(text)
         except ValueError as exc:
             raise DataError(f"class map {path} is not valid JSON ({exc}); fix or replace it") from None
+        if isinstance(value, dict) and not all(isinstance(i, int) and not isinstance(i, bool) for i in value.values()):
+            raise DataError(f"class map {path} must map each class name to its index, an integer")
         names = sorted(value, key=value.get) if isinstance(value, dict) else value
         if isinstance(value, dict) and sorted(value.values()) != list(range(len(value))):
             raise DataError(f"class map {path} must give the indices 0..{len(value) - 1}, each once")
@@ -173,6 +175,12 @@ def resolve_labels(raw: list[str | int], class_map: list[str] | None,
     """Labels as indices, and the classes. A label is a class name or an index into the
     class map; without a map, the classes are the sorted distinct names. `where(i)` says
     where the i-th label was found, for errors."""
+    bad = next((i for i, label in enumerate(raw)
+                if not (isinstance(label, int) and not isinstance(label, bool) or isinstance(label, str) and label.strip())),
+               None)
+    if bad is not None:
+        raise DataError(f"{where(bad)}: label {raw[bad]!r} is neither a class name nor a class index; "
+                        "give every sample its class")
     if class_map is None:
         numbered = next((i for i, label in enumerate(raw) if _as_index(label) is not None), None)
         if numbered is not None:
@@ -192,7 +200,7 @@ def resolve_labels(raw: list[str | int], class_map: list[str] | None,
 
 
 def _absolute(options: dict[str, str], *path_options: str) -> dict[str, str]:
-    return {key: os.path.abspath(value) if key in path_options else value for key, value in options.items()}
+    return {key: absolute_path(value) if key in path_options else value for key, value in options.items()}
 
 
 def describe_listed(source: ImageFiles | WebDatasetShards | HuggingFaceDataset, location: str) -> dict:
@@ -278,14 +286,14 @@ class LabelFile(ImageFiles):
 
     def __init__(self, spec: str):
         path, options = parse_spec(spec, ("root", "classes"))
-        self.file, self.options = Path(os.path.abspath(path)), _absolute(options, "root", "classes")
+        self.file, self.options = Path(absolute_path(path)), _absolute(options, "root", "classes")
         root = Path(self.options.get("root", self.file.parent))
         rows = _label_rows(self.file)
         if not rows:
             raise DataError(f"label file {self.file} lists no images; add PATH,LABEL rows")
         first_line: dict[str, int] = {}
         for line, name, _ in rows:
-            key = os.path.normpath(name)
+            key = os.path.realpath(root / name)  # the same file however the row writes its path
             if key in first_line:
                 raise DataError(f"{self.file} line {line}: {name} is listed twice (also on line {first_line[key]}); "
                                 "list each image once")
@@ -397,7 +405,11 @@ def _group(members: list[list]) -> dict[str, dict[str, list]]:
         folder, _, file_name = member[0].rpartition("/")
         stem, dot, extension = file_name.partition(".")
         if dot:
-            samples.setdefault(f"{folder}/{stem}" if folder else stem, {})[extension.lower()] = member
+            sample = samples.setdefault(f"{folder}/{stem}" if folder else stem, {})
+            if extension.lower() in sample:
+                raise DataError(f"{member[0]} is in the shard twice (or under two names that differ only in case); "
+                                "each sample's members must be unique")
+            sample[extension.lower()] = member
     return samples
 
 
@@ -409,7 +421,7 @@ class WebDatasetShards(Source):
 
     def __init__(self, spec: str):
         pattern, options = parse_spec(spec, ("classes",))
-        self.pattern = pattern if "://" in pattern else os.path.abspath(pattern)
+        self.pattern = absolute_path(pattern)
         self.options = _absolute(options, "classes")
         self.urls = list(braceexpand(self.pattern))
         self.files = [self._local(url) for url in self.urls]
@@ -512,8 +524,9 @@ def _load_huggingface(datasets, path: str, split: str | None):
             loaded = datasets.load_from_disk(path)
     except (FileNotFoundError, NotADirectoryError):
         raise DataError(not_a_dataset) from None
-    except (OSError, ValueError) as exc:
-        raise DataError(f"cannot read the Hugging Face dataset {path}: {str(exc).splitlines()[0]}") from None
+    except Exception as exc:  # noqa: BLE001 - datasets and pyarrow raise many types for files they cannot read
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(f"cannot read the Hugging Face dataset {path}: {reason}") from None
     if isinstance(loaded, datasets.DatasetDict):
         split = split or ("train" if "train" in loaded else None)
         if split not in loaded:
@@ -532,7 +545,7 @@ class HuggingFaceDataset(Source):
 
     def __init__(self, spec: str):
         path, options = parse_spec(spec.removeprefix("hf:"), ("split", "image", "label", "classes"))
-        self.path, self.options = os.path.abspath(path), _absolute(options, "classes")
+        self.path, self.options = absolute_path(path), _absolute(options, "classes")
         datasets = _import_datasets()
         dataset = _load_huggingface(datasets, self.path, options.get("split"))
         features = dataset.features
@@ -555,6 +568,10 @@ class HuggingFaceDataset(Source):
         if raw is None:
             return np.full(len(self.dataset), UNLABELLED, dtype=np.int64), None
         if hasattr(feature, "names") and "classes" not in self.options:  # a ClassLabel
+            unlabelled = next((row for row, label in enumerate(raw) if label is None or label < 0), None)
+            if unlabelled is not None:
+                raise DataError(f"row {unlabelled} of {self.path} has no label (ClassLabel -1, as in a test split); "
+                                "use a labelled split, or drop its labels with ?label= of another column")
             return np.array(raw, dtype=np.int64), list(feature.names)
         class_map = read_class_map(self.options["classes"]) if "classes" in self.options else None
         return resolve_labels(raw, class_map, lambda i: f"row {i} of {self.path}")

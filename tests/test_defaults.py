@@ -34,7 +34,7 @@ def test_a_first_cached_run_takes_the_archives_epochs_and_recipe(tmp_path):
 
 def test_resume_ignores_the_worker_count_and_how_paths_are_written(tmp_path, monkeypatch):
     """A run killed after one epoch, resumed with another --workers and with its paths
-    given relative instead of absolute, ends with the weights of an uninterrupted run; a
+    given relative instead of absolute (and through a link), ends with the weights of an uninterrupted run; a
     change that alters the result (--lr) is still refused by name."""
     cli_json("cache-teacher", *CACHE, "--out", tmp_path / "a")
     train = ["--data", DATA, "--student", "kdpipe:mlp", "--batch-size", 6]
@@ -45,7 +45,8 @@ def test_resume_ignores_the_worker_count_and_how_paths_are_written(tmp_path, mon
                               "--lr", 0.01), "lr differs")
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["cache"] == str(tmp_path / "a") and config["out"] == str(tmp_path / "run")
-    cli_json("train-student", *train, "--cache", "a", "--out", "run", "--workers", 2, "--resume")
+    (tmp_path / "link").symlink_to(tmp_path / "a", target_is_directory=True)
+    cli_json("train-student", *train, "--cache", "link", "--out", "run", "--workers", 2, "--resume")
     assert weights(tmp_path / "run").keys() == weights(tmp_path / "whole").keys()
     assert all(weights(tmp_path / "run")[k].equal(v) for k, v in weights(tmp_path / "whole").items())
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -92,6 +93,29 @@ def test_weights_missing_from_the_cache_offline_name_the_file_and_where_it_goes(
     folder = Path(env["TORCH_HOME"]) / "hub" / "checkpoints"
     assert_user_error(torchvision_missing, os.path.basename(TORCHVISION_WEIGHTS.url), str(folder))
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    # without HF_HUB_OFFLINE and without a network: the same one line, at once, not a minute of retries
+    started = time.monotonic()
+    unreachable = run_kdpipe("cache-teacher", "--data", DATA, "--teacher", f"timm:{TIMM_NAME}", "--pretrained",
+                             "default", "--out", tmp_path / "c", "--workers", "0",
+                             env={k: v for k, v in env.items() if k != "HF_HUB_OFFLINE"})
+    assert_user_error(unreachable, f"timm/{TIMM_NAME}.{TIMM_TAG}", "model.safetensors", env["HF_HUB_CACHE"])
+    assert time.monotonic() - started < 15
+
+
+def test_damaged_weights_in_the_cache_are_one_line_naming_the_file(tmp_path):
+    env = offline_env(tmp_path)
+    folder = Path(env["TORCH_HOME"]) / "hub" / "checkpoints"
+    folder.mkdir(parents=True)
+    (folder / os.path.basename(TORCHVISION_WEIGHTS.url)).write_bytes(b"not a checkpoint")
+    damaged = run_kdpipe("cache-teacher", "--data", DATA, "--teacher", f"torchvision:{TORCHVISION_NAME}",
+                         "--pretrained", "IMAGENET1K_V1", "--out", tmp_path / "a", "--workers", "0", env=env)
+    assert_user_error(damaged, "cannot read the weights", os.path.basename(TORCHVISION_WEIGHTS.url), "delete")
+    put_timm_weights(env)
+    snapshot = next((Path(env["HF_HUB_CACHE"]) / f"models--timm--{TIMM_NAME}.{TIMM_TAG}" / "snapshots").iterdir())
+    (snapshot / "model.safetensors").write_bytes(b"not safetensors")
+    damaged = run_kdpipe("cache-teacher", "--data", DATA, "--teacher", f"timm:{TIMM_NAME}", "--pretrained",
+                         "default", "--out", tmp_path / "b", "--workers", "0", env=env)
+    assert_user_error(damaged, f"timm:{TIMM_NAME}", "Hugging Face cache", "delete")
 
 
 @pytest.mark.parametrize("teacher, pretrained, fragments", [

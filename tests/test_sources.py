@@ -185,12 +185,42 @@ def refused(data: str, tmp_path: Path, *fragments: str) -> None:
     ("path,label\ncat/cat_000.png\n", ("labels.csv line 2", "malformed row")),
     ("name,class\ncat/cat_000.png,cat\n", ("labels.csv needs a header naming a path column",)),
     ("path,label\n", ("lists no images",)),
+    ("path,label\ncat/cat_000.png,cat\ncat/cat_001.png, \n", ("labels.csv line 3", "neither a class name nor")),
+    ("path,label\ncat/cat_000.png,cat\nDATA/cat/cat_000.png,dog\n", ("labels.csv line 3", "listed twice")),
+    ("path,label\ncat/cat_000.png,cat\n../data/cat/cat_000.png,dog\n", ("labels.csv line 3", "listed twice")),
 ])
 def test_bad_label_files_are_refused_by_file_and_line(tmp_path, rows, fragments):
     data = write_image_folder(tmp_path / "data", CLASSES, per_class=2)
-    (data / "labels.csv").write_text(rows)
+    (data / "labels.csv").write_text(rows.replace("DATA", str(data)))  # the same file, written absolute
     (tmp_path / "classes.txt").write_text("\n".join(CLASSES))
     refused(f"{data}/labels.csv?classes={tmp_path}/classes.txt", tmp_path, *fragments)
+
+
+@pytest.mark.parametrize("class_map", ['{"cat": "x", "dog": 1, "fox": 2}', '{"cat": null, "dog": null}', '[1, 2]'])
+def test_a_class_map_that_is_not_names_and_indices_is_refused(tmp_path, class_map):
+    data = write_image_folder(tmp_path / "data", CLASSES, per_class=2)
+    (data / "labels.csv").write_text("path,label\ncat/cat_000.png,cat\n")
+    (tmp_path / "classes.json").write_text(class_map)
+    refused(f"{data}/labels.csv?classes={tmp_path}/classes.json", tmp_path, "class map", "classes.json")
+
+
+def test_a_key_twice_in_a_shard_is_refused(tmp_path):
+    data = write_image_folder(tmp_path / "data", CLASSES, per_class=2)
+    names = relative_images(data)
+    pattern = write_shards(tmp_path / "shards", data, names + names[:1], count=1)
+    refused(pattern, tmp_path, names[0], "in the shard twice")
+
+
+def test_a_classlabel_of_minus_one_is_refused(tmp_path):
+    import datasets
+
+    data = write_image_folder(tmp_path / "data", CLASSES, per_class=1)
+    names = relative_images(data)
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=list(CLASSES))})
+    rows = {"image": [{"bytes": (data / name).read_bytes(), "path": name} for name in names],
+            "label": [0, -1, 2]}
+    datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(tmp_path / "hf"))
+    refused(str(tmp_path / "hf"), tmp_path, "row 1", "has no label (ClassLabel -1")
 
 
 def test_integer_labels_need_a_class_map(tmp_path):
