@@ -275,7 +275,7 @@ def train_student_command(
     student_weights: Annotated[Optional[str], typer.Option(help="Initial student weights.")] = None,
     student_pretrained: Annotated[Optional[str], typer.Option(help="Initial student weights, published: a timm pretrained tag, a torchvision weights name, or 'default'.")] = None,
     num_classes: Annotated[Optional[int], typer.Option(help="Classes. [default: the teacher's, else the data's class count]")] = None,
-    val: Annotated[Optional[str], typer.Option(help="Labelled image folder scored (top-1) after each epoch.")] = None,
+    val: Annotated[Optional[str], typer.Option(help="Labelled images scored after each epoch (val_top1, val_top5) on the standard evaluation view (see eval).")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Training epochs. [default: the archive's epochs in cached mode, the sum of --schedule, else 10]")] = None,
     cycle_epochs: Annotated[bool, typer.Option(help="Replay the archive's epochs in a cycle when --epochs exceeds them.")] = False,
     batch_size: Annotated[int, typer.Option(help="Samples per step (each gives its views).")] = 128,
@@ -308,6 +308,7 @@ def train_student_command(
     teacher_batch_size: Annotated[Optional[int], typer.Option(help="Views per teacher forward pass in online mode. [default: the whole step; on the CPU, about 8 views of 224 px]")] = None,
     probe_data: Annotated[Optional[str], typer.Option(help="--loss seed: labelled images the linear probe (the val_top1 of an embedding student) is fitted on. [default: --data]")] = None,
     student_size: Annotated[Optional[int], typer.Option(help="Side of the student's views in pixels, rendered from the same view parameters as the teacher's. [default: --size, or the archive's]")] = None,
+    precise_bn: Annotated[int, typer.Option(metavar="VIEWS", help="Before each evaluation and checkpoint, recompute the student's BatchNorm statistics on this many of the epoch's training views (precise BN); 0: off, keeping the running averages of training.")] = 1024,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run in --out from its last epoch.")] = False,
 ) -> None:
     """Train a student on the views of a teacher archive (cached), with a live teacher
@@ -319,8 +320,7 @@ def train_student_command(
     from pipeline import distributed
     from pipeline.train import train_student
 
-    if mode is None:
-        mode = "cached" if cache else "online" if teacher else "supervised"
+    mode = mode if mode is not None else "cached" if cache else "online" if teacher else "supervised"
     teacher_spec = _teacher_spec(teacher, num_classes, weights, teacher_mean, teacher_std, teacher_pretrained)
     spec = TrainSpec(
         data=data, student=_model_spec(student, num_classes, student_weights, mean, std, student_pretrained), out=out, mode=mode,
@@ -329,7 +329,7 @@ def train_student_command(
         alpha=alpha, seed=init_seed, workers=workers, compile=compile, teacher_batch_size=teacher_batch_size,
         student_size=student_size, loss=loss, loss_options=_loss_options(loss_option),
         teachers=tuple(teachers.split(",")) if teachers else None, combine=combine, schedule=_schedule(schedule),
-        probe_data=probe_data,
+        probe_data=probe_data, precise_bn=precise_bn,
     )
     options = _recipe_options(
         size=size, scale=scale, ratio=ratio, flip_prob=flip_prob, color_jitter=color_jitter, interpolation=interpolation,
@@ -391,6 +391,49 @@ def verify_command(
     typer.echo(json.dumps(report, indent=1) if as_json else _format_report(report))
     if report["problems"]:
         raise typer.Exit(1)
+
+
+@app.command("eval")
+@_user_errors
+def eval_command(
+    model: Annotated[str, typer.Option(help=ModelHelp)],
+    data: DataOpt,
+    weights: Annotated[Optional[str], typer.Option(help="Model weights: a student.pt, a state_dict, a checkpoint holding one, or a .safetensors file.")] = None,
+    pretrained: Annotated[Optional[str], typer.Option(help=PretrainedHelp)] = None,
+    num_classes: Annotated[Optional[int], typer.Option(help="Model classes; must be the data's class count. [default: the data's class count]")] = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    teacher: Annotated[Optional[str], typer.Option(help="A teacher to compare with: its own accuracy, the model's top-1 agreement with it and the mean KL(teacher || model). [default: none]")] = None,
+    teacher_weights: Annotated[Optional[str], typer.Option(help="Teacher weights file.")] = None,
+    teacher_pretrained: Annotated[Optional[str], typer.Option(help="The teacher's published weights: a timm pretrained tag, a torchvision weights name, or 'default'.")] = None,
+    teacher_size: Annotated[Optional[int], typer.Option(help="Side of the teacher's evaluation view in pixels (its crop_pct and interpolation are its own). [default: the teacher's input size]")] = None,
+    size: Annotated[Optional[int], typer.Option(help="Side of the model's evaluation view in pixels. [default: the model's input size]")] = None,
+    crop_pct: Annotated[Optional[float], typer.Option(help="The centre crop's share of the resized shorter side (which is size / crop_pct). [default: the model's own, e.g. 0.875]")] = None,
+    interpolation: Annotated[Optional[str], typer.Option(help="How images are resized: bilinear, bicubic or nearest (antialiased). [default: the model's own]")] = None,
+    eval_resize: Annotated[str, typer.Option(help="crop: shorter side to size / crop_pct, then the centre (timm's and torchvision's protocol); squash: the whole image to size x size.")] = "crop",
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
+    workers: WorkersOpt = 2,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON instead of text.")] = False,
+    out: Annotated[Optional[str], typer.Option(help="Also write the report as JSON to this file.")] = None,
+) -> None:
+    """Evaluate a model (a teacher, or a student's student.pt via --weights) on labelled
+    images with the standard evaluation view: top-1, top-5 and per-class accuracy, and
+    with --teacher the agreement with it and KL(teacher || model)."""
+    from pipeline.evaluation import EvalSpec, evaluate_model, format_eval
+
+    if teacher is None and (teacher_weights or teacher_pretrained or teacher_size):
+        raise ConfigError("--teacher-weights, --teacher-pretrained and --teacher-size describe a teacher: add --teacher MODEL")
+    teacher_spec = _model_spec(teacher, num_classes, teacher_weights, None, None, teacher_pretrained) if teacher else None
+    spec = EvalSpec(
+        model=_model_spec(model, num_classes, weights, mean, std, pretrained), data=data, teacher=teacher_spec,
+        size=size, crop_pct=crop_pct, interpolation=interpolation, resize=eval_resize, teacher_size=teacher_size,
+        batch_size=batch_size, workers=workers,
+    )
+    report = evaluate_model(spec)
+    if out:
+        with open(out, "w") as file:
+            json.dump(report, file, indent=1)
+    typer.echo(json.dumps(report, indent=1) if as_json else format_eval(report))
 
 
 def _format_report(report: dict, indent: str = "") -> str:

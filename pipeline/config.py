@@ -78,9 +78,10 @@ def check_path(option: str, value: str | None) -> None:
 
 
 def absolute_path(path: str | None) -> str | None:
-    """A local path made absolute (a URL or None unchanged): what a manifest or a run's
-    config records, so that it means the same place from any working folder."""
-    return path if path is None or "://" in path else os.path.abspath(path)
+    """A local path made absolute, links resolved (a URL or None unchanged): what a
+    manifest or a run's config records, so that it means the same place from any working
+    folder, however it was reached."""
+    return path if path is None or "://" in path else os.path.realpath(path)
 
 
 def parse_storage_options(pairs: list[str] | None) -> dict:
@@ -337,6 +338,7 @@ class TrainSpec:
     combine: str = "mean"
     schedule: tuple[tuple[str, int], ...] | None = None
     probe_data: str | None = None  # labelled images the linear probe of a SEED student is fitted on
+    precise_bn: int = 1024  # training views BatchNorm statistics are recomputed on before scoring and saving; 0: off
 
     def __post_init__(self):
         if (self.teachers or self.schedule) and self.mode != "cached":
@@ -379,6 +381,7 @@ class TrainSpec:
         check_number("--temperature", self.temperature)
         check_number("--alpha", self.alpha)
         check_number("--init-seed", self.seed, 0)
+        check_number("--precise-bn", self.precise_bn, 0)
         if self.student_size is not None:
             check_number("--student-size", self.student_size, 1, MAX_VIEW_SIZE)
         if self.teacher_batch_size is not None and (self.teacher_batch_size < 1 or self.mode != "online"):

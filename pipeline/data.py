@@ -21,12 +21,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from .config import UNLABELLED, ViewRecipe, fingerprint
+from .config import UNLABELLED, ViewRecipe, absolute_path, fingerprint
 from .distributed import Ranks
 from .errors import DataError
 from .progress import say
 from .sources import ImageFiles, Source, describe_listed, is_image, open_listed
-from .views import epoch_order, full_view, mix, mix_view, partners, render, sample_view, view_param_fields
+from .views import epoch_order, eval_view, mix, mix_view, partners, render, sample_view, view_param_fields
 
 DIGEST_BYTES = 32  # sha256
 
@@ -114,7 +114,7 @@ class ImageFolder(ImageFiles):
         super().__init__(root, classes, keys)
 
     def describe(self) -> dict:
-        return describe_listed(self, os.path.abspath(self.root))
+        return describe_listed(self, absolute_path(str(self.root)))
 
 
 class SyntheticImages(Source):
@@ -268,16 +268,18 @@ class RangeBatches(Sampler):
 
 
 class ValDataset(Dataset):
-    """The whole of each image, resized to `size` with `interpolation`: the deterministic
-    validation view."""
+    """Each image's deterministic evaluation view (`views.eval_view`) and its label: by
+    default the whole image squashed to `size`; with `resize="crop"` the standard
+    protocol (shorter side to size / crop_pct, centre crop)."""
 
-    def __init__(self, source: Source, size: int, interpolation: str = "bilinear"):
+    def __init__(self, source: Source, size: int, interpolation: str = "bilinear", crop_pct: float = 1.0,
+                 resize: str = "squash"):
         self.source, self.size, self.interpolation = source, size, interpolation
+        self.crop_pct, self.resize = crop_pct, resize
 
     def __len__(self) -> int:
         return len(self.source)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image = self.source.load(index)
-        view = render(image, full_view((image.shape[1], image.shape[2])), self.size, self.interpolation)
+        view = eval_view(self.source.load(index), self.size, self.crop_pct, self.interpolation, self.resize)
         return view, int(self.source.labels[index])

@@ -1,5 +1,6 @@
-"""Scoring a student on whole validation images: top-1 of its class scores, or, for a
-student distilled from embeddings (SEED), which has no classifier, a linear probe.
+"""A model's outputs on the evaluation views of labelled images (`outputs`, `features`,
+`whole_images`; `evaluation` turns class scores into accuracy figures), and the score of
+a student distilled from embeddings (SEED), which has no classifier: a linear probe.
 
 The probe scores the student the way self-supervised representations are scored: a
 linear classifier is fitted on its frozen outputs for labelled training images and
@@ -24,20 +25,11 @@ WEIGHT_DECAY = 1e-4
 
 def outputs(model: nn.Module, loader: DataLoader, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The model's float outputs (on the CPU) and the labels, batch by batch, in eval and
-    inference mode: what both evaluations (top-1 and the linear probe) run over."""
+    inference mode: what both evaluations (accuracy and the linear probe) run over."""
     model.eval()
     with torch.inference_mode():
         for images, labels in loader:
             yield model(images.to(device)).float().cpu(), labels
-
-
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> float:
-    """Top-1 accuracy in percent of the model's outputs taken as class scores."""
-    correct = total = 0
-    for scores, labels in outputs(model, loader, device):
-        correct += int((scores.argmax(1) == labels).sum())
-        total += len(labels)
-    return 100.0 * correct / total
 
 
 def features(model: nn.Module, loader: DataLoader, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,10 +38,11 @@ def features(model: nn.Module, loader: DataLoader, device: torch.device) -> tupl
     return torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
 
 
-def whole_images(source: Source, size: int, workers: int = 0, interpolation: str = "bilinear") -> DataLoader:
-    """Whole images of `source` at `size` px (the validation view), in order."""
-    return DataLoader(ValDataset(source, size, interpolation), batch_size=256, num_workers=workers, persistent_workers=workers > 0,
-                      worker_init_fn=quiet_worker)
+def whole_images(source: Source, size: int, workers: int = 0, interpolation: str = "bilinear", crop_pct: float = 1.0,
+                 resize: str = "squash", batch_size: int = 256) -> DataLoader:
+    """The evaluation views of `source` at `size` px (see `data.ValDataset`), in order."""
+    return DataLoader(ValDataset(source, size, interpolation, crop_pct, resize), batch_size=batch_size,
+                      num_workers=workers, persistent_workers=workers > 0, worker_init_fn=quiet_worker)
 
 
 def linear_probe(model: nn.Module, train: DataLoader, val: DataLoader, device: torch.device) -> float:

@@ -30,11 +30,13 @@ from . import distributed
 from .config import DEFAULT_EPOCHS, ModelSpec, TrainSpec, absolute_path
 from .data import RangeBatches, Source, ViewDataset, open_source
 from .errors import ConfigError, DataError, ModelError, TrainingError
+from .evaluation import evaluate
 from .host import keep_freed_memory, quiet_worker
 from .losses import check_loss_options
-from .models import Normalized, Teacher, accelerated, build_model, output_classes, with_num_classes
+from .models import Normalized, Teacher, accelerated, build_model, output_classes, preprocessing, with_num_classes
 from .objective import Objective, make_loss
-from .probe import evaluate, linear_probe, whole_images
+from .precise_bn import batch_norms, recompute_batch_norm, sample_views
+from .probe import linear_probe, whole_images
 from .progress import say, views_progress
 from .replay import ReplayBatches, ViewBatches, check_archives, open_archives, resolve_recipe
 from .rundir import RunDir
@@ -302,11 +304,12 @@ def _train_epochs(run: Run, learner: Learner, rundir: RunDir, config: dict, star
                 train_seconds += seconds
                 if not ranks.main:
                     continue
-                # evaluate, log the epoch, checkpoint it
-                if score is not None:
-                    val_top1 = score(learner.student, device)
-                record = {"epoch": epoch + 1} | {k: v / num_samples for k, v in sorted(sums.items())} | {
-                    "val_top1": val_top1, "seconds": seconds, "views_per_sec": num_samples * views / seconds}
+                # recompute BatchNorm's statistics (what is scored and saved), evaluate, log the epoch, checkpoint it
+                _precise_bn(run, learner, epoch)
+                scores = {"val_top1": val_top1} if score is None else score(learner.student, device)
+                val_top1 = scores["val_top1"]
+                record = {"epoch": epoch + 1} | {k: v / num_samples for k, v in sorted(sums.items())} | scores | {
+                    "seconds": seconds, "views_per_sec": num_samples * views / seconds}
                 rundir.append_metrics(record)
                 rundir.save_checkpoint(_checkpoint(learner, run.objective, epoch, val_top1, config))
                 shown = f"  val_top1 {val_top1:.2f}%" if val_top1 is not None else ""
@@ -333,17 +336,42 @@ def _loader(run: Run, start_epoch: int, ranks: distributed.Ranks, device: torch.
                       num_workers=spec.workers, pin_memory=device.type == "cuda", worker_init_fn=quiet_worker)
 
 
-def _scorer(run: Run) -> Callable[[nn.Module, torch.device], float] | None:
-    """How the student is scored after each epoch on the whole validation images: top-1
-    of its class scores, or for a SEED student a linear probe; None without --val."""
+def _precise_bn(run: Run, learner: Learner, epoch: int) -> None:
+    """Recompute the student's BatchNorm running statistics on the first --precise-bn
+    views of this epoch (`precise_bn`); nothing without BatchNorm or with --precise-bn 0.
+    The statistics are a function of the weights and the epoch alone, so a resumed run
+    saves the ones an uninterrupted run saves; the global generators are left as they
+    were (dropout draws from a seed of its own, as in a step after the epoch's last)."""
+    spec, device = run.spec, learner.device
+    if not spec.precise_bn or not batch_norms(learner.student):
+        return
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(step_seed(spec.seed, epoch, math.ceil(len(run.source) / spec.batch_size), learner.rank))
+        views = sample_views(run.source, spec.recipe, run.student_size, epoch % spec.recipe.epochs, spec.precise_bn,
+                             spec.batch_size, spec.workers)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=accelerated(device)):
+            recompute_batch_norm(learner.student, (_to_device(images, device) for images in views))
+
+
+def _scorer(run: Run) -> Callable[[nn.Module, torch.device], dict[str, float]] | None:
+    """How the student is scored after each epoch on the standard evaluation views of the
+    validation images (`views.eval_view`: shorter side to size / the student's crop_pct,
+    centre crop, the training views' interpolation): val_top1 and val_top5 of its class
+    scores, or for a SEED student val_top1 of a linear probe; None without --val."""
     if run.val_source is None:
         return None
-    resize = run.spec.recipe.interpolation  # the training views'
-    val = whole_images(run.val_source, run.student_size, run.spec.workers, resize)
+    resize, crop_pct = run.spec.recipe.interpolation, preprocessing(run.spec.student).crop_pct
+    val = whole_images(run.val_source, run.student_size, run.spec.workers, resize, crop_pct, "crop")
     if not run.embeddings:
-        return lambda model, device: evaluate(model, val, device)
-    probe = whole_images(run.probe_source, run.student_size, run.spec.workers, resize)
-    return lambda model, device: linear_probe(model, probe, val, device)
+        classes = run.val_source.classes
+
+        def score(model: nn.Module, device: torch.device) -> dict[str, float]:
+            metrics = evaluate(model, val, classes, device)
+            return {"val_top1": metrics["top1"], "val_top5": metrics["top5"]}
+
+        return score
+    probe = whole_images(run.probe_source, run.student_size, run.spec.workers, resize, crop_pct, "crop")
+    return lambda model, device: {"val_top1": linear_probe(model, probe, val, device)}
 
 
 def _checkpoint(learner: Learner, objective: Objective, epoch: int, val_top1: float | None, config: dict) -> dict:

@@ -4,6 +4,7 @@ A view is a pure function of (recipe, epoch, sample index, view index, image siz
 The generator is counter-based, seeded from those integers themselves, so the result
 does not depend on batch size, worker count, rank count or iteration order. Both the
 teacher stage and the student stage turn parameters into pixels through `render`.
+Evaluation has no random parameters: `eval_view` is the standard deterministic view.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 from .config import ViewRecipe
+
+EVAL_RESIZES = ("crop", "squash")  # how `eval_view` fits a whole image to the model's input
 
 # Tags that keep the generator streams of different draws apart.
 _STREAM_VIEW = 1
@@ -171,3 +174,26 @@ def render(image: torch.Tensor, params: ViewParams, size: int, interpolation: st
     if params.saturation != 1.0:
         out = F.adjust_saturation(out, params.saturation)
     return out
+
+
+def eval_view(image: torch.Tensor, size: int, crop_pct: float = 1.0, interpolation: str = "bilinear",
+              resize: str = "crop") -> torch.Tensor:
+    """The evaluation view of a decoded uint8 image (C, H, W), as float32 in [0, 1] of
+    shape (C, size, size); normalisation stays in the model.
+
+    "crop" is the standard protocol of timm's `create_transform(..., is_training=False)`
+    and torchvision's `weights.transforms()`: resize the shorter side to
+    floor(size / crop_pct) (timm's rounding) with `interpolation`, antialiased, then take
+    the centre size x size. Resizing the uint8 image (rounded back to uint8, as PIL does)
+    keeps the pixels within one grey level of the references' PIL path. "squash" resizes
+    the whole image to size x size, ignoring `crop_pct` (kdpipe's earlier validation view).
+    """
+    if resize == "squash":
+        return render(image, full_view((image.shape[1], image.shape[2])), size, interpolation)
+    if resize != "crop":
+        raise ValueError(f"resize must be one of {EVAL_RESIZES}, got {resize!r}")
+    # the epsilon keeps 224 / (224 / 256) at 256, where the float quotient falls just short
+    shorter_side = math.floor(size / crop_pct + 1e-6)
+    out = F.resize(image, [shorter_side], interpolation=InterpolationMode(interpolation), antialias=True)
+    out = F.center_crop(out, [size, size])
+    return F.to_dtype(out, torch.float32, scale=True)

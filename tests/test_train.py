@@ -81,7 +81,7 @@ def test_run_dir_holds_weights_metrics_summary_and_config(tmp_path):
     assert summary["val_top1"] > 50  # three well-separated colour classes; chance is 33%
     metrics = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in metrics] == [1, 2, 3, 4]
-    assert set(metrics[0]) == {"epoch", "loss", "ce", "val_top1", "seconds", "views_per_sec"}
+    assert set(metrics[0]) == {"epoch", "loss", "ce", "val_top1", "val_top5", "seconds", "views_per_sec"}
     config = json.loads((run / "config.json").read_text())
     assert config["mode"] == "supervised" and config["recipe"]["size"] == 16 and config["student"]["num_classes"] == 3
     # kdpipe's own run checkpoint serves as weights, e.g. for a teacher

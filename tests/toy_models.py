@@ -175,3 +175,13 @@ def with_pretrained_cfg(num_classes: int) -> nn.Module:
 # a factory can say what input its weights expect, as timm's models do
 with_pretrained_cfg.pretrained_cfg = {"mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25), "input_size": (3, 24, 24),
                                       "interpolation": "bicubic", "crop_pct": 0.9}
+
+
+def slow_bn_cnn(num_classes: int) -> nn.Module:
+    """A small CNN whose BatchNorm momentum is 0.01, as MobileNetV3's: a short run leaves
+    its running statistics near their start (mean 0, variance 1)."""
+    net = small_cnn(num_classes, width=8)
+    for module in net.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.momentum = 0.01
+    return net
