@@ -34,7 +34,8 @@ from .errors import DataError
 from .store import Location, write_local_atomic
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
-PATH_COLUMNS = ("path", "file", "filename", "image")  # a label file's path column, first found wins
+# a label file's path column, first found wins (file_name: a Hugging Face imagefolder's metadata.csv)
+PATH_COLUMNS = ("path", "file", "filename", "file_name", "image")
 TAR_BLOCK = 512
 
 

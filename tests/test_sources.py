@@ -196,6 +196,14 @@ def test_bad_label_files_are_refused_by_file_and_line(tmp_path, rows, fragments)
     refused(f"{data}/labels.csv?classes={tmp_path}/classes.txt", tmp_path, *fragments)
 
 
+def test_a_huggingface_imagefolder_metadata_file_is_a_label_file(tmp_path):
+    """HF's imagefolder layout: images beside a metadata.csv whose path column is file_name."""
+    data = write_image_folder(tmp_path / "data", CLASSES, per_class=2)
+    names = relative_images(data)
+    (data / "metadata.csv").write_text("file_name,label\n" + "".join(f"{n},{n.split('/')[0]}\n" for n in names))
+    assert open_source(f"{data}/metadata.csv").describe()["fingerprint"] == ImageFolder(data).describe()["fingerprint"]
+
+
 @pytest.mark.parametrize("class_map", ['{"cat": "x", "dog": 1, "fox": 2}', '{"cat": null, "dog": null}', '[1, 2]'])
 def test_a_class_map_that_is_not_names_and_indices_is_refused(tmp_path, class_map):
     data = write_image_folder(tmp_path / "data", CLASSES, per_class=2)
