@@ -237,14 +237,14 @@ def cache_teacher_command(
     left alone unless --overwrite is given.
     """
     from pipeline import distributed
-    from pipeline.cache import cache_teacher, resolve_recipe
+    from pipeline.cache import cache_recipe, cache_teacher
 
     teacher_spec = _model_spec(teacher, num_classes, weights, mean, std, pretrained)
     options = ({} if epochs is None else {"epochs": epochs}) | _recipe_options(
         size=size, scale=scale, ratio=ratio, flip_prob=flip_prob, color_jitter=color_jitter, interpolation=interpolation,
         views_per_sample=views_per_sample, seed=seed, mixup=mixup, mix_alpha=mix_alpha,
     )
-    recipe = resolve_recipe(teacher_spec, options, teacher_name, out, parse_storage_options(storage_option))
+    recipe = cache_recipe(teacher_spec, options, teacher_name, out, parse_storage_options(storage_option))
     spec = CacheSpec(
         data=data, teacher=teacher_spec, out=out, recipe=recipe,
         codec=codec, format=format, storage_options=parse_storage_options(storage_option), positions_per_shard=shard_size, batch_size=batch_size, workers=workers, overwrite=overwrite,

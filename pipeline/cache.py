@@ -88,7 +88,7 @@ def cache_teacher(spec: CacheSpec) -> dict:
     }
 
 
-def resolve_recipe(teacher: ModelSpec, options: dict, teacher_name: str, out: str, storage_options: dict) -> ViewRecipe:
+def cache_recipe(teacher: ModelSpec, options: dict, teacher_name: str, out: str, storage_options: dict) -> ViewRecipe:
     """The view recipe to cache: for the archive's own teacher the options given, else
     one epoch at the teacher's input size and interpolation; for a teacher added to the archive at `out`,
     the archive's recipe, which options given must agree with."""
