@@ -6,6 +6,13 @@ import errno
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of a library's exception (its type's name when it says nothing), to
+    quote in a one-line error."""
+    text = str(exc)
+    return text.splitlines()[0] if text.strip() else type(exc).__name__
+
+
 class KdpipeError(Exception):
     """Base class of every error that is the user's to fix (bad input, mismatched archive)."""
 

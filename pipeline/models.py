@@ -26,7 +26,7 @@ from torch import nn
 
 from . import distributed
 from .config import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, ModelSpec, Preprocessing, canonical_json
-from .errors import ModelError
+from .errors import ModelError, first_line
 from .progress import say
 
 if TYPE_CHECKING:
@@ -439,7 +439,7 @@ def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch and safetensors raise many types for a damaged or foreign file
-        raise ModelError(f"cannot read weights file {path}: {str(exc).splitlines()[0]}") from None
+        raise ModelError(f"cannot read weights file {path}: {first_line(exc)}") from None
     return _state_dict_from(obj, path)
 
 

@@ -30,7 +30,7 @@ from braceexpand import braceexpand
 from PIL import Image
 
 from .config import UNLABELLED, absolute_path, canonical_json
-from .errors import DataError
+from .errors import DataError, first_line
 from .store import Location, write_local_atomic
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
@@ -99,8 +99,7 @@ def decode_image(data: bytes, what: str) -> torch.Tensor:
         with Image.open(io.BytesIO(data)) as image:
             array = _rgb8(image)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise DataError(f"cannot read image {what}: {reason}; fix or remove the file") from None
+        raise DataError(f"cannot read image {what}: {first_line(exc)}; fix or remove the file") from None
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
 
 
@@ -526,8 +525,7 @@ def _load_huggingface(datasets, path: str, split: str | None):
     except (FileNotFoundError, NotADirectoryError):
         raise DataError(not_a_dataset) from None
     except Exception as exc:  # noqa: BLE001 - datasets and pyarrow raise many types for files they cannot read
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise DataError(f"cannot read the Hugging Face dataset {path}: {reason}") from None
+        raise DataError(f"cannot read the Hugging Face dataset {path}: {first_line(exc)}") from None
     if isinstance(loaded, datasets.DatasetDict):
         split = split or ("train" if "train" in loaded else None)
         if split not in loaded:
