@@ -128,7 +128,7 @@ def verify_archive(url: str, storage_options: dict | None = None, teacher: Model
     if recompute and not problems:
         teacher = teacher or ModelSpec.from_dict(manifest.teacher.spec)
         if weights:
-            teacher = replace(teacher, weights=weights)
+            teacher = replace(teacher, weights=weights, pretrained=None)  # the file holds the weights now
         elif teacher.weights and "://" not in teacher.weights and not os.path.isfile(teacher.weights):
             raise ModelError(f"the teacher's weights {teacher.weights}, recorded in the manifest, are not there; "
                              "pass --weights FILE (where they are now)")

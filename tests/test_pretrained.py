@@ -249,3 +249,18 @@ def test_an_older_archive_without_preprocessing_trains_with_its_teacher_named(tm
     other = run_cli("train-student", "--data", DATA, "--cache", archive, "--teacher", "kdpipe:cnn", "--teacher-mean",
                     "0.5,0.5,0.5", "--student", "kdpipe:mlp", "--workers", "0", "--out", tmp_path / "run2")
     assert_user_error(other, "teacher.fingerprint")
+
+
+def test_verify_takes_a_weights_file_for_an_archive_cached_with_published_weights(tmp_path):
+    """The manifest names published weights; --weights gives them as a file instead (e.g.
+    on a machine without the hub cache), and the fingerprint check still holds."""
+    env = offline_env(tmp_path)
+    state = put_torchvision_weights(env)
+    pool = write_image_folder(tmp_path / "pool", per_class=2, labelled=False)
+    cached = run_kdpipe("cache-teacher", "--data", pool, "--teacher", f"torchvision:{TORCHVISION_NAME}", "--pretrained",
+                        "IMAGENET1K_V1", "--num-classes", "1000", "--size", "32", "--out", tmp_path / "a",
+                        "--workers", "0", env=env)
+    assert cached.exit_code == 0, cached.stderr
+    torch.save(state, tmp_path / "file.pt")
+    verified = run_kdpipe("verify", tmp_path / "a", "--recompute", "2", "--weights", tmp_path / "file.pt", env=env)
+    assert verified.exit_code == 0, verified.output
