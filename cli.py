@@ -3,6 +3,7 @@ one function in `pipeline`. User errors print one line on stderr and exit 2."""
 
 from __future__ import annotations
 
+import difflib
 import errno
 import functools
 import json
@@ -12,10 +13,14 @@ import sys
 import threading
 from typing import Annotated, Optional
 
+import click
 import typer
 
-from pipeline.config import CacheSpec, ModelSpec, TrainSpec, parse_storage_options
-from pipeline.errors import NO_SPACE, ConfigError, KdpipeError
+from pipeline.config import (
+    DEFAULT_RANDAUGMENT_OPS, RANDAUGMENT_OPS, CacheSpec, ModelSpec, TrainSpec, check_number, check_randaugment,
+    parse_storage_options,
+)
+from pipeline.errors import NO_SPACE, ConfigError, KdpipeError, first_line
 
 app = typer.Typer(
     add_completion=False,
@@ -93,6 +98,72 @@ def _user_errors(command):
     return wrapper
 
 
+def _read_config_file(path: str) -> dict:
+    """The options in a TOML or YAML file (by its suffix) as a mapping."""
+    try:
+        with open(path, "rb") as file:
+            if path.endswith(".toml"):
+                import tomllib
+
+                options = tomllib.load(file)
+            elif path.endswith((".yaml", ".yml")):
+                import yaml
+
+                options = yaml.safe_load(file) or {}
+            else:
+                raise ConfigError(f"--config {path} must be a .toml, .yaml or .yml file")
+    except OSError as exc:
+        raise ConfigError(f"cannot read --config {path}: {exc.strerror or exc}") from None
+    except ValueError as exc:  # tomllib's and yaml's parse errors are ValueErrors
+        raise ConfigError(f"--config {path} is not valid {path.rsplit('.', 1)[-1].upper()}: {first_line(exc)}") from None
+    if not isinstance(options, dict):
+        raise ConfigError(f"--config {path} must map option names to values, e.g. lr = 0.001")
+    return options
+
+
+def _config_defaults(ctx: click.Context, path: str) -> dict:
+    """The command's options read from a --config file, by parameter name: keys are the
+    option names (`batch-size`, `--batch-size` or `batch_size`); a list is a repeatable
+    option's values, or for another option joined with commas (`mean = [0.5, 0.5, 0.5]`)."""
+    params = {opt[2:]: param for param in ctx.command.params for opt in param.opts if opt.startswith("--")}
+    params.pop("config", None)
+    defaults = {}
+    for key, value in _read_config_file(path).items():
+        flag = str(key).removeprefix("--").replace("_", "-")
+        if flag not in params:
+            nearest = difflib.get_close_matches(flag, list(params), n=3, cutoff=0.5)
+            hint = f"; did you mean {', '.join(nearest)}?" if nearest else f"; the options are {', '.join(sorted(params))}"
+            raise ConfigError(f"--config {path}: {key!r} is not an option of kdpipe {ctx.info_name}{hint}")
+        param = params[flag]
+        if isinstance(value, list) and not param.multiple:
+            value = ",".join(str(v) for v in value)
+        defaults[param.name] = value
+    return defaults
+
+
+def _use_config(ctx: click.Context, param: click.Parameter, path: str | None) -> str | None:
+    """--config FILE: its options become the command's defaults, so options given on the
+    command line override them (click reads the other options after this eager one)."""
+    if path is not None:
+        try:
+            ctx.default_map = (ctx.default_map or {}) | _config_defaults(ctx, path)
+        except ConfigError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            ctx.exit(2)
+    return path
+
+
+ConfigOpt = Annotated[Optional[str], typer.Option(is_eager=True, callback=_use_config, help="A TOML or YAML file of this command's options (keys are the option names, e.g. batch-size = 64); options given on the command line override it.")]
+
+
+def _given_options(ctx: click.Context) -> dict:
+    """The command's options as it ran (from the command line, --config or defaults),
+    by option name, unset ones left out: a --config file that reproduces the run."""
+    flags = {param.name: param.opts[0].removeprefix("--") for param in ctx.command.params}
+    return {flags[name]: value for name, value in ctx.params.items()
+            if value is not None and name not in ("config", "resume")}
+
+
 def _floats(text: str | None, count: int, option: str) -> tuple[float, ...] | None:
     """Parse 'a,b[,c]' into a tuple of `count` floats."""
     if text is None:
@@ -118,10 +189,31 @@ def _recipe_options(**options) -> dict:
         "views_per_sample": options["views_per_sample"],
         "seed": options["seed"],
         "mixup": None if options["mixup"] is None else {"mode": options["mixup"], "alpha": options["mix_alpha"] or 0.0},
+        "randaugment": _randaugment(options["randaugment"], options["randaugment_ops"]),
+        "random_erase": options["random_erase"],
     }
+    if options["random_erase"] is not None:
+        check_number("--random-erase", options["random_erase"], 0, 1)
     if options["mix_alpha"] is not None and options["mixup"] is None:
         raise ConfigError("--mix-alpha sets how views are mixed: add --mixup mixup or --mixup cutmix")
     return {k: v for k, v in parsed.items() if v is not None}
+
+
+def _randaugment(text: str | None, ops: str | None) -> dict | None:
+    """ViewRecipe.randaugment for --randaugment N,M and --randaugment-ops NAME,... (by
+    default torchvision's ops), checked here so that a cached run refuses a bad value as
+    such rather than as a mismatch with its archive."""
+    if text is None:
+        if ops is not None:
+            raise ConfigError("--randaugment-ops chooses RandAugment's ops: add --randaugment N,M")
+        return None
+    num_ops, magnitude = _floats(text, 2, "--randaugment")
+    if not num_ops.is_integer():
+        raise ConfigError(f"--randaugment N,M needs a whole number of ops N, got {text!r}")
+    names = [name.strip() for name in ops.split(",")] if ops is not None else list(DEFAULT_RANDAUGMENT_OPS)
+    randaugment = {"num_ops": int(num_ops), "magnitude": magnitude, "ops": names}
+    check_randaugment(randaugment)
+    return randaugment
 
 
 def _embedding_layer(outputs: str, layer: str | None) -> str | None:
@@ -183,6 +275,9 @@ RatioOpt = Annotated[Optional[str], typer.Option(help="Random-resized-crop aspec
 FlipOpt = Annotated[Optional[float], typer.Option(help="Horizontal flip probability. [default: 0.5]")]
 InterpolationOpt = Annotated[Optional[str], typer.Option(help="How each crop is resized to the view size: bilinear, bicubic or nearest (antialiased). [default: the teacher's own (its pretrained config), in cached mode the archive's]")]
 JitterOpt = Annotated[Optional[float], typer.Option(help="Colour jitter strength j: brightness, contrast, saturation in [1-j, 1+j]. [default: 0]")]
+RandAugmentOpt = Annotated[Optional[str], typer.Option(metavar="N,M", help="RandAugment: N ops per view, drawn from --randaugment-ops, at magnitude M of 30 (torchvision's scale; timm's rand-m9-n2 is about 2,27). Recorded with each view, so the teacher sees what the student replays. [default: off]")]
+RandAugmentOpsOpt = Annotated[Optional[str], typer.Option(metavar="NAMES", help=f"RandAugment's ops, comma-separated, from {', '.join(RANDAUGMENT_OPS)}. [default: all but Invert, as torchvision's]")]
+EraseOpt = Annotated[Optional[float], typer.Option(metavar="P", help="Random erasing: with probability P, a box of each view (2% to 33% of it, as timm's) is replaced by uniform noise. Recorded with each view. [default: 0, off]")]
 MixupOpt = Annotated[Optional[str], typer.Option(help="Mix each view with the same view of a seeded partner: mixup or cutmix (the teacher sees the mixed pixels). [default: no mixing]")]
 MixAlphaOpt = Annotated[Optional[float], typer.Option(help="lam ~ Beta(A, A) for A > 0; 0 draws lam ~ U(0, 1), as in function matching. [default: 0]")]
 ViewsOpt = Annotated[Optional[int], typer.Option(help="Views per sample and epoch. [default: 1]")]
@@ -216,6 +311,9 @@ def cache_teacher_command(
     ratio: RatioOpt = None,
     flip_prob: FlipOpt = None,
     color_jitter: JitterOpt = None,
+    randaugment: RandAugmentOpt = None,
+    randaugment_ops: RandAugmentOpsOpt = None,
+    random_erase: EraseOpt = None,
     interpolation: InterpolationOpt = None,
     mean: MeanOpt = None,
     std: StdOpt = None,
@@ -230,6 +328,7 @@ def cache_teacher_command(
     teacher_classes: Annotated[Optional[str], typer.Option(help="Class names of the teacher's outputs, comma-separated, when it knows a subset of the data's classes. [default: the data's class folders]")] = None,
     outputs: Annotated[str, typer.Option(help="What to cache: logits, or embeddings (a layer's L2-normalised output, for --loss seed).")] = "logits",
     embedding_layer: Annotated[Optional[str], typer.Option(help="With --outputs embeddings: the module whose output is cached (a name from model.named_modules()). [default: the input of the last Linear layer]")] = None,
+    config: ConfigOpt = None,
 ) -> None:
     """Run the teacher over a seeded stream of augmented views and store its logits per view.
 
@@ -243,6 +342,7 @@ def cache_teacher_command(
     options = ({} if epochs is None else {"epochs": epochs}) | _recipe_options(
         size=size, scale=scale, ratio=ratio, flip_prob=flip_prob, color_jitter=color_jitter, interpolation=interpolation,
         views_per_sample=views_per_sample, seed=seed, mixup=mixup, mix_alpha=mix_alpha,
+        randaugment=randaugment, randaugment_ops=randaugment_ops, random_erase=random_erase,
     )
     recipe = cache_recipe(teacher_spec, options, teacher_name, out, parse_storage_options(storage_option))
     spec = CacheSpec(
@@ -300,6 +400,9 @@ def train_student_command(
     ratio: RatioOpt = None,
     flip_prob: FlipOpt = None,
     color_jitter: JitterOpt = None,
+    randaugment: RandAugmentOpt = None,
+    randaugment_ops: RandAugmentOpsOpt = None,
+    random_erase: EraseOpt = None,
     interpolation: InterpolationOpt = None,
     mean: MeanOpt = None,
     std: StdOpt = None,
@@ -309,7 +412,14 @@ def train_student_command(
     probe_data: Annotated[Optional[str], typer.Option(help="--loss seed: labelled images the linear probe (the val_top1 of an embedding student) is fitted on. [default: --data]")] = None,
     student_size: Annotated[Optional[int], typer.Option(help="Side of the student's views in pixels, rendered from the same view parameters as the teacher's. [default: --size, or the archive's]")] = None,
     precise_bn: Annotated[int, typer.Option(metavar="VIEWS", help="Before each evaluation and checkpoint, recompute the student's BatchNorm statistics on this many of the epoch's training views (precise BN); 0: off, keeping the running averages of training.")] = 1024,
+    warmup_epochs: Annotated[float, typer.Option(help="Epochs of linear learning-rate warmup before the cosine decay (fractions allowed).")] = 0.0,
+    label_smoothing: Annotated[float, typer.Option(help="Label smoothing of the cross-entropy term on labels (with --alpha above 0, or supervised).")] = 0.0,
+    ema: Annotated[float, typer.Option(metavar="DECAY", help="Keep an exponential moving average of the student's weights with this decay (e.g. 0.999), scored on --val each epoch (val_top1_ema) and saved as student_ema.pt; 0: none.")] = 0.0,
+    accumulate: Annotated[int, typer.Option(metavar="BATCHES", help="Sum the gradients of this many batches into one optimizer step: a global batch of --batch-size x BATCHES samples that need not fit in memory at once.")] = 1,
+    clip_norm: Annotated[float, typer.Option(help="Clip the gradient norm to this before each optimizer step; 0: no clipping.")] = 1.0,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run in --out from its last epoch.")] = False,
+    config: ConfigOpt = None,
+    ctx: typer.Context = None,
 ) -> None:
     """Train a student on the views of a teacher archive (cached), with a live teacher
     (online), or on labels alone (supervised).
@@ -320,25 +430,32 @@ def train_student_command(
     from pipeline import distributed
     from pipeline.train import train_student
 
-    mode = mode if mode is not None else "cached" if cache else "online" if teacher else "supervised"
-    teacher_spec = _teacher_spec(teacher, num_classes, weights, teacher_mean, teacher_std, teacher_pretrained)
-    spec = TrainSpec(
-        data=data, student=_model_spec(student, num_classes, student_weights, mean, std, student_pretrained), out=out, mode=mode,
-        cache=cache, storage_options=parse_storage_options(storage_option), local_cache=local_cache, teacher=teacher_spec, val=val, epochs=epochs, cycle_epochs=cycle_epochs, batch_size=batch_size,
-        optimizer=optimizer, lr=lr, weight_decay=weight_decay, momentum=momentum, temperature=temperature,
-        alpha=alpha, seed=init_seed, workers=workers, compile=compile, teacher_batch_size=teacher_batch_size,
-        student_size=student_size, loss=loss, loss_options=_loss_options(loss_option),
-        teachers=tuple(teachers.split(",")) if teachers else None, combine=combine, schedule=_schedule(schedule),
-        probe_data=probe_data, precise_bn=precise_bn,
-    )
-    options = _recipe_options(
-        size=size, scale=scale, ratio=ratio, flip_prob=flip_prob, color_jitter=color_jitter, interpolation=interpolation,
-        views_per_sample=views_per_sample, seed=seed, mixup=mixup, mix_alpha=mix_alpha,
-    )
+    spec, recipe_options = _train_spec(ctx.params)
     with distributed.job() as ranks:
-        summary = train_student(spec, options, resume=resume)
+        summary = train_student(spec, recipe_options, resume=resume, options=_given_options(ctx))
     if ranks.main:
         typer.echo(json.dumps(summary))
+
+
+def _train_spec(p: dict) -> tuple[TrainSpec, dict]:
+    """train-student's TrainSpec and view-recipe options from its options `p` (by name)."""
+    mode = p["mode"] if p["mode"] is not None else "cached" if p["cache"] else "online" if p["teacher"] else "supervised"
+    teacher = _teacher_spec(p["teacher"], p["num_classes"], p["weights"], p["teacher_mean"], p["teacher_std"],
+                            p["teacher_pretrained"])
+    student = _model_spec(p["student"], p["num_classes"], p["student_weights"], p["mean"], p["std"],
+                          p["student_pretrained"])
+    same = ("data", "out", "cache", "local_cache", "val", "epochs", "cycle_epochs", "batch_size", "optimizer", "lr",
+            "weight_decay", "momentum", "temperature", "alpha", "workers", "compile", "teacher_batch_size",
+            "student_size", "loss", "combine", "probe_data", "precise_bn", "warmup_epochs", "label_smoothing", "ema",
+            "accumulate", "clip_norm")
+    spec = TrainSpec(
+        **{name: p[name] for name in same}, student=student, mode=mode, teacher=teacher, seed=p["init_seed"],
+        storage_options=parse_storage_options(p["storage_option"]), loss_options=_loss_options(p["loss_option"]),
+        teachers=tuple(p["teachers"].split(",")) if p["teachers"] else None, schedule=_schedule(p["schedule"]),
+    )
+    recipe = ("size", "scale", "ratio", "flip_prob", "color_jitter", "interpolation", "views_per_sample", "seed",
+              "mixup", "mix_alpha", "randaugment", "randaugment_ops", "random_erase")
+    return spec, _recipe_options(**{name: p[name] for name in recipe})
 
 
 @app.command("inspect")
@@ -351,7 +468,8 @@ def inspect_command(
     local_cache: LocalCacheOpt = None,
 ) -> None:
     """Describe an archive: recipe, teacher and dataset fingerprints, shapes, codec,
-    completeness, bytes per view, and the teacher's agreement with the labels and entropy."""
+    completeness, bytes per view, and the teacher's agreement with the labels (a mixed
+    view's label is its dominant component's) and entropy."""
     from pipeline.audit import inspect_archive
 
     report = inspect_archive(archive, parse_storage_options(storage_option), local_cache, stats=stats)
@@ -396,7 +514,7 @@ def verify_command(
 @app.command("eval")
 @_user_errors
 def eval_command(
-    model: Annotated[str, typer.Option(help=ModelHelp)],
+    model: Annotated[str, typer.Option(help=f"{ModelHelp} Or a kdpipe student: a run directory (its student.pt) or a student file (student_best.pt, student_ema.pt), which brings its weights, classes and evaluation view.")],
     data: DataOpt,
     weights: Annotated[Optional[str], typer.Option(help="Model weights: a student.pt, a state_dict, a checkpoint holding one, or a .safetensors file.")] = None,
     pretrained: Annotated[Optional[str], typer.Option(help=PretrainedHelp)] = None,
@@ -416,7 +534,7 @@ def eval_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON instead of text.")] = False,
     out: Annotated[Optional[str], typer.Option(help="Also write the report as JSON to this file.")] = None,
 ) -> None:
-    """Evaluate a model (a teacher, or a student's student.pt via --weights) on labelled
+    """Evaluate a model (a teacher, or a kdpipe student: --model RUN_DIR) on labelled
     images with the standard evaluation view: top-1, top-5 and per-class accuracy, and
     with --teacher the agreement with it and KL(teacher || model)."""
     from pipeline.evaluation import EvalSpec, evaluate_model, format_eval
@@ -425,7 +543,7 @@ def eval_command(
         raise ConfigError("--teacher-weights, --teacher-pretrained and --teacher-size describe a teacher: add --teacher MODEL")
     teacher_spec = _model_spec(teacher, num_classes, teacher_weights, None, None, teacher_pretrained) if teacher else None
     spec = EvalSpec(
-        model=_model_spec(model, num_classes, weights, mean, std, pretrained), data=data, teacher=teacher_spec,
+        model=_model_or_student(model, num_classes, weights, mean, std, pretrained), data=data, teacher=teacher_spec,
         size=size, crop_pct=crop_pct, interpolation=interpolation, resize=eval_resize, teacher_size=teacher_size,
         batch_size=batch_size, workers=workers,
     )
@@ -434,6 +552,59 @@ def eval_command(
         with open(out, "w") as file:
             json.dump(report, file, indent=1)
     typer.echo(json.dumps(report, indent=1) if as_json else format_eval(report))
+
+
+def _model_or_student(name: str, num_classes: int | None, weights: str | None, mean: str | None, std: str | None,
+                      pretrained: str | None) -> ModelSpec | str:
+    """eval's --model and its options as a ModelSpec, or the path of a kdpipe student: a
+    path that exists, or a name without the SOURCE: every model name has. A student
+    brings its own weights, classes and normalisation, so their options are refused."""
+    if ":" in name and not os.path.exists(name):
+        return _model_spec(name, num_classes, weights, mean, std, pretrained)
+    if weights or pretrained or num_classes or mean or std:
+        raise ConfigError(f"--model {name} is a kdpipe student, which brings its own weights, classes and "
+                          "normalisation: drop --weights, --pretrained, --num-classes, --mean and --std")
+    return name
+
+
+StudentArg = Annotated[str, typer.Argument(help="A kdpipe student: a run directory (its student.pt) or a student file (student.pt, student_best.pt, student_ema.pt).")]
+
+
+@app.command("export")
+@_user_errors
+def export_command(
+    student: StudentArg,
+    out: Annotated[str, typer.Option(help="The file to write.")],
+    export_format: Annotated[str, typer.Option("--format", help="torchscript (torch.jit.load) or onnx (needs pip install 'kdpipe[onnx]').")] = "torchscript",
+    size: Annotated[Optional[int], typer.Option(help="Side of the input images in pixels the model is exported for. [default: the student's view size]")] = None,
+) -> None:
+    """Export a student for deployment: a TorchScript or ONNX model of float32 RGB pixels
+    in [0, 1], (N, 3, size, size) for any N, to its logits (N, C), normalisation inside.
+    The file describes itself: kdpipe.json (TorchScript extra file, ONNX metadata) holds
+    its class names and preprocessing (the view size, crop_pct and interpolation)."""
+    from pipeline.deploy import export_student
+
+    typer.echo(json.dumps(export_student(student, export_format, out, size)))
+
+
+@app.command("predict")
+@_user_errors
+def predict_command(
+    student: StudentArg,
+    data: Annotated[str, typer.Option(help="The images: every image below a folder (any layout; labels unused), or any --data of train-student.")],
+    top: Annotated[int, typer.Option(help="Classes to give per image, most probable first.")] = 5,
+    out: Annotated[Optional[str], typer.Option(help="Write the predictions to this .jsonl or .csv file (path, class_1, probability_1, ...). [default: JSON Lines on stdout]")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
+    workers: WorkersOpt = 2,
+) -> None:
+    """Run a student on every image of a folder, seen through its evaluation view, and
+    give per image its path, its top classes and their softmax probabilities: JSON Lines
+    on stdout, or with --out a file, and then a one-line JSON report on stdout."""
+    from pipeline.deploy import predict_images
+
+    report = predict_images(student, data, out, top, batch_size, workers)
+    if out is not None:  # else stdout holds the predictions
+        typer.echo(json.dumps(report))
 
 
 def _format_report(report: dict, indent: str = "") -> str:
@@ -451,6 +622,23 @@ def _format_report(report: dict, indent: str = "") -> str:
         else:
             lines.append(f"{indent}{key}: {value if isinstance(value, str) else json.dumps(value)}")
     return "\n".join(lines)
+
+
+@app.command("report")
+@_user_errors
+def report_command(
+    run_dirs: Annotated[list[str], typer.Argument(help="train-student run directories (--out folders), finished or still training.")],
+    out: Annotated[str, typer.Option(help="Folder for report.png and report.md (those two files are replaced).")] = "kdpipe-report",
+) -> None:
+    """Plot train-student runs side by side: loss, val top-1 (and the EMA student's),
+    val top-5, agreement with the teacher and KL per epoch, a line per run, into
+    report.png; their final figures as a markdown table into report.md (also printed)."""
+    from pipeline.progress import say
+    from pipeline.report import write_report
+
+    report = write_report(run_dirs, out)
+    typer.echo(report["markdown"])
+    say(f"wrote {report['plot']} and {report['table']}")
 
 
 @app.command("quickstart")

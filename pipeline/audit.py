@@ -25,6 +25,7 @@ from .errors import ArchiveError, ModelError
 from .models import Teacher, with_num_classes
 from .store import (LOGPROB_STEP, ArchiveReader, Location, TopKCodec, UnfinishedArchive, added_teachers,
                     check_archive_matches, read_manifest, unfinished_archive, verify_objects)
+from .views import view_param_fields
 
 # A recomputed view passes when its error is within these bounds.
 DENSE_RELATIVE_TOLERANCE = 0.02  # covers float16 storage and bf16 autocast on a GPU
@@ -88,23 +89,36 @@ def _describe_unfinished(location: Location, unfinished: UnfinishedArchive) -> d
     }
 
 
+# What a mixed view's teacher top-1 is scored against, as inspect reports it.
+MIXED_AGREEMENT = ("the label of each mixed view's dominant component: its own sample's when lam >= 0.5, "
+                   "its partner's when lam <= 0.5 (at 0.5 either counts)")
+
+
 def _logit_stats(reader: ArchiveReader) -> dict:
-    """Top-1 agreement with the labels and entropy (nats) of the teacher's distributions."""
-    agree = labelled = 0
-    entropies = []
+    """Top-1 agreement with the labels and entropy (nats) of the teacher's distributions.
+    A mixed view (mixup, CutMix) is scored against the label of its dominant component
+    (`_agreement`), which needs its partner's label: every sample is at some position of
+    every epoch, so the first epoch's views are scored once that epoch has been read."""
+    mixing = _mix_columns(reader.manifest.recipe)
+    labels_of = np.full(reader.num_samples, -1, dtype=np.int64)  # by sample index
+    counts = np.zeros(2, dtype=np.int64)  # views whose top-1 is their label, labelled views
+    entropies, waiting = [], []
     for epoch in range(reader.epochs):
         for start in range(0, reader.num_samples, reader.shard_size):
             stop = min(start + reader.shard_size, reader.num_samples)
             fields = reader.read_fields(epoch, start, stop)
             log_probs = torch.from_numpy(reader.codec.decode(fields)).log_softmax(-1)
             entropies.append(-(log_probs.exp() * log_probs).sum(-1).flatten())
-            labels = torch.from_numpy(np.asarray(fields["label"]))[:, None].expand(-1, reader.views)
-            known = labels >= 0
-            labelled += int(known.sum())
-            agree += int((log_probs.argmax(-1)[known] == labels[known]).sum())
+            labels_of[fields["sample_index"]] = fields["label"]
+            mixed = None if mixing is None else fields["view_params"][..., list(mixing)]
+            waiting.append((log_probs.argmax(-1).numpy(), np.asarray(fields["label"]), mixed))
+            if mixing is None or epoch > 0 or stop == reader.num_samples:  # else a partner may come later
+                counts += sum(_agreement(*views, labels_of) for views in waiting)
+                waiting.clear()
+    agree, labelled = (int(count) for count in counts)
     entropy = torch.cat(entropies).double()
     quantiles = torch.quantile(entropy, torch.tensor([0.05, 0.5, 0.95], dtype=torch.float64)).tolist()
-    return {
+    stats = {
         "top1_agreement_with_labels": 100.0 * agree / labelled if labelled else None,
         "labelled_views": labelled,
         "entropy_mean": float(entropy.mean()),
@@ -113,6 +127,29 @@ def _logit_stats(reader: ArchiveReader) -> dict:
         "entropy_p95": quantiles[2],
         "entropy_max_possible": math.log(reader.num_classes),
     }
+    return stats if mixing is None else {"agreement_target": MIXED_AGREEMENT} | stats
+
+
+def _mix_columns(recipe) -> tuple[int, int] | None:
+    """The columns of the partner and of lam among an archive's view parameters; None
+    when its recipe does not mix."""
+    names = view_param_fields(recipe)
+    return (names.index("partner"), names.index("lam")) if recipe.mixup else None
+
+
+def _agreement(top1: np.ndarray, labels: np.ndarray, mixed: np.ndarray | None, labels_of: np.ndarray) -> np.ndarray:
+    """[views whose teacher top-1 is their label, labelled views] among `top1` (positions,
+    views), for the positions' `labels`. With `mixed` (positions, views, [partner, lam]),
+    the label is the dominant component's (MIXED_AGREEMENT): a view that is 70% sample a
+    and 30% sample b is a's, and a teacher that sees b in it has not got it right."""
+    own = np.broadcast_to(labels[:, None], top1.shape)
+    known = own >= 0
+    if mixed is None:
+        right = top1 == own
+    else:
+        partner, lam = labels_of[mixed[..., 0].astype(np.int64)], mixed[..., 1]
+        right = ((top1 == own) & (lam >= 0.5)) | ((top1 == partner) & (lam <= 0.5))
+    return np.array([right[known].sum(), known.sum()], dtype=np.int64)
 
 
 def verify_archive(url: str, storage_options: dict | None = None, teacher: ModelSpec | None = None,

@@ -96,7 +96,8 @@ def cache_recipe(teacher: ModelSpec, options: dict, teacher_name: str, out: str,
     if teacher_name == MAIN_TEACHER:
         return ViewRecipe.from_dict({"epochs": 1} | recipe_defaults(teacher) | options)
     manifest = read_manifest(Location(out, storage_options))
-    check_archive_matches(manifest, out, recipe=manifest.recipe.to_dict() | options)
+    # through ViewRecipe, so an option given at its default (--random-erase 0) reads as the archive's JSON does
+    check_archive_matches(manifest, out, recipe=ViewRecipe.from_dict(manifest.recipe.to_dict() | options).to_dict())
     return manifest.recipe
 
 

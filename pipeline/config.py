@@ -8,6 +8,7 @@ is the sha256 of the canonical JSON of what it describes.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
 import math
@@ -128,6 +129,33 @@ def first_difference(expected: Any, actual: Any, prefix: str = "") -> str | None
 
 MIX_MODES = ("mixup", "cutmix")
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")  # how the renderer resizes a crop
+# RandAugment's ops. An archive's view parameters number them by their place here
+# (docs/format.md), so the table is only ever appended to.
+RANDAUGMENT_OPS = ("Identity", "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness", "Color",
+                   "Contrast", "Sharpness", "Posterize", "Solarize", "AutoContrast", "Equalize", "Invert")
+DEFAULT_RANDAUGMENT_OPS = RANDAUGMENT_OPS[:14]  # torchvision's RandAugment; timm's also inverts
+MAX_RANDAUGMENT_MAGNITUDE = 30  # torchvision's 31 magnitude bins, 0..30
+MAX_RANDAUGMENT_OPS = 16  # per view: beyond this a typo, and each takes two view-parameter columns
+
+
+def check_randaugment(randaugment: Any) -> None:
+    """Refuse a RandAugment setting that is not {"num_ops": N, "magnitude": M, "ops": [...]}
+    with N ops per view, a magnitude M in [0, 30] and op names from RANDAUGMENT_OPS; an
+    unknown name is refused with the nearest valid ones."""
+    if not isinstance(randaugment, dict) or set(randaugment) != {"num_ops", "magnitude", "ops"}:
+        raise ConfigError(f"randaugment must be {{'num_ops': N, 'magnitude': M, 'ops': [NAME, ...]}}, got {randaugment!r}")
+    num_ops, ops = randaugment["num_ops"], randaugment["ops"]
+    if not isinstance(num_ops, int) or isinstance(num_ops, bool) or not 1 <= num_ops <= MAX_RANDAUGMENT_OPS:
+        raise ConfigError(f"--randaugment N,M needs N (ops per view) from 1 to {MAX_RANDAUGMENT_OPS}, got {num_ops!r}")
+    check_number("--randaugment N,M magnitude M", randaugment["magnitude"], 0, MAX_RANDAUGMENT_MAGNITUDE)
+    if not isinstance(ops, (list, tuple)) or not ops:
+        raise ConfigError(f"--randaugment-ops needs at least one of {', '.join(RANDAUGMENT_OPS)}, got {ops!r}")
+    lowered = {op.lower(): op for op in RANDAUGMENT_OPS}
+    for name in ops:
+        if name not in RANDAUGMENT_OPS:
+            near = [lowered[match] for match in difflib.get_close_matches(str(name).lower(), lowered, n=3)]
+            hint = f"; did you mean {' or '.join(near)}?" if near else ""
+            raise ConfigError(f"--randaugment-ops has no op {name!r}{hint} (ops: {', '.join(RANDAUGMENT_OPS)})")
 
 
 @dataclass(frozen=True)
@@ -144,6 +172,13 @@ class ViewRecipe:
     mixed pixels, so the student is taught on exactly those. `interpolation` is how a
     crop is resized to `size` (antialiased), by default the teacher's own (its
     preprocessing); archives made before it was recorded read as "bilinear".
+
+    `randaugment`, when set, is {"num_ops": N, "magnitude": M, "ops": [NAME, ...]}: each
+    view gets N ops drawn from `ops` (names from RANDAUGMENT_OPS) at magnitude M of 30.
+    `random_erase` is the probability that a view has a box of it replaced by noise.
+    Both are drawn per view and recorded with its parameters, so the teacher sees what
+    the student replays; off by default, and then left out of `to_dict`, so recipes
+    without them keep the JSON and fingerprints they had before kdpipe knew them.
     """
 
     size: int = 32
@@ -156,9 +191,14 @@ class ViewRecipe:
     seed: int = 0
     mixup: dict | None = None
     interpolation: str = "bilinear"
+    randaugment: dict | None = None
+    random_erase: float = 0.0
 
     def __post_init__(self):
         check_number("--size", self.size, 1, MAX_VIEW_SIZE)
+        if self.randaugment is not None:
+            check_randaugment(self.randaugment)
+        check_number("--random-erase", self.random_erase, 0, 1)
         if self.interpolation not in INTERPOLATIONS:
             raise ConfigError(f"--interpolation must be one of {', '.join(INTERPOLATIONS)}, got {self.interpolation!r}")
         for option, values in (("--scale", self.scale), ("--ratio", self.ratio)):
@@ -182,7 +222,13 @@ class ViewRecipe:
                 raise ConfigError(f"--mix-alpha must be 0 (lam uniform) or positive (Beta(alpha, alpha)), got {alpha}")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The recipe's JSON form. Augmentations that are off are left out, as in the
+        archives made before kdpipe had them; from_dict reads them back as off."""
+        data = dataclasses.asdict(self)
+        for name, off in (("randaugment", None), ("random_erase", 0.0)):
+            if data[name] == off:
+                del data[name]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ViewRecipe:
@@ -339,6 +385,11 @@ class TrainSpec:
     schedule: tuple[tuple[str, int], ...] | None = None
     probe_data: str | None = None  # labelled images the linear probe of a SEED student is fitted on
     precise_bn: int = 1024  # training views BatchNorm statistics are recomputed on before scoring and saving; 0: off
+    warmup_epochs: float = 0.0  # linear warmup of the learning rate over this many epochs, then cosine decay
+    label_smoothing: float = 0.0  # of the cross-entropy term on labels
+    ema: float = 0.0  # decay of the EMA of the student's weights (e.g. 0.999); 0: no EMA
+    accumulate: int = 1  # batches whose gradients are summed into one optimizer step
+    clip_norm: float = 1.0  # the gradient norm is clipped to this; 0: no clipping
 
     def __post_init__(self):
         if (self.teachers or self.schedule) and self.mode != "cached":
@@ -382,6 +433,13 @@ class TrainSpec:
         check_number("--alpha", self.alpha)
         check_number("--init-seed", self.seed, 0)
         check_number("--precise-bn", self.precise_bn, 0)
+        check_number("--warmup-epochs", self.warmup_epochs, 0)
+        check_number("--label-smoothing", self.label_smoothing, 0, 1, below=True)
+        check_number("--ema", self.ema, 0, 1, below=True)
+        check_number("--accumulate", self.accumulate, 1)
+        check_number("--clip-norm", self.clip_norm, 0)
+        if self.epochs is not None and self.warmup_epochs >= self.epochs:
+            raise ConfigError(f"--warmup-epochs {self.warmup_epochs:g} must be fewer than --epochs {self.epochs}")
         if self.student_size is not None:
             check_number("--student-size", self.student_size, 1, MAX_VIEW_SIZE)
         if self.teacher_batch_size is not None and (self.teacher_batch_size < 1 or self.mode != "online"):
@@ -394,10 +452,11 @@ class TrainSpec:
             raise ConfigError(f"alpha must be in [0, 1], got {self.alpha}")
 
     def to_dict(self) -> dict[str, Any]:
-        """The run's configuration, without storage options (they may hold credentials)."""
+        """The run's configuration, without storage options (they may hold credentials);
+        the recipe as an archive's manifest records it (fields that are off left out)."""
         data = dataclasses.asdict(self)
         del data["storage_options"]
-        return data
+        return data | {"recipe": self.recipe.to_dict()}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainSpec:

@@ -4,7 +4,8 @@ A source is a list of images with optional labels (the `Source` interface, in
 `pipeline/sources.py`): an image folder (one subfolder per class, or images directly
 inside for unlabelled data), a seeded synthetic set, or one of the sources of
 `pipeline/sources.py` (label files, WebDataset shards, Hugging Face datasets);
-`open_source` opens any of them by its spec. Its fingerprint hashes the sorted sample
+`open_source` opens any of them by its spec (`open_images`: every image below a folder,
+whatever its layout, for a model to run on). Its fingerprint hashes the sorted sample
 keys, file sizes and labels, so an archive can tell whether it is being replayed on the
 data it was made from.
 """
@@ -171,6 +172,19 @@ def open_source(spec: str) -> Source:
             raise DataError(f"bad synthetic source {spec!r}; write synthetic:NUM_SAMPLES:NUM_CLASSES[:SIZE]")
         return SyntheticImages(*numbers)
     return open_listed(spec) or ImageFolder(spec)
+
+
+def open_images(spec: str) -> Source:
+    """The images of `spec` for a model to run on, labels unused (`kdpipe predict`):
+    every image file below a local folder, in path order, whatever its layout (images
+    alone, class folders, folders within folders, images beside folders); else what
+    `open_source` opens."""
+    if not os.path.isdir(spec):
+        return open_source(spec)
+    keys = [(os.path.relpath(path, spec), _size(path), UNLABELLED) for path in _images_below(spec)]
+    if not keys:
+        raise DataError(f"no images found in {spec} or its subfolders")
+    return ImageFiles(Path(spec), None, keys)
 
 
 class ViewDataset(Dataset):

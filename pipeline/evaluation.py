@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 from . import distributed
 from .config import INTERPOLATIONS, MAX_VIEW_SIZE, ModelSpec, check_number
 from .data import Source, open_source
+from .deploy import read_student
 from .errors import ConfigError, DataError
 from .models import build_model, output_classes, preprocessing, with_num_classes
 from .probe import features, whole_images
@@ -102,11 +103,13 @@ def evaluate(model: nn.Module, loader: DataLoader, classes: list[str], device: t
 @dataclass(frozen=True)
 class EvalSpec:
     """A `kdpipe eval` run: `model` (and optionally `teacher`) on the labelled images of
-    `data`. `size`, `crop_pct` and `interpolation` override the model's own evaluation
-    view (None keeps it); the teacher sees its own, at `teacher_size` when given, resized
-    the same way ("crop" or "squash")."""
+    `data`. `model` is a model to build, or the path of a kdpipe student (a run directory
+    or a student file), which brings its weights, classes and evaluation view. `size`,
+    `crop_pct` and `interpolation` override the model's own evaluation view (None keeps
+    it); the teacher sees its own, at `teacher_size` when given, resized the same way
+    ("crop" or "squash")."""
 
-    model: ModelSpec
+    model: ModelSpec | str
     data: str
     teacher: ModelSpec | None = None
     size: int | None = None
@@ -139,11 +142,10 @@ def evaluate_model(spec: EvalSpec) -> dict[str, Any]:
     teacher its own metrics under "teacher"."""
     check_number("--batch-size", spec.batch_size, 1)
     check_number("--workers", spec.workers, 0)
-    transform = model_transform(spec.model, spec.size, spec.crop_pct, spec.interpolation, spec.resize)
     source = open_source(spec.data)
     if source.classes is None:
         raise DataError(f"{spec.data} is unlabelled: evaluation needs labelled images (one folder per class)")
-    model = with_num_classes(spec.model, source.classes, "model")
+    model, transform = _model_and_view(spec, source.classes)
     logits, labels = predict(model, transform, source, spec.batch_size, spec.workers)
     report = {"model": model.name, "weights": model.weights or model.pretrained,
               "data": source.describe()["location"], "classes": len(source.classes), "transform": transform.to_dict()}
@@ -156,6 +158,26 @@ def evaluate_model(spec: EvalSpec) -> dict[str, Any]:
                       "transform": teacher_transform.to_dict()}
     teacher_report |= classification_metrics(teacher_logits, labels, source.classes)
     return report | classification_metrics(logits, labels, source.classes, teacher_logits) | {"teacher": teacher_report}
+
+
+def _model_and_view(spec: EvalSpec, classes: list[str]) -> tuple[ModelSpec, EvalTransform]:
+    """The model to evaluate, with the data's class count, and its evaluation view, the
+    options given overriding it: a model's own (its preprocessing), or a kdpipe student's
+    as its file records it, the view train-student scored it on. A student must give
+    class logits, and its classes be the data's, in order."""
+    if isinstance(spec.model, ModelSpec):
+        model = with_num_classes(spec.model, classes, "model")
+        return model, model_transform(model, spec.size, spec.crop_pct, spec.interpolation, spec.resize)
+    student = read_student(spec.model)
+    student.require_logits("be scored on class labels")
+    model = with_num_classes(student.spec, classes, "model")
+    if student.classes is not None and student.classes != classes:
+        i = next(i for i, (ours, theirs) in enumerate(zip(student.classes, classes)) if ours != theirs)
+        raise DataError(f"the student's output {i} is class {student.classes[i]!r}, but class folder {i} of "
+                        f"{spec.data} is {classes[i]!r}: evaluate it on data of its classes")
+    view = student.preprocessing
+    return model, EvalTransform(spec.size or view.input_size, spec.crop_pct or view.crop_pct,
+                                spec.interpolation or view.interpolation, spec.resize)
 
 
 def format_eval(report: dict[str, Any]) -> str:

@@ -54,13 +54,16 @@ def scheduled_teacher(schedule: tuple[tuple[str, int], ...], epoch: int) -> str:
     return schedule[-1][0]
 
 
-def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, mixing: Mixing | None = None) -> torch.Tensor:
-    """Cross-entropy on the labels; for mixed views, lam-weighted over both samples' labels."""
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, mixing: Mixing | None = None,
+                  smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy on the labels, each target smoothed by `smoothing` (that much of its
+    mass spread evenly over all classes); for mixed views, lam-weighted over both
+    samples' labels."""
     if mixing is None:
-        return F.cross_entropy(logits.float(), labels)
+        return F.cross_entropy(logits.float(), labels, label_smoothing=smoothing)
     partner_labels, lam = mixing
-    own = F.cross_entropy(logits.float(), labels, reduction="none")
-    other = F.cross_entropy(logits.float(), partner_labels, reduction="none")
+    own = F.cross_entropy(logits.float(), labels, reduction="none", label_smoothing=smoothing)
+    other = F.cross_entropy(logits.float(), partner_labels, reduction="none", label_smoothing=smoothing)
     return (lam * own + (1 - lam) * other).mean()
 
 
@@ -70,7 +73,8 @@ class Objective:
 
     `distill` is the distillation loss (None for supervised training); `columns` maps a
     teacher that knows only some of the student's classes to their columns; `schedule`,
-    when set, names the one teacher active in each epoch."""
+    when set, names the one teacher active in each epoch; `label_smoothing` smooths the
+    cross-entropy term's targets."""
 
     distill: Loss | None
     name: str = "kd"
@@ -78,17 +82,18 @@ class Objective:
     temperature: float = 1.0
     schedule: tuple[tuple[str, int], ...] | None = None
     columns: dict[str, list[int] | None] = field(default_factory=dict)
+    label_smoothing: float = 0.0
 
     def terms(self, student_logits: torch.Tensor, teacher_logits: dict[str, torch.Tensor] | None,
               labels: torch.Tensor, mixing: Mixing | None = None, epoch: int = 0) -> dict[str, torch.Tensor]:
         """The named terms of one step; `loss` is the one to minimise."""
         if self.distill is None or teacher_logits is None:
-            ce = cross_entropy(student_logits, labels, mixing)
+            ce = cross_entropy(student_logits, labels, mixing, self.label_smoothing)
             return {"loss": ce, "ce": ce}
         distill = self.distillation(student_logits, teacher_logits, labels, epoch)
         terms = {self.name: distill, "loss": (1 - self.alpha) * distill}
         if self.alpha > 0:
-            terms["ce"] = cross_entropy(student_logits, labels, mixing)
+            terms["ce"] = cross_entropy(student_logits, labels, mixing, self.label_smoothing)
             terms["loss"] = terms["loss"] + self.alpha * terms["ce"]
         return terms
 

@@ -21,6 +21,7 @@ from .cache import cache_teacher
 from .config import CacheSpec, ModelSpec, TrainSpec, ViewRecipe
 from .errors import ConfigError
 from .progress import say
+from .report import write_report
 from .train import train_student
 
 MARKER = ".kdpipe-quickstart"
@@ -32,6 +33,7 @@ TEACHER, STUDENT = "kdpipe:cnn", "kdpipe:mlp"
 RECIPE = {"size": 16, "scale": (0.5, 1.0), "ratio": (0.8, 1.25), "flip_prob": 0.0}
 TEACHER_EPOCHS, STUDENT_EPOCHS, SUPERVISED_EPOCHS = 10, 10, 150  # 50 images: one step an epoch
 KD_VIEWS = 2
+EMA_DECAY = 0.99  # the students keep an EMA of their weights, scored beside them
 # 8x8 PNGs decode in microseconds; on two cores the main process renders and trains, and
 # worker processes would only compete with it for the same cores.
 WORKERS = 0
@@ -60,13 +62,20 @@ def materialise_digits(root: Path, labelled_per_class: int = LABELLED_PER_CLASS)
     return folders
 
 
-def _mean(runs: list[dict], key: str) -> float:
+def _mean(runs: list[dict], key: str) -> float | None:
+    """The mean of a figure over the runs, None where the runs have none (no EMA, no teacher)."""
+    if any(run.get(key) is None for run in runs):
+        return None
     return statistics.fmean(run[key] for run in runs)
 
 
 def _entry(runs: list[dict], labels: int) -> dict:
     entry = {
         "val_top1": _mean(runs, "val_top1"),
+        "val_top5": _mean(runs, "val_top5"),
+        "val_top1_ema": _mean(runs, "val_top1_ema"),
+        "val_agreement": _mean(runs, "val_agreement"),
+        "val_kl": _mean(runs, "val_kl"),
         "wall_seconds": _mean(runs, "wall_seconds"),
         "views_per_sec": _mean(runs, "views_per_sec"),
         "labels_used": labels,
@@ -115,15 +124,17 @@ def run_quickstart(out: str, seeds: int = 1) -> dict:
     for seed in range(seeds):
         say(f"3/4 students, seed {seed}: supervised on {num_labelled} labels")
         runs["supervised"].append(
-            train(f"supervised-seed{seed}", "labelled", ModelSpec(STUDENT), "supervised", SUPERVISED_EPOCHS, RECIPE, seed=seed)
+            train(f"supervised-seed{seed}", "labelled", ModelSpec(STUDENT), "supervised", SUPERVISED_EPOCHS, RECIPE,
+                  seed=seed, ema=EMA_DECAY)
         )
         say(f"4/4 students, seed {seed}: distilled online and from the cache (no labels)")
         runs["online"].append(
             train(f"online-seed{seed}", "pool", ModelSpec(STUDENT), "online", STUDENT_EPOCHS, kd_recipe,
-                  seed=seed, teacher=teacher_model)
+                  seed=seed, teacher=teacher_model, ema=EMA_DECAY)
         )
         runs["cached"].append(  # the recipe comes from the archive
-            train(f"cached-seed{seed}", "pool", ModelSpec(STUDENT), "cached", STUDENT_EPOCHS, {}, seed=seed, cache=archive)
+            train(f"cached-seed{seed}", "pool", ModelSpec(STUDENT), "cached", STUDENT_EPOCHS, {}, seed=seed, cache=archive,
+                  ema=EMA_DECAY)
         )
     summary = {
         "setting": (f"reduced labelling: teacher {TEACHER} trained on all {num_train} labels; student {STUDENT} "
@@ -139,6 +150,9 @@ def run_quickstart(out: str, seeds: int = 1) -> dict:
     }
     (root / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(format_table(summary))
+    report = write_report([str(root / "runs" / name) for name in ("teacher", "supervised-seed0", "online-seed0",
+                                                                   "cached-seed0")], str(root))
+    say(f"the teacher's and the seed-0 students' figures per epoch: {report['plot']} (table: {report['table']})")
     return summary
 
 
@@ -147,16 +161,22 @@ def format_table(summary: dict) -> str:
     lines = [
         f"setting: {summary['setting']}",
         "",
-        f"{'run':<12}{'labels':>8}{'val top-1 %':>16}{'wall s':>9}{'views/s':>10}",
+        f"{'run':<12}{'labels':>8}{'val top-1 %':>16}{'top-5 %':>9}{'EMA top-1':>11}{'agreement':>11}"
+        f"{'wall s':>9}{'views/s':>10}",
     ]
     for name in ("teacher", "supervised", "online", "cached"):
         e = summary[name]
         accuracy = f"{e['val_top1']:.2f}" + (f" ±{e['val_top1_std']:.2f}" if "val_top1_std" in e else "")
-        lines.append(f"{name:<12}{e['labels_used']:>8}{accuracy:>16}{e['wall_seconds']:>9.1f}{e['views_per_sec']:>10,.0f}")
+        figures = "".join(f"{'-' if e.get(key) is None else format(e[key], '.2f'):>{width}}"
+                          for key, width in (("val_top5", 9), ("val_top1_ema", 11), ("val_agreement", 11)))
+        lines.append(f"{name:<12}{e['labels_used']:>8}{accuracy:>16}{figures}{e['wall_seconds']:>9.1f}"
+                     f"{e['views_per_sec']:>10,.0f}")
     c = summary["cache"]
     lines += [
         "",
         f"cache: {c['views']:,} views, {c['bytes']:,} bytes, {c['bytes_per_view']:.1f} bytes/view",
+        "agreement: % of val images where the student's top-1 is the teacher's; EMA: the average of its weights "
+        f"(--ema {EMA_DECAY})",
         f"student figures are means over {summary['cached']['seeds']} seed(s) (± standard deviation); "
         f"total {summary['wall_seconds']:.0f} s",
     ]

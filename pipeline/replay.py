@@ -110,7 +110,9 @@ def resolve_recipe(spec: TrainSpec, recipe_options: dict, reader: ArchiveReader 
     online, else the student)."""
     if reader is not None:
         cached = reader.manifest.recipe
-        check_archive_matches(reader.manifest, spec.cache, recipe=cached.to_dict() | recipe_options)
+        # through ViewRecipe, so an option given at its default (--random-erase 0) reads as the archive's JSON does
+        given = ViewRecipe.from_dict(cached.to_dict() | recipe_options)
+        check_archive_matches(reader.manifest, spec.cache, recipe=given.to_dict())
         return cached
     return ViewRecipe.from_dict({"epochs": spec.epochs} | recipe_defaults(spec.teacher or spec.student) | recipe_options)
 

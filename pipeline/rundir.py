@@ -2,9 +2,16 @@
 
     config.json     the resolved TrainSpec (paths absolute); a resumed run must match it
                     in all that defines its result (RESULT_NEUTRAL may change)
+    options.yaml    the command's options as it ran (kdpipe train-student --config
+                    options.yaml runs it again)
     checkpoint.pt   the state after the last finished epoch (--resume continues from it)
+    student_best.pt the student of the epoch with the best val_top1 so far (with --val)
+    student_ema.pt  the EMA of the student's weights, at the end (with --ema)
     metrics.jsonl   one line per finished epoch
-    student.pt      the student's weights (the inner network's state_dict), at the end
+    events.out.tfevents.*  the same metrics for TensorBoard, when it is installed (`monitor`)
+    student.pt      the student at the end: its weights (the inner network's state_dict
+                    under "model"), model spec, class names and preprocessing
+                    (`train.student_file`)
     summary.json    written last: a run directory with it is finished
     run.lock        locked (flock) while a train-student works in the directory; removed
                     once the run is finished
@@ -26,15 +33,19 @@ from typing import Any
 
 import torch
 
-from .config import first_difference
-from .errors import NO_SPACE, ConfigError
+from .config import TrainSpec, first_difference
+from .errors import NO_SPACE, ConfigError, KdpipeError
+from .monitor import ScalarLog
 from .store import write_local_atomic
 
 CONFIG = "config.json"
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 WEIGHTS = "student.pt"
+BEST = "student_best.pt"
+EMA = "student_ema.pt"
 SUMMARY = "summary.json"
+OPTIONS = "options.yaml"
 LOCK = "run.lock"
 
 
@@ -44,8 +55,16 @@ RESULT_NEUTRAL = ("workers", "local_cache")
 
 
 def _result_defining(config: dict) -> dict:
-    """What of a run's config.json a resumed run must agree with."""
-    return {key: value for key, value in config.items() if key not in RESULT_NEUTRAL}
+    """What of a run's config.json a resumed run must agree with: every field but
+    RESULT_NEUTRAL, read as a TrainSpec so that a field a newer kdpipe added compares as
+    its default (a run started before the option existed ran with its default)."""
+    spec = {key: value for key, value in config.items() if key != "inputs"}
+    try:
+        spec = TrainSpec.from_dict(spec).to_dict()
+    except (KdpipeError, TypeError, ValueError, KeyError):
+        pass  # compared as it is: the first difference is then named
+    inputs = {"inputs": config["inputs"]} if "inputs" in config else {}
+    return {key: value for key, value in (spec | inputs).items() if key not in RESULT_NEUTRAL}
 
 
 class RunDir:
@@ -54,6 +73,7 @@ class RunDir:
     def __init__(self, out: str | Path):
         self.path = Path(out)
         self._lock_descriptor: int | None = None
+        self._scalars = ScalarLog(self.path)  # TensorBoard's copy of the metrics, when it is installed
 
     def prepare(self, config: dict, resume: bool) -> dict | None:
         """Create the run directory, or check that a resumed one ran this config; take the
@@ -113,6 +133,7 @@ class RunDir:
         descriptor, self._lock_descriptor = self._lock_descriptor, None
         if descriptor is not None:
             os.close(descriptor)
+        self._scalars.close()
 
     def _read_config(self) -> dict:
         try:
@@ -159,13 +180,25 @@ class RunDir:
         path = self.path / METRICS
         old = path.read_bytes() if path.exists() else b""
         self._write(METRICS, old + (json.dumps(record) + "\n").encode())
+        self._scalars.append(record)
 
     def save_checkpoint(self, state: dict) -> None:
         self._save_torch(CHECKPOINT, state)
 
-    def finish(self, weights: dict[str, torch.Tensor], summary: dict) -> None:
-        """The student's weights, then the summary that marks the run finished."""
-        self._save_torch(WEIGHTS, weights)
+    def save_options(self, options: dict) -> None:
+        import yaml
+
+        self._write(OPTIONS, yaml.safe_dump(options, sort_keys=False).encode())
+
+    def save_student(self, name: str, student: dict) -> None:
+        """A student file (`train.student_file`) under `name`, replacing any before."""
+        self._save_torch(name, student)
+
+    def finish(self, student: dict, summary: dict, ema: dict | None = None) -> None:
+        """The student file (and its EMA's), then the summary that marks the run finished."""
+        if ema is not None:
+            self._save_torch(EMA, ema)
+        self._save_torch(WEIGHTS, student)
         self._write_json(SUMMARY, summary)
         (self.path / LOCK).unlink(missing_ok=True)  # a finished run needs no lock: nothing may train in it again
 

@@ -10,14 +10,17 @@ Everything a run needs is resolved and checked once, up front, into a `Run`
 (`resolve_run`); `train_step` takes one batch and returns the named loss terms
 (`objective`); `train_student` is the loop: steps, then per epoch the evaluation, the
 metrics line and the checkpoint (`rundir`). AdamW with cosine decay and gradient-norm
-clipping at 1.0 as in Beyer et al. (2022); SGD with momentum on request.
+clipping at 1.0 as in Beyer et al. (2022) by default; warmup, SGD, an EMA of the weights
+and gradient accumulation on request (`optim`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -29,20 +32,20 @@ from torch.utils.data import DataLoader
 from . import distributed
 from .config import DEFAULT_EPOCHS, ModelSpec, TrainSpec, absolute_path
 from .data import RangeBatches, Source, ViewDataset, open_source
-from .errors import ConfigError, DataError, ModelError, TrainingError
-from .evaluation import evaluate
+from .errors import ConfigError, DataError, KdpipeError, ModelError, TrainingError
+from .deploy import STUDENT_FORMAT
+from .evaluation import classification_metrics
 from .host import keep_freed_memory, quiet_worker
 from .losses import check_loss_options
 from .models import Normalized, Teacher, accelerated, build_model, output_classes, preprocessing, with_num_classes
 from .objective import Objective, make_loss
+from .optim import WeightAverage, make_optimizer, make_scheduler
 from .precise_bn import batch_norms, recompute_batch_norm, sample_views
-from .probe import linear_probe, whole_images
+from .probe import features, linear_probe, whole_images
 from .progress import say, views_progress
 from .replay import ReplayBatches, ViewBatches, check_archives, open_archives, resolve_recipe
-from .rundir import RunDir
-from .store import ArchiveReader
-
-GRADIENT_CLIP = 1.0
+from .rundir import BEST, RunDir
+from .store import ArchiveReader, TeacherInfo
 
 
 @dataclass(frozen=True)
@@ -55,7 +58,9 @@ class Run:
     the student learns the teacher's embedding and is scored by a linear probe fitted on
     `probe_source`. `classes` names the student's outputs in order (None when nothing
     names them); `inputs` pins what the run trains on (the dataset's fingerprint and each
-    archive's manifest fingerprint), so a resumed run refuses anything else."""
+    archive's manifest fingerprint), so a resumed run refuses anything else.
+    `archived_teachers` names, in cached mode, each teacher of all the student's classes
+    with its model spec and what its archive records of it (for agreement on --val)."""
 
     spec: TrainSpec
     source: Source
@@ -67,6 +72,7 @@ class Run:
     embeddings: bool
     classes: list[str] | None
     inputs: dict
+    archived_teachers: dict[str, tuple[ModelSpec, TeacherInfo]] = field(default_factory=dict)
 
     @property
     def student_size(self) -> int:
@@ -112,13 +118,19 @@ def resolve_run(spec: TrainSpec, recipe_options: dict) -> Run:
         raise DataError(f"the class folders of {spec.val} ({', '.join(val_source.classes)}) are not the student's "
                         f"classes in order ({', '.join(classes)})")
     distill = None if spec.mode == "supervised" else make_loss(spec.loss, spec.loss_options, spec.temperature)
-    objective = Objective(distill, spec.loss, spec.alpha, spec.temperature, spec.schedule, columns)
+    if spec.label_smoothing and spec.mode != "supervised" and spec.alpha == 0:
+        raise ConfigError("--label-smoothing smooths the cross-entropy on labels, which --alpha 0 leaves out; "
+                          "give --alpha above 0, or drop --label-smoothing")
+    objective = Objective(distill, spec.loss, spec.alpha, spec.temperature, spec.schedule, columns,
+                          spec.label_smoothing)
     spec = replace(spec, student=student, recipe=recipe)
     spec = replace(spec, **_resolved_paths(spec, source, val_source, probe_source))
     inputs = {"dataset": source.describe()["fingerprint"],
               "archives": {name: reader.manifest.manifest_fingerprint for name, reader in readers.items()}}
+    archived = {name: (spec.teacher or ModelSpec.from_dict(reader.manifest.teacher.spec), reader.manifest.teacher)
+                for name, reader in readers.items() if columns.get(name) is None and not embeddings}
     return Run(spec, source, val_source, probe_source, archives, teacher, objective, embeddings,
-               None if embeddings else classes, inputs)
+               None if embeddings else classes, inputs, archived)
 
 
 def _epochs(spec: TrainSpec, readers: dict[str, ArchiveReader]) -> int:
@@ -167,7 +179,8 @@ def _student_spec(student: ModelSpec, source: Source, num_classes: int, embeddin
 @dataclass
 class Learner:
     """The student and what updates it. `student` holds the weights that are saved;
-    `model` is what a step runs (DDP over ranks, compiled on request)."""
+    `model` is what a step runs (DDP over ranks, compiled on request); `ema` is the
+    moving average of the student's weights with --ema."""
 
     student: Normalized
     model: nn.Module
@@ -175,6 +188,7 @@ class Learner:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     device: torch.device
     rank: int
+    ema: WeightAverage | None = None
 
 
 def make_learner(run: Run, device: torch.device, ranks: distributed.Ranks) -> Learner:
@@ -185,24 +199,24 @@ def make_learner(run: Run, device: torch.device, ranks: distributed.Ranks) -> Le
         raise ModelError(f"the student {spec.student.name} gives {outputs} outputs, not {spec.student.num_classes}")
     if accelerated(device):
         student = student.to(memory_format=torch.channels_last)
-    if spec.optimizer == "sgd":
-        optimizer = torch.optim.SGD(student.parameters(), lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
-    else:
-        optimizer = torch.optim.AdamW(student.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
-    total_steps = spec.epochs * math.ceil(len(run.source) / spec.batch_size)
-    cosine = lambda step: 0.5 * (1 + math.cos(math.pi * step / total_steps))  # noqa: E731
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
+    optimizer = make_optimizer(spec, student)
+    scheduler = make_scheduler(spec, optimizer, len(run.source))
+    ema = WeightAverage(student, spec.ema) if spec.ema else None
     model = student
     if ranks.world > 1:
         model = DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
     if spec.compile:
         model = torch.compile(model)
-    return Learner(student, model, optimizer, scheduler, device, ranks.rank)
+    return Learner(student, model, optimizer, scheduler, device, ranks.rank, ema)
 
 
-def train_step(run: Run, learner: Learner, batch: dict, epoch: int, step: int, weight: float) -> dict[str, torch.Tensor]:
-    """One optimisation step on one batch; returns the named loss terms. `weight` scales
-    this rank's mean loss so that DDP's average over ranks is the global batch's mean."""
+def train_step(run: Run, learner: Learner, batch: dict, epoch: int, step: int, weight: float,
+               update: bool = True) -> dict[str, torch.Tensor]:
+    """Forward and backward passes on one batch, then with `update` the optimizer step
+    (with --accumulate, the gradients of several batches are summed first); returns the
+    named loss terms. `weight` scales this rank's mean loss so that the gradients summed
+    over the batches of one update and averaged over ranks by DDP are those of the mean
+    over all their samples."""
     device, views = learner.device, run.spec.recipe.views_per_sample
     # every random layer (dropout, stochastic depth) draws from a generator seeded by the
     # step itself, so a resumed run, an online run and a cached run draw alike
@@ -225,11 +239,16 @@ def train_step(run: Run, learner: Learner, batch: dict, epoch: int, step: int, w
     if not torch.isfinite(terms["loss"]):
         raise TrainingError(f"the loss became {terms['loss'].item()} at epoch {epoch + 1}, step {step + 1}; "
                             "lower --lr or check the data and teacher")
-    learner.optimizer.zero_grad(set_to_none=True)
-    (terms["loss"] * weight).backward()
-    torch.nn.utils.clip_grad_norm_(learner.student.parameters(), GRADIENT_CLIP)
-    learner.optimizer.step()
-    learner.scheduler.step()
+    with learner.model.no_sync() if not update and hasattr(learner.model, "no_sync") else contextlib.nullcontext():
+        (terms["loss"] * weight).backward()  # DDP averages the gradients over ranks once per update
+    if update:
+        if run.spec.clip_norm:
+            torch.nn.utils.clip_grad_norm_(learner.student.parameters(), run.spec.clip_norm)
+        learner.optimizer.step()
+        learner.optimizer.zero_grad(set_to_none=True)
+        learner.scheduler.step()
+        if learner.ema is not None:
+            learner.ema.update(learner.student)
     return terms
 
 
@@ -239,9 +258,31 @@ def step_seed(seed: int, epoch: int, step: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, step, rank]).generate_state(1, np.uint64)[0] >> 1)
 
 
-def train_student(spec: TrainSpec, recipe_options: dict | None = None, resume: bool = False) -> dict:
-    """Train a student as `spec` says, writing student.pt, metrics.jsonl, summary.json,
-    config.json and an epoch checkpoint into `spec.out`. Returns the summary."""
+@dataclass
+class Standing:
+    """The run's scores so far, carried in its checkpoint: the last evaluation's
+    figures, and the best val_top1 and its epoch (whose weights are student_best.pt)."""
+
+    last: dict = field(default_factory=dict)
+    best_val_top1: float | None = None
+    best_epoch: int | None = None
+
+    def improved_by(self, scores: dict, epoch: int) -> bool:
+        """Take an epoch's scores; True when its val_top1 is the best so far."""
+        self.last = scores
+        top1 = scores.get("val_top1")
+        if top1 is None or (self.best_val_top1 is not None and top1 <= self.best_val_top1):
+            return False
+        self.best_val_top1, self.best_epoch = top1, epoch + 1
+        return True
+
+
+def train_student(spec: TrainSpec, recipe_options: dict | None = None, resume: bool = False,
+                  options: dict | None = None) -> dict:
+    """Train a student as `spec` says, writing student.pt (with --val student_best.pt,
+    with --ema student_ema.pt), metrics.jsonl, summary.json, config.json and an epoch
+    checkpoint into `spec.out`; `options`, the command's options as given, are saved as
+    options.yaml (a --config that runs it again). Returns the summary."""
     started = time.perf_counter()
     keep_freed_memory()
     run = resolve_run(spec, recipe_options or {})
@@ -252,22 +293,26 @@ def train_student(spec: TrainSpec, recipe_options: dict | None = None, resume: b
     # machines may not see the folder).
     rundir, config = RunDir(run.spec.out), run.spec.to_dict() | {"inputs": run.inputs}
     checkpoint = distributed.broadcast(rundir.prepare(config, resume) if ranks.main else None)
+    if ranks.main and options is not None:
+        rundir.save_options(options)
     try:
-        start_epoch, val_top1 = _restore(learner, run.objective, checkpoint, run.spec.out)
+        start_epoch, standing = _restore(learner, run.objective, checkpoint, run.spec.out)
         if ranks.main:
             rundir.keep_metrics_until(start_epoch)
-        val_top1, train_seconds = _train_epochs(run, learner, rundir, config, start_epoch, val_top1)
+        train_seconds = _train_epochs(run, learner, rundir, config, start_epoch, standing)
         # save the weights, then the summary that marks the run finished
         train_views = (run.spec.epochs - start_epoch) * len(run.source) * run.spec.recipe.views_per_sample
+        last = dict(standing.last)
         summary = {
-            "mode": run.spec.mode, "val_top1": val_top1, "epochs": run.spec.epochs,
+            "mode": run.spec.mode, "val_top1": last.pop("val_top1", None), "epochs": run.spec.epochs,
             "wall_seconds": time.perf_counter() - started, "train_seconds": train_seconds,
             "views_per_sec": train_views / train_seconds if train_seconds else None,
             "student": run.spec.student.name, "classes": run.classes, "run_dir": str(run.spec.out),
             "ranks": ranks.world,
-        }
+        } | last | {"best_val_top1": standing.best_val_top1, "best_epoch": standing.best_epoch}
         if ranks.main:
-            rundir.finish(learner.student.net.state_dict(), summary)
+            ema = None if learner.ema is None else student_file(run, learner.ema.model.net.state_dict())
+            rundir.finish(student_file(run, learner.student.net.state_dict()), summary, ema)
         distributed.barrier()  # no rank reports success before the weights are saved
         return summary
     finally:
@@ -275,12 +320,12 @@ def train_student(spec: TrainSpec, recipe_options: dict | None = None, resume: b
 
 
 def _train_epochs(run: Run, learner: Learner, rundir: RunDir, config: dict, start_epoch: int,
-                  val_top1: float | None) -> tuple[float | None, float]:
-    """The loop over the epochs left to train; returns the last val_top1 and the seconds spent training."""
+                  standing: Standing) -> float:
+    """The loop over the epochs left to train; returns the seconds spent training."""
     ranks, device = distributed.ranks(), learner.device
     num_samples, views, epochs = len(run.source), run.spec.recipe.views_per_sample, run.spec.epochs
     batch_size, steps_per_epoch = run.spec.batch_size, math.ceil(num_samples / run.spec.batch_size)
-    score = _scorer(run) if ranks.main else None
+    score = _scorer(run, device) if ranks.main else None
     batches = iter(_loader(run, start_epoch, ranks, device))
     train_seconds = 0.0
     try:
@@ -293,32 +338,58 @@ def _train_epochs(run: Run, learner: Learner, rundir: RunDir, config: dict, star
                 for step in range(steps_per_epoch):
                     batch = next(batches)
                     count = len(batch["index"])
-                    global_count = min(batch_size, num_samples - step * batch_size)
-                    terms = train_step(run, learner, batch, epoch, step, weight=count * ranks.world / global_count)
+                    first, last = _update_steps(step, run.spec.accumulate, steps_per_epoch)
+                    update_count = min(num_samples, (last + 1) * batch_size) - first * batch_size
+                    terms = train_step(run, learner, batch, epoch, step, weight=count * ranks.world / update_count,
+                                       update=step == last)
                     for name, value in terms.items():
                         sums[name] = sums.get(name, 0.0) + value.item() * count
-                    progress.advance(task, global_count * views)
+                    progress.advance(task, min(batch_size, num_samples - step * batch_size) * views)
                 progress.remove_task(task)
                 sums = distributed.sum_across(sums, device)
                 seconds = time.perf_counter() - epoch_started
                 train_seconds += seconds
-                if not ranks.main:
-                    continue
-                # recompute BatchNorm's statistics (what is scored and saved), evaluate, log the epoch, checkpoint it
-                _precise_bn(run, learner, epoch)
-                scores = {"val_top1": val_top1} if score is None else score(learner.student, device)
-                val_top1 = scores["val_top1"]
-                record = {"epoch": epoch + 1} | {k: v / num_samples for k, v in sorted(sums.items())} | scores | {
-                    "seconds": seconds, "views_per_sec": num_samples * views / seconds}
-                rundir.append_metrics(record)
-                rundir.save_checkpoint(_checkpoint(learner, run.objective, epoch, val_top1, config))
-                shown = f"  val_top1 {val_top1:.2f}%" if val_top1 is not None else ""
-                say(f"[{run.spec.mode}] epoch {epoch + 1}/{epochs}  loss {record['loss']:.4f}{shown}  "
-                    f"{record['views_per_sec']:,.0f} views/s")
+                if ranks.main:
+                    record = {"epoch": epoch + 1} | {k: v / num_samples for k, v in sorted(sums.items())}
+                    _end_epoch(run, learner, rundir, config, epoch, standing, score,
+                               record | {"seconds": seconds, "views_per_sec": num_samples * views / seconds})
     except BaseException:
         del batches  # the traceback keeps this frame: let the DataLoader workers go now
         raise
-    return val_top1, train_seconds
+    return train_seconds
+
+
+def _update_steps(step: int, accumulate: int, steps_per_epoch: int) -> tuple[int, int]:
+    """The first and last batch (within the epoch) of the optimizer update that batch
+    `step` belongs to: `accumulate` batches each, the epoch's last update maybe fewer."""
+    first = step - step % accumulate
+    return first, min(first + accumulate, steps_per_epoch) - 1
+
+
+def _end_epoch(run: Run, learner: Learner, rundir: RunDir, config: dict, epoch: int, standing: Standing,
+               score: Callable[[nn.Module], dict] | None, record: dict) -> None:
+    """After an epoch, on rank 0: recompute BatchNorm's statistics (of what is scored and
+    saved), evaluate the student (and its EMA), log the epoch, keep the best epoch's
+    student and checkpoint the run."""
+    _precise_bn(run, learner.student, learner, epoch)
+    if learner.ema is not None:
+        _precise_bn(run, learner.ema.model, learner, epoch)
+    scores = dict(standing.last)
+    if score is not None:
+        scores = score(learner.student)
+        if learner.ema is not None:
+            scores |= {f"{key}_ema": value for key, value in score(learner.ema.model).items()
+                       if key in ("val_top1", "val_top5", "val_per_class")}
+    if standing.improved_by(scores, epoch):
+        rundir.save_student(BEST, student_file(run, learner.student.net.state_dict()))
+    per_class = ("val_per_class", "val_per_class_ema")  # in summary.json only: a line per epoch stays short
+    rundir.append_metrics(record | {key: value for key, value in scores.items() if key not in per_class})
+    rundir.save_checkpoint(_checkpoint(learner, run.objective, epoch, standing, config))
+    shown = "".join(f"  {key} {scores[key]:.2f}{unit}" for key, unit in
+                    (("val_top1", "%"), ("val_top1_ema", "%"), ("val_agreement", "%"), ("val_kl", ""))
+                    if scores.get(key) is not None)
+    say(f"[{run.spec.mode}] epoch {epoch + 1}/{run.spec.epochs}  loss {record['loss']:.4f}{shown}  "
+        f"{record['views_per_sec']:,.0f} views/s")
 
 
 def _loader(run: Run, start_epoch: int, ranks: distributed.Ranks, device: torch.device) -> DataLoader:
@@ -336,68 +407,128 @@ def _loader(run: Run, start_epoch: int, ranks: distributed.Ranks, device: torch.
                       num_workers=spec.workers, pin_memory=device.type == "cuda", worker_init_fn=quiet_worker)
 
 
-def _precise_bn(run: Run, learner: Learner, epoch: int) -> None:
-    """Recompute the student's BatchNorm running statistics on the first --precise-bn
-    views of this epoch (`precise_bn`); nothing without BatchNorm or with --precise-bn 0.
-    The statistics are a function of the weights and the epoch alone, so a resumed run
-    saves the ones an uninterrupted run saves; the global generators are left as they
-    were (dropout draws from a seed of its own, as in a step after the epoch's last)."""
+def _precise_bn(run: Run, model: nn.Module, learner: Learner, epoch: int) -> None:
+    """Recompute `model`'s BatchNorm running statistics (the student's, or its EMA's) on
+    the first --precise-bn views of this epoch (`precise_bn`); nothing without BatchNorm
+    or with --precise-bn 0. The statistics are a function of the weights and the epoch
+    alone, so a resumed run saves the ones an uninterrupted run saves; the global
+    generators are left as they were (dropout draws from a seed of its own, as in a step
+    after the epoch's last)."""
     spec, device = run.spec, learner.device
-    if not spec.precise_bn or not batch_norms(learner.student):
+    if not spec.precise_bn or not batch_norms(model):
         return
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(step_seed(spec.seed, epoch, math.ceil(len(run.source) / spec.batch_size), learner.rank))
         views = sample_views(run.source, spec.recipe, run.student_size, epoch % spec.recipe.epochs, spec.precise_bn,
                              spec.batch_size, spec.workers)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=accelerated(device)):
-            recompute_batch_norm(learner.student, (_to_device(images, device) for images in views))
+            recompute_batch_norm(model, (_to_device(images, device) for images in views))
 
 
-def _scorer(run: Run) -> Callable[[nn.Module, torch.device], dict[str, float]] | None:
+def _scorer(run: Run, device: torch.device) -> Callable[[nn.Module], dict] | None:
     """How the student is scored after each epoch on the standard evaluation views of the
     validation images (`views.eval_view`: shorter side to size / the student's crop_pct,
-    centre crop, the training views' interpolation): val_top1 and val_top5 of its class
-    scores, or for a SEED student val_top1 of a linear probe; None without --val."""
+    centre crop, the training views' interpolation): val_top1, val_top5 and
+    val_per_class of its class scores, and with a teacher at hand its top-1 agreement
+    with the teacher and the mean KL(teacher || student) (`_teacher_logits`); for a SEED
+    student val_top1 of a linear probe. None without --val."""
     if run.val_source is None:
         return None
     resize, crop_pct = run.spec.recipe.interpolation, preprocessing(run.spec.student).crop_pct
     val = whole_images(run.val_source, run.student_size, run.spec.workers, resize, crop_pct, "crop")
-    if not run.embeddings:
-        classes = run.val_source.classes
+    if run.embeddings:
+        probe = whole_images(run.probe_source, run.student_size, run.spec.workers, resize, crop_pct, "crop")
+        return lambda model: {"val_top1": linear_probe(model, probe, val, device)}
+    classes, teachers = run.val_source.classes, _teacher_logits(run, device)
 
-        def score(model: nn.Module, device: torch.device) -> dict[str, float]:
-            metrics = evaluate(model, val, classes, device)
-            return {"val_top1": metrics["top1"], "val_top5": metrics["top5"]}
+    def score(model: nn.Module) -> dict:
+        logits, labels = features(model, val, device)
+        metrics = classification_metrics(logits, labels, classes)
+        scores = {"val_top1": metrics["top1"], "val_top5": metrics["top5"], "val_per_class": metrics["per_class"]}
+        for name, teacher_logits in teachers.items():
+            suffix = "" if len(teachers) == 1 else f"_{name}"
+            versus = classification_metrics(logits, labels, classes, teacher_logits)
+            scores |= {f"val_agreement{suffix}": versus["agreement"], f"val_kl{suffix}": versus["kl"]}
+        return scores
 
-        return score
-    probe = whole_images(run.probe_source, run.student_size, run.spec.workers, resize, crop_pct, "crop")
-    return lambda model, device: {"val_top1": linear_probe(model, probe, val, device)}
+    return score
 
 
-def _checkpoint(learner: Learner, objective: Objective, epoch: int, val_top1: float | None, config: dict) -> dict:
+def _teacher_logits(run: Run, device: torch.device) -> dict[str, torch.Tensor]:
+    """Each teacher's logits on the validation images (its own evaluation view at the
+    recipe's size), computed once, for the student's agreement with it: the live teacher
+    online; in cached mode the teachers the archives record (or --teacher), built from
+    their weights when these are at hand and checked against the archive's fingerprint,
+    else left out with a note. Teachers of a subset of the classes are left out."""
+    if run.teacher is not None:
+        teachers = {"online": run.teacher}
+    else:
+        teachers = {}
+        for name, (spec, recorded) in run.archived_teachers.items():
+            try:
+                teacher = Teacher(with_num_classes(spec, run.source.classes, "teacher"), run.spec.recipe.size, device)
+            except KdpipeError as exc:
+                say(f"note: no agreement with teacher {name} on --val: {exc}")
+                continue
+            if teacher.fingerprint_for(recorded) != recorded.fingerprint:
+                say(f"note: no agreement with teacher {name} on --val: {spec.name}'s weights are not the archive's")
+                continue
+            teachers[name] = teacher
+    logits = {}
+    for name, teacher in teachers.items():
+        crop_pct = teacher.preprocessing.crop_pct
+        images = whole_images(run.val_source, run.spec.recipe.size, run.spec.workers, run.spec.recipe.interpolation,
+                              crop_pct, "crop")
+        logits[name] = torch.cat([teacher(batch).cpu() for batch, _ in images])
+    return logits
+
+
+def student_file(run: Run, state: dict[str, torch.Tensor]) -> dict:
+    """What student.pt (and its best-epoch and EMA siblings) holds: the inner network's
+    state_dict under "model" (so any kdpipe --weights reads it), and what deploying it
+    needs without the run directory: the model spec (its class count), the class names
+    in output order, and the preprocessing its evaluation view uses (normalisation, and
+    the size, crop_pct and interpolation `kdpipe eval`, `predict` and `export` apply)."""
+    spec = run.spec
+    own = preprocessing(spec.student)
+    prep = replace(own, interpolation=spec.recipe.interpolation, input_size=run.student_size)
+    return {"format": STUDENT_FORMAT, "model": state,
+            "spec": replace(spec.student, weights=None, pretrained=None).to_dict(),
+            "outputs": "embeddings" if run.embeddings else "logits", "classes": run.classes,
+            "preprocessing": prep.to_dict()}
+
+
+def _checkpoint(learner: Learner, objective: Objective, epoch: int, standing: Standing, config: dict) -> dict:
     state = {
         "model": learner.student.net.state_dict(),
         "optimizer": learner.optimizer.state_dict(),
         "scheduler": learner.scheduler.state_dict(),
         "epoch": epoch,
-        "val_top1": val_top1,
+        "val_top1": standing.last.get("val_top1"),
+        "standing": dataclasses.asdict(standing),
         "config": config,
     }
+    if learner.ema is not None:
+        state["ema"] = learner.ema.state_dict()
     loss_state = objective.state_dict()
     return state if loss_state is None else state | {"loss_state": loss_state}
 
 
-def _restore(learner: Learner, objective: Objective, checkpoint: dict | None, out: str) -> tuple[int, float | None]:
-    """Load a resumed run's state; returns the first epoch to train and the last val_top1."""
+def _restore(learner: Learner, objective: Objective, checkpoint: dict | None, out: str) -> tuple[int, Standing]:
+    """Load a resumed run's state; returns the first epoch to train and the scores so far."""
     if checkpoint is None:
-        return 0, None
+        return 0, Standing()
     learner.student.net.load_state_dict(checkpoint["model"])
     learner.optimizer.load_state_dict(checkpoint["optimizer"])
     learner.scheduler.load_state_dict(checkpoint["scheduler"])
     if "loss_state" in checkpoint:
         objective.load_state_dict(checkpoint["loss_state"])
+    if learner.ema is not None:
+        learner.ema.load_state_dict(checkpoint["ema"])
     say(f"resuming {out} after epoch {checkpoint['epoch'] + 1}")
-    return checkpoint["epoch"] + 1, checkpoint["val_top1"]
+    standing = Standing(**checkpoint["standing"]) if "standing" in checkpoint else \
+        Standing(last={"val_top1": checkpoint["val_top1"]})  # a checkpoint of an older kdpipe
+    return checkpoint["epoch"] + 1, standing
 
 
 def _to_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:

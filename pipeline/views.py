@@ -4,6 +4,8 @@ A view is a pure function of (recipe, epoch, sample index, view index, image siz
 The generator is counter-based, seeded from those integers themselves, so the result
 does not depend on batch size, worker count, rank count or iteration order. Both the
 teacher stage and the student stage turn parameters into pixels through `render`.
+RandAugment's ops and random erasing are view parameters like the crop: drawn here from
+the view's key and recorded in the archive, so the student replays the teacher's pixels.
 Evaluation has no random parameters: `eval_view` is the standard deterministic view.
 """
 
@@ -11,13 +13,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields, replace
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-from .config import ViewRecipe
+from .config import MAX_RANDAUGMENT_MAGNITUDE, RANDAUGMENT_OPS, ViewRecipe
 
 EVAL_RESIZES = ("crop", "squash")  # how `eval_view` fits a whole image to the model's input
 
@@ -26,6 +29,12 @@ _STREAM_VIEW = 1
 _STREAM_ORDER = 2
 _STREAM_PARTNERS = 3
 _STREAM_MIX = 4
+_STREAM_RANDAUGMENT = 5
+_STREAM_ERASE = 6
+
+ERASE_AREA = (0.02, 1 / 3)  # timm's RandomErasing: the box's share of the view's area,
+ERASE_LOG_RATIO = (math.log(0.3), math.log(1 / 0.3))  # and the log of its height / width
+ERASE_SEEDS = 2**24  # fill seeds below this are exact in a float32 column
 
 
 @dataclass(frozen=True)
@@ -34,7 +43,9 @@ class ViewParams:
     colour factors (1.0 = unchanged). With mixing, also the partner sample whose view
     (of the same epoch and view index) is mixed in, the weight `lam` of this sample's
     pixels, and for CutMix the pasted box as fractions of the view's side (so it holds
-    at any render size)."""
+    at any render size). RandAugment's ops are (op, magnitude) pairs, the op numbered by
+    its place in RANDAUGMENT_OPS; an erased box is in fractions of the view's side, its
+    noise drawn from `erase_seed` (erase_height 0: nothing erased)."""
 
     top: int
     left: int
@@ -50,19 +61,44 @@ class ViewParams:
     box_left: float = 0.0
     box_height: float = 0.0
     box_width: float = 0.0
+    erase_top: float = 0.0
+    erase_left: float = 0.0
+    erase_height: float = 0.0
+    erase_width: float = 0.0
+    erase_seed: int = 0
+    randaugment: tuple[tuple[float, float], ...] = ()
+
+    def columns(self) -> dict[str, float]:
+        """Every parameter by its column name, RandAugment's slot by slot."""
+        named = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "randaugment"}
+        for slot, (op, magnitude) in enumerate(self.randaugment):
+            named |= {f"randaugment_op_{slot}": op, f"randaugment_magnitude_{slot}": magnitude}
+        return named
 
     def as_array(self, names: tuple[str, ...]) -> np.ndarray:
         """The parameters named, as float32 in that order (see `view_param_fields`)."""
-        return np.array([getattr(self, name) for name in names], dtype=np.float32)
+        columns = self.columns()
+        return np.array([columns[name] for name in names], dtype=np.float32)
 
 
-VIEW_PARAM_FIELDS = tuple(f.name for f in fields(ViewParams))[:8]  # what every archive records
-MIX_PARAM_FIELDS = tuple(f.name for f in fields(ViewParams))[8:]  # added when the recipe mixes
+_COLUMNS = tuple(f.name for f in fields(ViewParams))
+VIEW_PARAM_FIELDS = _COLUMNS[:8]  # what every archive records
+MIX_PARAM_FIELDS = _COLUMNS[8:14]  # added when the recipe mixes
+ERASE_PARAM_FIELDS = _COLUMNS[14:19]  # added, last, when the recipe erases
+
+
+def randaugment_fields(num_ops: int) -> tuple[str, ...]:
+    """The columns of RandAugment's `num_ops` slots: each slot's op, then its magnitude."""
+    return tuple(name for slot in range(num_ops) for name in (f"randaugment_op_{slot}", f"randaugment_magnitude_{slot}"))
 
 
 def view_param_fields(recipe: ViewRecipe) -> tuple[str, ...]:
-    """The view parameters an archive of `recipe` records, in column order."""
-    return VIEW_PARAM_FIELDS + (MIX_PARAM_FIELDS if recipe.mixup else ())
+    """The view parameters an archive of `recipe` records, in column order: the crop's,
+    the mix's, RandAugment's slots and the erased box, each only when the recipe has it."""
+    names = VIEW_PARAM_FIELDS + (MIX_PARAM_FIELDS if recipe.mixup else ())
+    if recipe.randaugment:
+        names += randaugment_fields(recipe.randaugment["num_ops"])
+    return names + (ERASE_PARAM_FIELDS if recipe.random_erase > 0 else ())
 
 
 def epoch_order(recipe: ViewRecipe, epoch: int, num_samples: int) -> np.ndarray:
@@ -78,7 +114,8 @@ def sample_view(
 
     The crop is inception-style random-resized-crop: up to 10 tries at an area fraction
     in `recipe.scale` and a log-uniform aspect ratio in `recipe.ratio`, then the largest
-    centred crop whose ratio lies in range.
+    centred crop whose ratio lies in range. RandAugment's ops and the erased box have
+    generator streams of their own, drawn only when the recipe has them.
     """
     height, width = image_size
     rng = np.random.default_rng([recipe.seed, epoch, index, view, _STREAM_VIEW])
@@ -108,7 +145,44 @@ def sample_view(
         brightness, contrast, saturation = (float(f) for f in rng.uniform(1 - jitter, 1 + jitter, size=3))
     else:
         brightness = contrast = saturation = 1.0
-    return ViewParams(top, left, h, w, flip, brightness, contrast, saturation)
+    params = ViewParams(top, left, h, w, flip, brightness, contrast, saturation)
+    if recipe.randaugment:
+        params = replace(params, randaugment=_randaugment_slots(recipe, epoch, index, view))
+    return _erase_box(recipe, epoch, index, view, params) if recipe.random_erase > 0 else params
+
+
+def _randaugment_slots(recipe: ViewRecipe, epoch: int, index: int, view: int) -> tuple[tuple[float, float], ...]:
+    """RandAugment's N (op, magnitude) slots: each op uniform from the recipe's ops, with
+    replacement, at magnitude M, negated for an op with a direction when its coin says so."""
+    rng = np.random.default_rng([recipe.seed, epoch, index, view, _STREAM_RANDAUGMENT])
+    spec = recipe.randaugment
+    choices = rng.integers(0, len(spec["ops"]), size=spec["num_ops"])
+    negate = rng.random(spec["num_ops"]) < 0.5
+    magnitude = float(np.float32(spec["magnitude"]))  # as stored: render from what is recorded
+    slots = []
+    for choice, flip in zip(choices, negate):
+        name = spec["ops"][choice]
+        signed = flip and RANDAUGMENT[name].signed
+        slots.append((float(RANDAUGMENT_OPS.index(name)), -magnitude if signed else magnitude))
+    return tuple(slots)
+
+
+def _erase_box(recipe: ViewRecipe, epoch: int, index: int, view: int, params: ViewParams) -> ViewParams:
+    """`params` with, at probability `recipe.random_erase`, timm's random-erasing box drawn:
+    up to 10 tries at an area share in ERASE_AREA and a log-uniform height / width ratio,
+    until one fits inside the view, at a uniform place; and the seed of its noise."""
+    rng = np.random.default_rng([recipe.seed, epoch, index, view, _STREAM_ERASE])
+    if rng.random() >= recipe.random_erase:
+        return params
+    for _ in range(10):
+        area = rng.uniform(*ERASE_AREA)
+        aspect = math.exp(rng.uniform(*ERASE_LOG_RATIO))
+        height, width = math.sqrt(area * aspect), math.sqrt(area / aspect)
+        if height < 1 and width < 1:
+            box = np.float32([rng.uniform(0, 1 - height), rng.uniform(0, 1 - width), height, width])
+            return replace(params, erase_top=float(box[0]), erase_left=float(box[1]), erase_height=float(box[2]),
+                           erase_width=float(box[3]), erase_seed=int(rng.integers(ERASE_SEEDS)))
+    return params
 
 
 def partners(recipe: ViewRecipe, epoch: int, num_samples: int) -> np.ndarray:
@@ -142,13 +216,55 @@ def mix(pixels: torch.Tensor, partner_pixels: torch.Tensor, params: ViewParams) 
     if params.box_height == 0 or params.box_width == 0:
         lam = np.float32(params.lam)  # the stored value, so every stage blends alike
         return pixels * float(lam) + partner_pixels * float(1 - lam)
-    size = pixels.shape[-1]
-    top, left = round(params.box_top * size), round(params.box_left * size)
-    bottom = round((params.box_top + params.box_height) * size)
-    right = round((params.box_left + params.box_width) * size)
+    rows, cols = _pixel_box(params.box_top, params.box_left, params.box_height, params.box_width, pixels.shape[-1])
     out = pixels.clone()
-    out[:, top:bottom, left:right] = partner_pixels[:, top:bottom, left:right]
+    out[:, rows, cols] = partner_pixels[:, rows, cols]
     return out
+
+
+def _pixel_box(top: float, left: float, height: float, width: float, size: int) -> tuple[slice, slice]:
+    """The rows and columns of a box given in fractions of a size x size view's side: each
+    edge rounded (Python's round) to the nearest pixel boundary."""
+    return slice(round(top * size), round((top + height) * size)), slice(round(left * size), round((left + width) * size))
+
+
+def _affine(image: torch.Tensor, translate: tuple[int, int] = (0, 0), shear: tuple[float, float] = (0.0, 0.0),
+            center: list[float] | None = None) -> torch.Tensor:
+    """A shear or a translation as torchvision's RandAugment makes it: nearest, filled black."""
+    return F.affine(image, angle=0.0, translate=list(translate), scale=1.0, shear=list(shear),
+                    interpolation=InterpolationMode.NEAREST, fill=None, center=center)
+
+
+def _shear(strength: float) -> float:
+    """The shear angle in degrees of RandAugment's shear at `strength`: a factor of 0.3 at most."""
+    return math.degrees(math.atan(0.3 * strength))
+
+
+class RandAugmentOp(NamedTuple):
+    """One of RandAugment's ops on a uint8 view (C, size, size)."""
+
+    signed: bool  # whether a negative magnitude turns it the other way (the others are never drawn negative)
+    apply: Callable[[torch.Tensor, float], torch.Tensor]  # (view, strength = magnitude / 30) -> view
+
+
+# RandAugment's ops by name, with torchvision RandAugment's ranges; docs/format.md spells each out.
+RANDAUGMENT: dict[str, RandAugmentOp] = {
+    "Identity": RandAugmentOp(False, lambda image, s: image),
+    "ShearX": RandAugmentOp(True, lambda image, s: _affine(image, shear=(_shear(s), 0.0), center=[0.0, 0.0])),
+    "ShearY": RandAugmentOp(True, lambda image, s: _affine(image, shear=(0.0, _shear(s)), center=[0.0, 0.0])),
+    "TranslateX": RandAugmentOp(True, lambda image, s: _affine(image, translate=(int(150 / 331 * s * image.shape[-1]), 0))),
+    "TranslateY": RandAugmentOp(True, lambda image, s: _affine(image, translate=(0, int(150 / 331 * s * image.shape[-2])))),
+    "Rotate": RandAugmentOp(True, lambda image, s: F.rotate(image, 30.0 * s, interpolation=InterpolationMode.NEAREST)),
+    "Brightness": RandAugmentOp(True, lambda image, s: F.adjust_brightness(image, 1 + 0.9 * s)),
+    "Color": RandAugmentOp(True, lambda image, s: F.adjust_saturation(image, 1 + 0.9 * s)),
+    "Contrast": RandAugmentOp(True, lambda image, s: F.adjust_contrast(image, 1 + 0.9 * s)),
+    "Sharpness": RandAugmentOp(True, lambda image, s: F.adjust_sharpness(image, 1 + 0.9 * s)),
+    "Posterize": RandAugmentOp(False, lambda image, s: F.posterize(image, 8 - round(4 * s))),
+    "Solarize": RandAugmentOp(False, lambda image, s: F.solarize(image, 255.0 * (1 - s))),
+    "AutoContrast": RandAugmentOp(False, lambda image, s: F.autocontrast(image)),
+    "Equalize": RandAugmentOp(False, lambda image, s: F.equalize(image)),
+    "Invert": RandAugmentOp(False, lambda image, s: F.invert(image)),
+}
 
 
 def full_view(image_size: tuple[int, int]) -> ViewParams:
@@ -159,13 +275,16 @@ def full_view(image_size: tuple[int, int]) -> ViewParams:
 def render(image: torch.Tensor, params: ViewParams, size: int, interpolation: str = "bilinear") -> torch.Tensor:
     """Turn a decoded uint8 image (C, H, W) and view parameters into float32 pixels in
     [0, 1] of shape (C, size, size), the crop resized with `interpolation` (a recipe's,
-    antialiased). The one renderer of both stages."""
+    antialiased). The one renderer of both stages: crop, flip, RandAugment's ops (on
+    uint8, as torchvision's), colour, then the erased box."""
     out = F.resized_crop(
         image, params.top, params.left, params.height, params.width, [size, size],
         interpolation=InterpolationMode(interpolation), antialias=True,
     )
     if params.flip:
         out = F.horizontal_flip(out)
+    for op, magnitude in params.randaugment:
+        out = RANDAUGMENT[RANDAUGMENT_OPS[int(op)]].apply(out, magnitude / MAX_RANDAUGMENT_MAGNITUDE)
     out = F.to_dtype(out, torch.float32, scale=True)
     if params.brightness != 1.0:
         out = F.adjust_brightness(out, params.brightness)
@@ -173,6 +292,11 @@ def render(image: torch.Tensor, params: ViewParams, size: int, interpolation: st
         out = F.adjust_contrast(out, params.contrast)
     if params.saturation != 1.0:
         out = F.adjust_saturation(out, params.saturation)
+    if params.erase_height > 0 and params.erase_width > 0:
+        rows, cols = _pixel_box(params.erase_top, params.erase_left, params.erase_height, params.erase_width, size)
+        box = out[:, rows, cols]
+        generator = torch.Generator().manual_seed(params.erase_seed)
+        out[:, rows, cols] = torch.rand(box.shape, generator=generator)  # out is this call's own tensor
     return out
 
 

@@ -211,7 +211,7 @@ def run_kdpipe(*args, env: dict | None = None, timeout: float = 180,
 
 def weights(run: Path) -> dict[str, torch.Tensor]:
     """The student's weights a run directory holds."""
-    return torch.load(run / "student.pt", map_location="cpu", weights_only=True)
+    return torch.load(run / "student.pt", map_location="cpu", weights_only=True)["model"]
 
 
 def assert_same_weights(run: Path, expected: dict[str, torch.Tensor]) -> None:

@@ -20,6 +20,7 @@ tested where it is the point: the console script (test_cli), torchrun's ranks
 from __future__ import annotations
 
 import atexit
+import contextlib
 import gc
 import os
 import pickle
@@ -131,6 +132,8 @@ def serve(socket_path: str) -> None:
 
     import cli  # noqa: F401
     from pipeline import audit, bench, cache, order, quickstart, train  # noqa: F401
+    with contextlib.suppress(ImportError):  # what train-student imports at its first epoch, when installed
+        import torch.utils.tensorboard  # noqa: F401
     # not timm: it imports huggingface_hub, which reads HF_HUB_CACHE and HF_HUB_OFFLINE once,
     # at import, and tests give each command a hub cache of its own
 

@@ -150,6 +150,8 @@ ARCHIVES = {
     "webdataset-one-class": ("synthetic:6:1", ["--format", "webdataset"]),
     "zarr-cutmix": ("synthetic:6:3", ["--shard-size", "4", "--mixup", "cutmix"]),
     "webdataset-mixup": ("synthetic:6:3", ["--format", "webdataset", "--mixup", "mixup", "--mix-alpha", "0.5"]),
+    "zarr-cutmix-randaugment-erase": ("synthetic:6:3", ["--mixup", "cutmix", "--randaugment", "3,9",
+                                                        "--random-erase", "0.7"]),
 }
 IMAGE_SIZE = (32, 32)
 
@@ -206,6 +208,7 @@ def test_format_md_reader_and_rederivation_give_the_stored_views(spec, archive, 
                 if pairs is not None:
                     row = np.concatenate([row, spec["mix_params"](recipe, epoch, index, view, pairs[index])])
                     theirs = views.mix_view(ours, epoch, index, view, theirs, int(views.partners(ours, epoch, N)[index]))
+                row = np.concatenate([row, spec["augment_params"](recipe, epoch, index, view)])
                 stored = slab["view_params"][position, view]
                 assert stored.tobytes() == row.tobytes(), (epoch, position, view, stored, row)
                 assert theirs.as_array(fields).tobytes() == row.tobytes()
@@ -411,6 +414,13 @@ def test_readme_quickstart_does_what_readme_says(quickstart):
     assert summary["cache"]["bytes"] > 0 and summary["cache"]["bytes_per_view"] > 0
     # distillation is what lifts the student above its few labels
     assert summary["cached"]["val_top1"] > summary["supervised"]["val_top1"] + 5
+    # the students' further figures: top-5, their EMA, and the distilled ones' agreement with the teacher
+    for mode in ("supervised", "online", "cached"):
+        assert summary[mode]["val_top5"] >= summary[mode]["val_top1"] and summary[mode]["val_top1_ema"] > 50
+    assert summary["cached"]["val_agreement"] > 90 and summary["supervised"]["val_agreement"] is None
+    # and its picture, which README shows (docs/quickstart.png)
+    assert "| cached-seed0 |" in (quickstart / "report.md").read_text()
+    assert Image.open(quickstart / "report.png").size[0] > 1000
 
 
 def test_readme_gives_the_install_quickstart_and_test_commands():

@@ -66,8 +66,10 @@ TOTAL_VIEWS = EPOCHS * SAMPLES * VIEWS
 CACHE_ARGS = ["--teacher", "tests.toy_models:paced_teacher", "--epochs", str(EPOCHS), "--views-per-sample", str(VIEWS),
               "--size", "16", "--shard-size", str(SHARD), "--batch-size", "2", "--workers", "0"]
 # train-student on that data, supervised, with a student that takes 0.1 s per step.
+# with the training recipe's options on, which a resumed run must restore too (the EMA, the schedule)
 TRAIN_ARGS = ["--student", "tests.toy_models:slow_student", "--mode", "supervised", "--epochs", "5",
-              "--batch-size", "4", "--size", "16", "--workers", "0"]
+              "--batch-size", "4", "--size", "16", "--workers", "0", "--ema", "0.9", "--accumulate", "2",
+              "--warmup-epochs", "1", "--label-smoothing", "0.1", "--clip-norm", "0.5"]
 
 
 # --- helpers -------------------------------------------------------------------------
@@ -418,7 +420,10 @@ def test_an_unfinished_run_is_continued_only_with_resume(data, train_reference, 
     assert_user_error(run_cli("train-student", "--data", data, "--out", out, *TRAIN_ARGS), "--resume")
     assert archive_files(out) == before
     cli_json("train-student", "--data", data, "--out", out, *TRAIN_ARGS, "--resume")
-    assert_same_weights(out, weights(train_reference().root))
+    reference = train_reference().root
+    assert_same_weights(out, weights(reference))
+    ema = [torch.load(run / "student_ema.pt", weights_only=True)["model"] for run in (out, reference)]
+    assert all(torch.equal(ema[0][name], ema[1][name]) for name in ema[1])
 
 
 def test_non_finite_loss_stops_training_in_one_line(data, tmp_path):

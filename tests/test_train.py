@@ -31,22 +31,37 @@ def _train(out, *extra, data=DATA):
                     "--epochs", 3, "--workers", 0, *extra)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_offline_equals_online_bit_for_bit(tmp_path, backend):
+# the training recipe's options, all on: they must keep offline == online
+RECIPE = ("--ema", 0.9, "--accumulate", 2, "--warmup-epochs", 1, "--alpha", 0.5, "--label-smoothing", 0.1,
+          "--clip-norm", 0.5, "--val", "synthetic:12:4:20")
+
+
+@pytest.mark.parametrize("backend, recipe", [(backend, ()) for backend in BACKENDS] + [("zarr", RECIPE)],
+                         ids=[*BACKENDS, "zarr-recipe"])
+def test_offline_equals_online_bit_for_bit(tmp_path, backend, recipe):
     """The central invariant: a student trained from a float32 cache ends with exactly the
-    weights of a student trained with the teacher running live on the same views."""
+    weights of a student trained with the teacher running live on the same views; with
+    the recipe's options on, its EMA too, and the scores on --val, the agreement with
+    the teacher included (cached mode builds the archive's teacher for it)."""
     _cache(tmp_path / "t.zarr", "--codec", "dense-fp32", "--format", backend)
     # the archive's teacher is built from seed 0; save exactly those weights for the online run
     teacher_weights = tmp_path / "teacher.pt"
     torch.save(build_model(ModelSpec("tests.toy_models:tiny_cnn", num_classes=4)).net.state_dict(), teacher_weights)
-    cached = _train(tmp_path / "cached", "--cache", tmp_path / "t.zarr", "--workers", 2)
+    cached = _train(tmp_path / "cached", "--cache", tmp_path / "t.zarr", "--workers", 2, *recipe)
     online = _train(tmp_path / "online", "--mode", "online", "--teacher", "tests.toy_models:tiny_cnn",
-                    "--weights", teacher_weights, "--views-per-sample", 2, "--size", 16, "--color-jitter", 0.2)
+                    "--weights", teacher_weights, "--views-per-sample", 2, "--size", 16, "--color-jitter", 0.2, *recipe)
     assert cached["mode"] == "cached" and online["mode"] == "online"
     a, b = weights(tmp_path / "cached"), weights(tmp_path / "online")
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
+    if recipe:
+        ema = [torch.load(tmp_path / run / "student_ema.pt", weights_only=True)["model"] for run in ("cached", "online")]
+        assert all(torch.equal(ema[0][name], ema[1][name]) for name in a)
+        assert not torch.equal(ema[0]["2.weight"], a["2.weight"])
+        scores = ("val_top1", "val_top1_ema", "val_agreement", "val_kl")
+        assert {key: cached[key] for key in scores} == {key: online[key] for key in scores}
+        assert cached["val_agreement"] is not None and cached["val_kl"] > 0
     # and training moved the weights: the comparison is not between two untouched inits
     untouched = build_model(ModelSpec("kdpipe:mlp", num_classes=4)).net.state_dict()
     assert not torch.equal(a["2.weight"], untouched["2.weight"])
@@ -75,7 +90,9 @@ def test_run_dir_holds_weights_metrics_summary_and_config(tmp_path):
                        "--out", tmp_path / "run", "--epochs", 4, "--batch-size", 10, "--size", 16, "--lr", 0.01,
                        "--workers", 0)
     run = tmp_path / "run"
-    assert {p.name for p in run.iterdir()} == {"student.pt", "checkpoint.pt", "metrics.jsonl", "summary.json", "config.json"}
+    own = {p.name for p in run.iterdir() if not p.name.startswith("events.out.tfevents.")}  # TensorBoard's: test_monitor
+    assert own == {"student.pt", "student_best.pt", "checkpoint.pt", "metrics.jsonl", "summary.json", "config.json",
+                   "options.yaml"}
     assert summary == json.loads((run / "summary.json").read_text())
     assert summary["mode"] == "supervised" and summary["epochs"] == 4 and summary["views_per_sec"] > 0
     assert summary["val_top1"] > 50  # three well-separated colour classes; chance is 33%
@@ -86,10 +103,14 @@ def test_run_dir_holds_weights_metrics_summary_and_config(tmp_path):
     assert config["mode"] == "supervised" and config["recipe"]["size"] == 16 and config["student"]["num_classes"] == 3
     # kdpipe's own run checkpoint serves as weights, e.g. for a teacher
     from_checkpoint = build_model(ModelSpec("kdpipe:cnn", num_classes=3, weights=str(run / "checkpoint.pt")))
-    final = torch.load(run / "student.pt", weights_only=True)
+    student = torch.load(run / "student.pt", weights_only=True)
+    final = student["model"]
     assert all(torch.equal(from_checkpoint.net.state_dict()[k], v) for k, v in final.items())
-    # student.pt is a plain state_dict that loads into the bare network
-    small_cnn(3).load_state_dict(torch.load(run / "student.pt", weights_only=True))
+    # student.pt holds a plain state_dict that loads into the bare network, and what deploying it needs
+    small_cnn(3).load_state_dict(final)
+    assert student["classes"] == ["cat", "dog", "fox"] and student["outputs"] == "logits"
+    assert student["spec"]["name"] == "kdpipe:cnn" and student["spec"]["num_classes"] == 3
+    assert student["preprocessing"]["input_size"] == 16 and student["preprocessing"]["interpolation"] == "bilinear"
     assert_user_error(
         run_cli("train-student", "--data", data, "--student", "kdpipe:cnn", "--mode", "supervised", "--out", run,
                 "--epochs", 1, "--workers", 0),

@@ -368,7 +368,8 @@ class Manifest:
                 raise ManifestError(f"{field} {value} contradicts {other} {expected}")
         if layout.view_param_fields != view_param_fields(recipe):
             raise ManifestError(f"layout.view_param_fields {list(layout.view_param_fields)} are not those of the "
-                                f"recipe {list(view_param_fields(recipe))} (recipe.mixup {recipe.mixup})")
+                                f"recipe {list(view_param_fields(recipe))} (recipe.mixup {recipe.mixup}, "
+                                f"randaugment {recipe.randaugment}, random_erase {recipe.random_erase})")
         if self.teacher.outputs == "embeddings" and isinstance(self.codec, TopKCodec):
             raise ManifestError(f"codec.name {self.codec.name!r} contradicts teacher.outputs 'embeddings' "
                                 "(embeddings are stored dense)")
