@@ -66,10 +66,12 @@ TOTAL_VIEWS = EPOCHS * SAMPLES * VIEWS
 CACHE_ARGS = ["--teacher", "tests.toy_models:paced_teacher", "--epochs", str(EPOCHS), "--views-per-sample", str(VIEWS),
               "--size", "16", "--shard-size", str(SHARD), "--batch-size", "2", "--workers", "0"]
 # train-student on that data, supervised, with a student that takes 0.1 s per step.
-# with the training recipe's options on, which a resumed run must restore too (the EMA, the schedule)
+# with the training recipe's options and RandAugment and erasing on, which a resumed run must restore too
+# (the EMA, the schedule) or redraw alike (the views)
 TRAIN_ARGS = ["--student", "tests.toy_models:slow_student", "--mode", "supervised", "--epochs", "5",
               "--batch-size", "4", "--size", "16", "--workers", "0", "--ema", "0.9", "--accumulate", "2",
-              "--warmup-epochs", "1", "--label-smoothing", "0.1", "--clip-norm", "0.5"]
+              "--warmup-epochs", "1", "--label-smoothing", "0.1", "--clip-norm", "0.5", "--randaugment", "2,9",
+              "--random-erase", "0.5"]
 
 
 # --- helpers -------------------------------------------------------------------------
