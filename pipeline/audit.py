@@ -199,9 +199,9 @@ def _recompute(reader: ArchiveReader, teacher_spec: ModelSpec, data: str, count:
             raise ArchiveError(f"the teacher failed on epoch {epoch}, position {position}: {exc}") from None
         if topk:
             indices = torch.from_numpy(fields["topk_indices"][0].astype(np.int64))
-            stored = -torch.from_numpy(fields["topk_logprobs"][0].astype(np.float32)) * LOGPROB_STEP
+            stored = torch.from_numpy(reader.codec.stored_log_probs(fields)[0])
             expected = fresh.log_softmax(-1).gather(-1, indices)
-            kept = fields["topk_logprobs"][0] < 255  # entries clipped at the floor carry no value
+            kept = reader.codec.quantised(fields)[0] < 255  # entries clipped at the floor carry no value
             error = (stored - expected).abs()[torch.from_numpy(kept)]
             abs_error = float(error.max()) if error.numel() else 0.0
             rel_error = abs_error

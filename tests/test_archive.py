@@ -83,8 +83,7 @@ def test_manifest_records_what_was_cached(image_folder, tmp_path, backend):
     if backend != "zarr":
         return
     group = zarr.open_group(str(tmp_path / "a.zarr"), mode="r")
-    order = group["sample_index"][1]
-    assert np.array_equal(group["position_index"][1][order], np.arange(18))
+    assert "position_index" not in group  # schema 2 stores nothing derivable from sample_index
     assert np.array_equal(group["labels"][...], source.labels)
 
 
@@ -250,3 +249,88 @@ def test_a_second_writer_is_refused_while_the_first_lives(tmp_path, image_folder
     assert first.wait(timeout=120) == 0, first.communicate()
     assert run_cli("verify", tmp_path / "a").exit_code == 0
     assert not (tmp_path / "a" / "writer.json").exists()
+
+
+# --- schema 1: archives kdpipe wrote before schema 2 still read, verify and train ----------------
+
+# Made by kdpipe before schema 2 (its last schema-1 writer), with
+#   kdpipe cache-teacher --data synthetic:24:4:20 --teacher tests.toy_models:tiny_cnn --epochs 2
+#     --views-per-sample 2 --size 16 --color-jitter 0.2 --batch-size 6 --shard-size 12 --workers 0
+#     --out tests/data/schema1/NAME   (dense-fp32.zarr: --codec dense-fp32; topk.zarr: --codec topk:2;
+#                                      topk-wds: --codec topk:2 --format webdataset)
+SCHEMA1 = Path(__file__).parent / "data" / "schema1"
+SCHEMA1_DATA = "synthetic:24:4:20"
+
+
+@pytest.mark.parametrize("name", ["dense-fp32.zarr", "topk.zarr", "topk-wds"])
+def test_schema1_archives_read_and_verify(name, capsys):
+    """The spec's own reader and kdpipe's agree on them bit for bit; verify and inspect pass."""
+    from .test_docs import format_md
+
+    archive = SCHEMA1 / name
+    manifest = read_manifest(archive)
+    assert manifest.schema_version == 1 and "logprob_coding" not in manifest.to_dict()["codec"]
+    spec, reader = format_md(), ArchiveReader(archive)
+    root, checked = spec["open_archive"](archive)
+    spec["verify_checksums"](root, checked)
+    for epoch in range(2):
+        slab = spec["read_slab"](root, checked, epoch, 0, 24)
+        logits, params, samples = reader.read(epoch, 0, 24)
+        assert slab["logits"].tobytes() == logits.tobytes() and np.isfinite(logits).all()
+        assert slab["view_params"].tobytes() == params.tobytes()
+        assert np.array_equal(slab["sample"], samples)
+    assert "problems: none" in run_cli("verify", archive).output
+    inspected = run_cli("inspect", archive, "--json")
+    assert inspected.exit_code == 0 and json.loads(inspected.output)["schema_version"] == 1
+
+
+def test_schema1_dense_fp32_archive_trains_as_online(tmp_path):
+    """Offline equals online, bit for bit, from the schema-1 archive too."""
+    teacher_weights = tmp_path / "teacher.pt"
+    torch.save(build_model(ModelSpec("tests.toy_models:tiny_cnn", num_classes=4)).net.state_dict(), teacher_weights)
+    common = ["--data", SCHEMA1_DATA, "--student", "kdpipe:mlp", "--batch-size", 6, "--epochs", 2, "--workers", 0]
+    cli_json("train-student", *common, "--cache", SCHEMA1 / "dense-fp32.zarr", "--out", tmp_path / "cached")
+    cli_json("train-student", *common, "--mode", "online", "--teacher", "tests.toy_models:tiny_cnn", "--weights",
+             teacher_weights, "--views-per-sample", 2, "--size", 16, "--color-jitter", 0.2,
+             "--out", tmp_path / "online")
+    cached, online = (torch.load(tmp_path / run / "student.pt", weights_only=True)["model"]
+                      for run in ("cached", "online"))
+    assert cached.keys() == online.keys() and all(torch.equal(cached[k], online[k]) for k in cached)
+
+
+def test_schema2_topk_stores_the_same_views_in_fewer_bytes(tmp_path):
+    """The same job as the schema-1 top-k archive, cached now: schema 2, the same decoded
+    logits, view parameters and samples, no position_index, and fewer bytes."""
+    out = tmp_path / "topk.zarr"
+    cli_json("cache-teacher", "--data", SCHEMA1_DATA, "--teacher", "tests.toy_models:tiny_cnn", "--epochs", 2,
+             "--views-per-sample", 2, "--size", 16, "--color-jitter", 0.2, "--batch-size", 6, "--shard-size", 12,
+             "--workers", 0, "--codec", "topk:2", "--out", out)
+    old, new = ArchiveReader(SCHEMA1 / "topk.zarr"), ArchiveReader(out)
+    assert new.manifest.schema_version == 2 and new.manifest.codec.logprob_coding == "delta"
+    for epoch in range(2):
+        for before, after in zip(old.read(epoch, 0, 24), new.read(epoch, 0, 24)):
+            assert before.tobytes() == after.tobytes()
+    assert not any(key.startswith("position_index/") for key in new.manifest.files)
+    assert new.manifest.total_bytes < old.manifest.total_bytes
+    # verify --recompute reads the log-probabilities of either coding
+    recomputed = [json.loads(run_cli("verify", archive, "--teacher", "tests.toy_models:tiny_cnn",
+                                     "--data", SCHEMA1_DATA, "--recompute", 3, "--json").output)
+                  for archive in (SCHEMA1 / "topk.zarr", out)]
+    assert recomputed[0]["problems"] == recomputed[1]["problems"] == []
+    assert recomputed[0]["recomputed"] == recomputed[1]["recomputed"]
+
+
+def test_dense_int8_caches_trains_and_refuses_what_it_cannot_store(tmp_path):
+    out = tmp_path / "int8.zarr"
+    cache = ["cache-teacher", "--data", SCHEMA1_DATA, "--teacher", "tests.toy_models:tiny_cnn", "--epochs", 1,
+             "--size", 16, "--workers", 0]
+    cli_json(*cache, "--codec", "dense-int8", "--out", out)
+    reference = tmp_path / "fp32.zarr"
+    cli_json(*cache, "--codec", "dense-fp32", "--out", reference)
+    logits, exact = ArchiveReader(out).read(0, 0, 24)[0], ArchiveReader(reference).read(0, 0, 24)[0]
+    step = (exact.max(-1, keepdims=True) - exact.min(-1, keepdims=True)) / 254
+    assert (np.abs(logits - exact) <= step / 2 + 1e-6).all()
+    assert "problems: none" in run_cli("verify", out).output
+    cli_json("train-student", "--data", SCHEMA1_DATA, "--student", "kdpipe:mlp", "--cache", out, "--epochs", 1,
+             "--workers", 0, "--out", tmp_path / "run")
+    assert_user_error(run_cli(*cache, "--codec", "dense-int4", "--out", tmp_path / "x"), "unknown codec", "dense-int8")

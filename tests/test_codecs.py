@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pipeline.errors import ConfigError, ModelError
-from pipeline.store import BACKENDS, DenseCodec, TopKCodec, parse_codec
+from pipeline.store import BACKENDS, DenseCodec, Int8Codec, TopKCodec, parse_codec
 from pipeline.store.codecs import LOG_TAIL_FLOOR, LOGPROB_STEP
 
 from .conftest import cli_json
@@ -36,7 +36,9 @@ def test_topk_by_hand():
     lse = math.log(sum(math.exp(v) for v in (0.0, 2.0, -1.0, 1.0)))
     fields = TopKCodec(2, 4).encode(z)
     assert fields["topk_indices"].tolist() == [[[1, 3]]]
-    assert fields["topk_logprobs"].tolist() == [[[round((lse - 2) * 16), round((lse - 1) * 16)]]]
+    quantised = [round((lse - 2) * 16), round((lse - 1) * 16)]
+    assert fields["topk_logprobs"].tolist() == [[[quantised[0], quantised[1] - quantised[0]]]]  # delta-coded
+    assert TopKCodec(2, 4, "absolute").encode(z)["topk_logprobs"].tolist() == [[quantised]]  # schema 1
     tail = math.log(math.exp(0.0 - lse) + math.exp(-1.0 - lse))
     assert abs(float(fields["tail_logmass"][0, 0]) - tail) < 1e-3
     decoded = TopKCodec(2, 4).decode(fields)[0, 0]
@@ -91,11 +93,41 @@ def test_topk_with_all_classes_has_no_tail():
     assert (decoded - probs).abs().max() < 0.03
 
 
+@pytest.mark.parametrize("k", [1, 10, 100])
+def test_delta_coded_logprobs_decode_to_the_absolute_ones_exactly(k):
+    """Schema 2's steps between sorted log-probabilities give back schema 1's values, the
+    floor (255) and ties included, and decode to the same logits bit for bit."""
+    logits = _logits(scale=12.0)  # wide enough that some log-probabilities hit the floor
+    delta, absolute = TopKCodec(k, 100), TopKCodec(k, 100, "absolute")
+    stored, old = delta.encode(logits), absolute.encode(logits)
+    assert np.array_equal(delta.quantised(stored), old["topk_logprobs"])
+    assert (old["topk_logprobs"] == 255).any() or k < 100  # the floor is exercised
+    assert np.array_equal(stored["topk_indices"], old["topk_indices"])
+    assert delta.decode(stored).tobytes() == absolute.decode(old).tobytes()
+
+
+def test_int8_is_within_half_a_step_and_decodes_in_float32_order():
+    logits = _logits(scale=6.0)
+    logits[0, 0] = 3.5  # a view whose logits are all equal: scale 1, every step 0, decoded exactly
+    codec = parse_codec("dense-int8", classes=100)
+    fields = codec.encode(logits)
+    assert fields["logits"].dtype == np.int8 and fields["logits"].min() >= -127
+    assert (fields["logits"].min(-1)[1:] == -127).all() and (fields["logits"].max(-1)[1:] == 127).all()
+    decoded = codec.decode(fields)
+    steps = (logits.max(-1) - logits.min(-1))[..., None] / 254
+    assert (np.abs(decoded - logits) <= steps / 2 + 1e-5).all()
+    assert (decoded[0, 0] == 3.5).all()
+    product = fields["logits"].astype(np.float32) * fields["logits_scale"][..., None]
+    by_hand = product + fields["logits_offset"][..., None]
+    assert decoded.dtype == np.float32 and decoded.tobytes() == by_hand.tobytes()
+    assert Int8Codec.from_dict(codec.to_dict(), 100) == codec
+
+
 def test_wide_class_counts_use_wider_indices():
     assert TopKCodec(5, 70_000).fields(2, 70_000)["topk_indices"][1] == np.uint32
 
 
-@pytest.mark.parametrize("name", ["topk:0", "topk:x", "dense", "zstd"])
+@pytest.mark.parametrize("name", ["topk:0", "topk:x", "dense", "zstd", "dense-int4"])
 def test_bad_codec_names_are_refused(name):
     with pytest.raises(ConfigError, match="codec"):
         parse_codec(name, classes=10)

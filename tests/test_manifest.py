@@ -127,3 +127,42 @@ def test_a_sound_resealed_manifest_still_reads(archive, tmp_path):
     copy = resealed(archive, tmp_path, _set("dataset.location", "elsewhere"))
     assert read_manifest(copy).dataset.location == "elsewhere"
     assert run_cli("verify", copy).exit_code == 0
+
+
+SCHEMA1 = Path(__file__).parent / "data" / "schema1"
+INT8 = {"name": "dense-int8", "dtype": "int8", "scale": "per-view"}
+
+
+def _plan_of(manifest: dict, **changes) -> dict:
+    """The plan part of a manifest's JSON, with dotted fields (a__b) changed."""
+    plan = {key: value for key, value in json.loads(json.dumps(manifest)).items()
+            if key not in ("shards", "files", "total_bytes", "manifest_fingerprint")}
+    for key, value in changes.items():
+        *parents, leaf = key.split("__")
+        node = plan
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    return plan
+
+
+def test_the_schema_version_and_the_codec_agree():
+    """Schema 1 codes top-k log-probabilities as they are and has no dense-int8; schema 2
+    codes them as deltas and says so: any other pairing is refused by name."""
+    from pipeline.store import ManifestError
+
+    schema1 = json.loads((SCHEMA1 / "topk.zarr" / "manifest.json").read_text())
+    assert Manifest.from_dict(_plan_of(schema1), finished=False).codec.logprob_coding == "absolute"
+    schema2 = _plan_of(schema1, schema_version=2, codec=schema1["codec"] | {"logprob_coding": "delta"})
+    assert Manifest.from_dict(schema2, finished=False).codec.logprob_coding == "delta"
+    refused = {
+        "absolute in schema 2": (_plan_of(schema1, schema_version=2), "codec.logprob_coding"),
+        "delta in schema 1": (_plan_of(schema2, schema_version=1), "codec.logprob_coding"),
+        "another coding": (_plan_of(schema2, codec__logprob_coding="zigzag"), "'zigzag'"),
+        "dense-int8 in schema 1": (_plan_of(schema1, codec=INT8), "needs schema_version 2"),
+        "dense-int8 per class": (_plan_of(schema2, codec=INT8 | {"scale": "per-class"}), "'per-class'"),
+    }
+    for case, (plan, fragment) in refused.items():
+        with pytest.raises(ManifestError, match=fragment):
+            Manifest.from_dict(plan, finished=False)
+            pytest.fail(case)

@@ -23,7 +23,7 @@ from .archive import (
     verify_objects,
 )
 from .backends import BACKENDS, Backend, check_backend_name
-from .codecs import CODEC_NAMES, LOGPROB_STEP, Codec, DenseCodec, TopKCodec, check_codec_name, parse_codec
+from .codecs import CODEC_NAMES, LOGPROB_STEP, Codec, DenseCodec, Int8Codec, TopKCodec, check_codec_name, parse_codec
 from .layout import Layout, ManifestError
 from .location import Location, write_local_atomic
 from .manifest import (
@@ -54,6 +54,7 @@ __all__ = [
     "DatasetInfo",
     "DenseCodec",
     "FileEntry",
+    "Int8Codec",
     "Layout",
     "Location",
     "Manifest",

@@ -83,7 +83,8 @@ def survey(location: Location, sizes: dict[str, int]) -> Survey:
     manifest = _own_document(location, MANIFEST, finished=True) if MANIFEST in sizes else None
     plan = _own_document(location, PLAN, finished=False) if PLAN in sizes else None
     archive = manifest or plan
-    backend = make_backend(archive.backend, archive.layout, archive.codec) if archive is not None else None
+    backend = (make_backend(archive.backend, archive.layout, archive.codec, archive.schema_version)
+               if archive is not None else None)
 
     def named_like_ours(key: str) -> bool:
         if key in (MANIFEST, PLAN, LEASE):
@@ -166,7 +167,7 @@ class ArchiveWriter:
             raise ArchiveError("internal: the content digests given are not those the plan records")
         self.layout = plan.layout
         self.codec = plan.codec
-        self.backend = make_backend(plan.backend, plan.layout, plan.codec)
+        self.backend = make_backend(plan.backend, plan.layout, plan.codec, plan.schema_version)
         self.shards_per_epoch = plan.layout.shards_per_epoch
         self._orders: dict[int, np.ndarray] = {}
         self.labels = np.asarray(labels, dtype=np.int64)
@@ -488,7 +489,8 @@ class ArchiveReader:
         self.shard_size = layout.positions_per_shard
         self.fetch = VerifiedObjects(self.location, self.manifest, local_cache)
         self.codec = self.manifest.codec
-        self.backend = make_backend(self.manifest.backend, layout, self.codec, self.manifest.files)
+        self.backend = make_backend(self.manifest.backend, layout, self.codec, self.manifest.schema_version,
+                                    self.manifest.files)
         self._shard: tuple[tuple[int, int], dict[str, np.ndarray]] | None = None
         self._content: np.ndarray | None = None
         self.backend.open(self.fetch)

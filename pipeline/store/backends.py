@@ -21,7 +21,8 @@ BACKENDS = ("zarr", "webdataset")  # the first is the default
 
 class Backend(Protocol):
     """What the zarr and webdataset backends implement, each built from
-    `(layout, codec, files)`: `files` are a finished archive's objects (empty when writing)."""
+    `(layout, codec, schema_version, files)`: `files` are a finished archive's objects
+    (empty when writing)."""
 
     name: str
 
@@ -31,9 +32,10 @@ class Backend(Protocol):
         ...
 
     def epoch_files(self, epoch: int, sample_index: np.ndarray) -> dict[str, bytes]:
-        """The objects of one epoch as a whole (zarr: its sample and position index
-        chunks), given the sample at each position; written and committed with the
-        epoch's first shard, so nothing is written per epoch ahead of the teacher."""
+        """The objects of one epoch as a whole (zarr: its sample index chunk, and in
+        schema 1 its position index chunk), given the sample at each position; written
+        and committed with the epoch's first shard, so nothing is written per epoch
+        ahead of the teacher."""
         ...
 
     def owns(self, key: str) -> bool:
@@ -65,14 +67,14 @@ def check_backend_name(name: str) -> None:
         raise ConfigError(f"--format must be one of {', '.join(BACKENDS)}, got {name!r}")
 
 
-def make_backend(name: str, layout: Layout, codec: Codec, files: dict | None = None) -> Backend:
-    """The backend called `name` for an archive of `layout` and `codec`."""
+def make_backend(name: str, layout: Layout, codec: Codec, schema_version: int, files: dict | None = None) -> Backend:
+    """The backend called `name` for an archive of `layout`, `codec` and schema version."""
     if name == "zarr":
         from .zarr_store import ZarrBackend
 
-        return ZarrBackend(layout, codec, files or {})
+        return ZarrBackend(layout, codec, schema_version, files or {})
     if name == "webdataset":
         from .wds_store import WebDatasetBackend
 
-        return WebDatasetBackend(layout, codec, files or {})
+        return WebDatasetBackend(layout, codec, schema_version, files or {})
     raise ManifestError(f"backend {name!r} is unknown to this kdpipe (it reads {', '.join(BACKENDS)}); upgrade kdpipe")

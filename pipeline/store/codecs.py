@@ -2,13 +2,18 @@
 
 - `dense-fp32`: the logits as float32, lossless.
 - `dense-fp16`: the logits as float16 (the default; half the bytes, relative rounding error at most 2^-11).
+- `dense-int8`: the logits as int8 with a float32 scale and offset per view (a quarter
+  of float32's bytes; each logit within half a step, (max - min) / 254, of the truth).
 - `topk:K`: the K most likely classes of each view as indices (uint16, or uint32 past
   65,536 classes) and their log-probabilities quantised to uint8 in steps of 1/16 nat,
   plus the log of the tail mass (float16). Decoding rebuilds a full logit vector: the
   top K at their log-probabilities, the other C-K classes sharing the tail mass
   equally. Log-probabilities are logits up to a constant, so any temperature applied at
   training time sees the teacher's top-K ratios exactly, and the tail's total mass is
-  kept at T = 1 (the tail's shape is what is lost).
+  kept at T = 1 (the tail's shape is what is lost). Schema 2 stores the quantised
+  log-probabilities as steps from the previous class's (`logprob_coding` "delta": they
+  are sorted, so the steps are small numbers and compress about a quarter smaller);
+  schema-1 archives store them as they are ("absolute").
 
 A codec names its fields (shape after (positions,), dtype); backends store each field
 as an array or record member, so adding a codec touches no backend. Each codec class
@@ -33,6 +38,8 @@ ENCODE_ROWS = 4096  # positions encoded at a time
 
 
 DENSE_NAMES = {"dense-fp16": "float16", "dense-fp32": "float32"}  # name -> dtype of the stored logits
+INT8_NAME = "dense-int8"
+INT8_LEVELS = 127  # stored values -127..127: the view's range in 254 steps, symmetric about its middle
 TOPK_PREFIX = "topk:"
 
 
@@ -85,9 +92,57 @@ class DenseCodec:
 
 
 @dataclass(frozen=True)
+class Int8Codec:
+    """Every logit as int8 with a float32 scale and offset per view: `logits * scale +
+    offset`, for teachers whose whole distribution matters at a quarter of fp32's bytes."""
+
+    name = INT8_NAME
+
+    @staticmethod
+    def claims(name: Any) -> bool:
+        return name == INT8_NAME
+
+    @classmethod
+    def from_name(cls, name: str, classes: int) -> Int8Codec:
+        return cls()
+
+    def to_dict(self) -> dict:
+        return {"name": INT8_NAME, "dtype": "int8", "scale": "per-view"}
+
+    @classmethod
+    def from_dict(cls, data: Any, classes: int) -> Int8Codec:
+        data = parse_object(data, "codec", ("name", "dtype", "scale"))
+        if data["dtype"] != "int8" or data["scale"] != "per-view":
+            raise ManifestError(f"codec {INT8_NAME} stores dtype 'int8' with scale 'per-view', got "
+                                f"{data['dtype']!r} and {data['scale']!r}")
+        return cls()
+
+    def fields(self, views: int, classes: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        return {"logits": ((views, classes), np.dtype(np.int8)), "logits_scale": ((views,), np.dtype(np.float32)),
+                "logits_offset": ((views,), np.dtype(np.float32))}
+
+    def encode(self, logits: np.ndarray) -> dict[str, np.ndarray]:
+        """(n, V, C) float32 logits into int8 steps of each view's range: offset is its
+        middle, scale its width over 254 (1 for a view whose logits are all equal)."""
+        low, high = logits.min(-1), logits.max(-1)
+        offset = (low / 2 + high / 2).astype(np.float32)  # halves first: no overflow near the float32 limit
+        width = high.astype(np.float64) - low
+        scale = np.where(width > 0, width / (2 * INT8_LEVELS), 1.0).astype(np.float32)
+        steps = np.rint((logits - offset[..., None].astype(np.float64)) / scale[..., None])
+        stored = np.clip(steps, -INT8_LEVELS, INT8_LEVELS).astype(np.int8)
+        return {"logits": stored, "logits_scale": scale, "logits_offset": offset}
+
+    def decode(self, fields: dict[str, np.ndarray]) -> np.ndarray:
+        """float32 `logits * scale + offset`: the product rounded to float32, then the sum."""
+        product = fields["logits"].astype(np.float32) * fields["logits_scale"][..., None]
+        return product + fields["logits_offset"][..., None]
+
+
+@dataclass(frozen=True)
 class TopKCodec:
     k: int  # classes kept per view (at most the class count)
     classes: int
+    logprob_coding: str = "delta"  # how topk_logprobs holds the quantised log-probabilities
 
     @property
     def name(self) -> str:
@@ -109,13 +164,15 @@ class TopKCodec:
         return cls(min(k, classes), classes)
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "k": self.k, "logprob_step": LOGPROB_STEP, "tail": "uniform"}
+        """The manifest entry; a schema-1 ("absolute") entry has no `logprob_coding`."""
+        data = {"name": self.name, "k": self.k, "logprob_step": LOGPROB_STEP, "tail": "uniform"}
+        return data if self.logprob_coding == "absolute" else data | {"logprob_coding": self.logprob_coding}
 
     @classmethod
     def from_dict(cls, data: Any, classes: int) -> TopKCodec:
         """The codec of a manifest entry: K a positive integer, at most the class count and
         the one its name says, with the quantisation step and tail this kdpipe decodes."""
-        data = parse_object(data, "codec", ("name", "k", "logprob_step", "tail"))
+        data = parse_object(data, "codec", ("name", "k", "logprob_step", "tail"), optional=("logprob_coding",))
         k = parse_int(data["k"], "codec.k", minimum=1)
         if data["name"] != f"{TOPK_PREFIX}{k}":
             raise ManifestError(f"codec.k {k} contradicts codec.name {data['name']!r}")
@@ -125,7 +182,9 @@ class TopKCodec:
             raise ManifestError(f"codec.logprob_step must be {LOGPROB_STEP}, got {data['logprob_step']!r}")
         if data["tail"] != "uniform":
             raise ManifestError(f"codec.tail must be 'uniform', got {data['tail']!r}")
-        return cls(k, classes)
+        if data.get("logprob_coding", "delta") != "delta":
+            raise ManifestError(f"codec.logprob_coding must be 'delta' (or absent), got {data['logprob_coding']!r}")
+        return cls(k, classes, data.get("logprob_coding", "absolute"))
 
     def _index_dtype(self) -> np.dtype:
         return np.dtype(np.uint16 if self.classes <= 1 << 16 else np.uint32)
@@ -152,6 +211,8 @@ class TopKCodec:
         top = np.take_along_axis(top, order, -1)
         top_log_probs = np.take_along_axis(top_log_probs, order, -1)
         quantised = np.clip(np.rint(-top_log_probs / LOGPROB_STEP), 0, 255).astype(np.uint8)
+        if self.logprob_coding == "delta":  # non-decreasing along K: each step from the one before
+            quantised = np.diff(quantised, axis=-1, prepend=np.uint8(0))
         if self.k < self.classes:
             rest = log_probs.copy()
             np.put_along_axis(rest, top, -np.inf, -1)
@@ -172,15 +233,24 @@ class TopKCodec:
         rest = max(self.classes - self.k, 1)
         out = np.empty(indices.shape[:-1] + (self.classes,), dtype=np.float32)
         out[...] = (tail - np.float32(np.log(rest)))[..., None]
-        np.put_along_axis(out, indices, -fields["topk_logprobs"].astype(np.float32) * np.float32(LOGPROB_STEP), -1)
+        np.put_along_axis(out, indices, self.stored_log_probs(fields), -1)
         return out
 
+    def quantised(self, fields: dict[str, np.ndarray]) -> np.ndarray:
+        """The stored classes' quantised log-probabilities q (log p = -q * step), uint8."""
+        stored = fields["topk_logprobs"]
+        return np.cumsum(stored, axis=-1, dtype=np.uint8) if self.logprob_coding == "delta" else stored
 
-Codec = DenseCodec | TopKCodec
-CODEC_NAMES = "dense-fp32, dense-fp16 or topk:K"
+    def stored_log_probs(self, fields: dict[str, np.ndarray]) -> np.ndarray:
+        """The stored classes' log-probabilities as float32, in the order of `topk_indices`."""
+        return -self.quantised(fields).astype(np.float32) * np.float32(LOGPROB_STEP)
 
 
-CODECS = (DenseCodec, TopKCodec)
+Codec = DenseCodec | Int8Codec | TopKCodec
+CODEC_NAMES = "dense-fp32, dense-fp16, dense-int8 or topk:K"
+
+
+CODECS = (DenseCodec, Int8Codec, TopKCodec)
 
 
 def parse_codec(name: str, classes: int) -> Codec:

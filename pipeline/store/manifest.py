@@ -24,12 +24,12 @@ from ..config import MAIN_TEACHER, Preprocessing, ViewRecipe, first_difference, 
 from ..errors import ArchiveError, ArchiveMismatchError, ConfigError
 from ..views import view_param_fields
 from .backends import BACKENDS, check_backend_name, make_backend
-from .codecs import Codec, TopKCodec, codec_from_dict
+from .codecs import Codec, Int8Codec, TopKCodec, codec_from_dict
 from .layout import Layout, ManifestError, parse_int, parse_object, parse_str_list, parse_typed
 from .location import Location
 
 ARCHIVE_FORMAT = "kdpipe-archive"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # what kdpipe writes; it reads every version from 1 up
 MANIFEST = "manifest.json"
 PLAN = "plan.json"
 
@@ -292,24 +292,34 @@ class Manifest:
 
     @classmethod
     def plan(cls, backend: str, recipe: ViewRecipe, teacher: TeacherInfo, dataset: DatasetInfo, codec: Codec,
-             positions_per_shard: int | None = None) -> Manifest:
-        """The manifest-to-be of a new archive: everything but the shard list and checksums."""
+             positions_per_shard: int | None = None, schema_version: int = SCHEMA_VERSION) -> Manifest:
+        """The manifest-to-be of a new archive: everything but the shard list and checksums.
+        `schema_version` 1 writes what kdpipe wrote before schema 2 (for tests and the
+        benchmark that compares them); a top-k codec takes that schema's coding."""
         check_backend_name(backend)
+        if isinstance(codec, TopKCodec):
+            codec = replace(codec, logprob_coding="absolute" if schema_version == 1 else "delta")
         views, classes, params = recipe.views_per_sample, teacher.num_classes, view_param_fields(recipe)
         layout = Layout.plan(recipe.epochs, dataset.num_samples, views, classes, params,
                              _bytes_per_position(codec, views, classes, len(params)), positions_per_shard,
                              buffer_bytes_per_position=views * classes * 4)
-        return cls(backend=backend, schema_version=SCHEMA_VERSION, recipe=recipe, teacher=teacher, dataset=dataset,
-                   codec=codec, layout=layout, libraries=library_versions())
+        manifest = cls(backend=backend, schema_version=schema_version, recipe=recipe, teacher=teacher,
+                       dataset=dataset, codec=codec, layout=layout, libraries=library_versions())
+        try:
+            manifest._check_schema()
+        except ManifestError as exc:
+            raise ConfigError(str(exc)) from None
+        return manifest
 
     @property
     def projected_bytes(self) -> int:
         """About how many bytes the archive stores, before compression: every position's
-        fields in every epoch, its sample and position indices (8 bytes each), and each
-        sample's label and content digest (8 and 32 bytes)."""
+        fields in every epoch, its sample index (and, in schema 1, position index; 8 bytes
+        each), and each sample's label and content digest (8 and 32 bytes)."""
         layout = self.layout
+        indices = 2 if self.schema_version == 1 else 1
         per_position = _bytes_per_position(self.codec, layout.views_per_sample, layout.num_classes,
-                                           len(layout.view_param_fields)) + 2 * 8
+                                           len(layout.view_param_fields)) + indices * 8
         return layout.epochs * layout.num_samples * per_position + layout.num_samples * (8 + 32)
 
     def finish(self, shards: list[ShardEntry], files: dict[str, FileEntry]) -> Manifest:
@@ -373,6 +383,17 @@ class Manifest:
         if self.teacher.outputs == "embeddings" and isinstance(self.codec, TopKCodec):
             raise ManifestError(f"codec.name {self.codec.name!r} contradicts teacher.outputs 'embeddings' "
                                 "(embeddings are stored dense)")
+        self._check_schema()
+
+    def _check_schema(self) -> None:
+        """A schema-1 archive has neither dense-int8 nor delta-coded log-probabilities;
+        a later one codes top-k log-probabilities as deltas."""
+        codec, version = self.codec, self.schema_version
+        if version == 1 and isinstance(codec, Int8Codec):
+            raise ManifestError(f"codec.name {codec.name!r} needs schema_version 2 or later, not 1")
+        if isinstance(codec, TopKCodec) and (codec.logprob_coding == "delta") != (version > 1):
+            raise ManifestError(f"codec.logprob_coding is given exactly from schema_version 2 on, "
+                                f"and this manifest has schema_version {version}")
 
     def _check_shards(self) -> None:
         """`shards` lists every (epoch, shard) of the layout in order with its positions and
@@ -381,7 +402,7 @@ class Manifest:
         if len(self.shards) != len(units):
             raise ManifestError(f"shards lists {len(self.shards)} shards but the layout has {len(units)} "
                                 f"({self.layout.epochs} epochs of {self.layout.shards_per_epoch})")
-        backend = make_backend(self.backend, self.layout, self.codec)
+        backend = make_backend(self.backend, self.layout, self.codec, self.schema_version)
         for i, (entry, (epoch, shard, start, stop)) in enumerate(zip(self.shards, units)):
             if (entry.epoch, entry.shard, entry.start, entry.stop) != (epoch, shard, start, stop):
                 raise ManifestError(

@@ -54,8 +54,8 @@ class WebDatasetBackend:
 
     name = "webdataset"
 
-    def __init__(self, layout: Layout, codec: Codec, files: Mapping[str, dict]):
-        self.layout = layout
+    def __init__(self, layout: Layout, codec: Codec, schema_version: int, files: Mapping[str, dict]):
+        self.layout = layout  # the record is the same in every schema version; the codec's fields say what it holds
         views = layout.views_per_sample
         fields = [(name, "<i8") for name in META_FIELDS]
         fields.append(("view_params", "<f4", (views, len(layout.view_param_fields))))

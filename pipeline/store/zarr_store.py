@@ -4,8 +4,14 @@ Arrays (docs/format.md is the full spec):
     <codec fields>  (E, N, ...)     e.g. logits (E, N, V, C) float16, or topk_* arrays
     view_params     (E, N, V, P) float32   realised view parameters
     sample_index    (E, N) int64           sample at each position of each epoch
-    position_index  (E, N) int64           position of each sample in each epoch
+    position_index  (E, N) int64           schema 1 only: the inverse of sample_index (never read)
     labels          (N,) int64             label of each sample, -1 when unlabelled
+
+Schema 2 also compresses more tightly, each array losslessly as zarr's own codecs
+allow: the view parameters column by column (a `transpose` codec puts each column's
+values for a chunk's positions side by side) and bit-shuffled, the top-k indices and
+the index arrays bit-shuffled (their high bits are mostly zero). A stock zarr reader
+undoes all of it; `_compression` says which array gets what.
 
 A shard of every per-view array covers one epoch and a run of positions. The index
 arrays' chunks of an epoch are written with that epoch's first shard, so an archive of
@@ -24,25 +30,44 @@ from typing import Callable, Iterator, Mapping
 import numpy as np
 import zarr
 from zarr.buffer import default_buffer_prototype
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, TransposeCodec
 from zarr.storage import MemoryStore
 
 from ..errors import ArchiveError
 from .codecs import Codec
 from .layout import Layout
 
-INDEX_ARRAYS = ("sample_index", "position_index")
-STATIC_ARRAYS = INDEX_ARRAYS + ("labels",)  # fill value 0: zarr writes no chunk that is all zeros
+SCHEMA1_INDEX_ARRAYS = ("sample_index", "position_index")
+BITSHUFFLED = ("topk_indices", "view_params")  # schema 2: mostly-zero high bits, or float columns of few values
+COLUMNS_TOGETHER = ("view_params",)  # schema 2: stored column by column within a chunk
 
 
-def _compressor(dtype: np.dtype) -> BloscCodec:
-    return BloscCodec(cname="zstd", clevel=5, shuffle="shuffle", typesize=dtype.itemsize)
+def _blosc(dtype: np.dtype, shuffle: str = "shuffle") -> BloscCodec:
+    return BloscCodec(cname="zstd", clevel=5, shuffle=shuffle, typesize=dtype.itemsize)
+
+
+def _compression(name: str, dtype: np.dtype, ndim: int, schema_version: int) -> dict:
+    """The `filters` and `compressors` of array `name` (of `ndim` dimensions) in an
+    archive of `schema_version`: blosc-zstd with byte shuffle for every per-view array in
+    schema 1; in schema 2 bit shuffle for BITSHUFFLED, with each chunk's positions made
+    the last (fastest) dimension for COLUMNS_TOGETHER."""
+    if schema_version == 1:
+        return {"compressors": _blosc(dtype)}
+    filters = [TransposeCodec(order=(0, *range(2, ndim), 1))] if name in COLUMNS_TOGETHER else []
+    return {"filters": filters, "compressors": _blosc(dtype, "bitshuffle" if name in BITSHUFFLED else "shuffle")}
+
+
+def _index_compression(schema_version: int) -> dict:
+    """The index arrays' and labels' compression: zarr's default (zstd) in schema 1,
+    bit-shuffled blosc-zstd from schema 2 (their int64 values have mostly-zero high bits)."""
+    return {} if schema_version == 1 else {"compressors": _blosc(np.dtype(np.int64), "bitshuffle")}
 
 
 def _never_stored(dtype: np.dtype):
     """A fill value no real shard consists of: zarr writes no object for a shard that is
     all fill value, and every shard must exist (NaN logits are refused at caching time,
-    and no top-k index or log-probability field is all at its dtype's maximum)."""
+    no top-k index or log-probability field is all at its dtype's maximum, and every
+    dense-int8 view holds -127 unless all its logits are equal, when it holds 0)."""
     return float("nan") if dtype.kind == "f" else int(np.iinfo(dtype).max)
 
 
@@ -59,8 +84,10 @@ class ZarrBackend:
 
     name = "zarr"
 
-    def __init__(self, layout: Layout, codec: Codec, files: Mapping[str, dict]):
+    def __init__(self, layout: Layout, codec: Codec, schema_version: int, files: Mapping[str, dict]):
         self.layout = layout
+        self.schema_version = schema_version
+        self.index_arrays = SCHEMA1_INDEX_ARRAYS if schema_version == 1 else ("sample_index",)
         self.epochs, self.num_samples = layout.epochs, layout.num_samples
         self.shard_size, self.chunk = layout.positions_per_shard, layout.positions_per_chunk
         views = layout.views_per_sample
@@ -80,12 +107,13 @@ class ZarrBackend:
         for name, (tail, dtype) in self.fields.items():
             group.create_array(
                 name, shape=(E, N, *tail), dtype=dtype, shards=(1, self.shard_size, *tail),
-                chunks=(1, self.chunk, *tail), compressors=_compressor(dtype),
+                chunks=(1, self.chunk, *tail), **_compression(name, dtype, 2 + len(tail), self.schema_version),
                 **(common | {"fill_value": _never_stored(dtype)}),
             )
-        for name in INDEX_ARRAYS:
-            group.create_array(name, shape=(E, N), dtype=np.int64, chunks=(1, N), **common)
-        group.create_array("labels", shape=(N,), dtype=np.int64, chunks=(N,), **common)
+        indices = common | _index_compression(self.schema_version)
+        for name in self.index_arrays:
+            group.create_array(name, shape=(E, N), dtype=np.int64, chunks=(1, N), **indices)
+        group.create_array("labels", shape=(N,), dtype=np.int64, chunks=(N,), **indices)
         return group
 
     def static_files(self, labels: np.ndarray) -> Iterator[tuple[str, bytes]]:
@@ -97,28 +125,29 @@ class ZarrBackend:
             yield key, store.pop(key).to_bytes()
 
     def epoch_files(self, epoch: int, sample_index: np.ndarray) -> dict[str, bytes]:
-        """The chunks of `sample_index` and `position_index` for `epoch` (those zarr
-        stores: an all-zero chunk, N = 1, is not), given the sample at each position."""
+        """The chunk of `sample_index` for `epoch` (and in schema 1 of `position_index`;
+        those zarr stores: an all-zero chunk, N = 1, is not), given the sample at each position."""
         if self._staging is None:
             self._staging = self._create(self._store)
-        position_index = np.empty_like(sample_index)
-        position_index[sample_index] = np.arange(self.num_samples, dtype=np.int64)
         self._staging["sample_index"][epoch] = sample_index
-        self._staging["position_index"][epoch] = position_index
-        keys = [f"{name}/c/{epoch}/0" for name in INDEX_ARRAYS]
+        if self.schema_version == 1:
+            position_index = np.empty_like(sample_index)
+            position_index[sample_index] = np.arange(self.num_samples, dtype=np.int64)
+            self._staging["position_index"][epoch] = position_index
+        keys = [f"{name}/c/{epoch}/0" for name in self.index_arrays]
         return {key: self._store.pop(key).to_bytes() for key in keys if key in self._store}
 
     def owns(self, key: str) -> bool:
         """Whether `key` is an object of a zarr archive of this layout: group or array
         metadata, the labels chunk, an epoch's index chunk, or a shard of a per-view array."""
-        arrays = (*self.fields, *STATIC_ARRAYS)
+        arrays = (*self.fields, *self.index_arrays, "labels")
         if key in ("zarr.json", "labels/c/0") or key in {f"{name}/zarr.json" for name in arrays}:
             return True
         match = CHUNK_KEY.fullmatch(key)
         if match is None or int(match["epoch"]) >= self.epochs:
             return False
         name, epoch, shard = match["array"], int(match["epoch"]), int(match["shard"])
-        if name in INDEX_ARRAYS:
+        if name in self.index_arrays:
             return key == f"{name}/c/{epoch}/0"
         return (name in self.fields and shard < self.layout.shards_per_epoch
                 and key == shard_key(name, epoch, shard, len(self.fields[name][0]) + 2))
