@@ -17,8 +17,8 @@ import click
 import typer
 
 from pipeline.config import (
-    DEFAULT_RANDAUGMENT_OPS, RANDAUGMENT_OPS, CacheSpec, ModelSpec, TrainSpec, check_number, check_randaugment,
-    parse_storage_options,
+    DEFAULT_RANDAUGMENT_OPS, FEATURE_SYNTAX, RANDAUGMENT_OPS, CacheSpec, FeatureSpec, ModelSpec, TrainSpec,
+    check_number, check_randaugment, parse_storage_options,
 )
 from pipeline.errors import NO_SPACE, ConfigError, KdpipeError, first_line
 
@@ -257,15 +257,18 @@ def _model_spec(name: str, num_classes: int | None, weights: str | None, mean: s
 
 
 def _teacher_spec(name: str | None, num_classes: int | None, weights: str | None, mean: str | None, std: str | None,
-                  pretrained: str | None) -> ModelSpec | None:
+                  pretrained: str | None, outputs: str) -> ModelSpec | None:
     """train-student's --teacher and its options as a ModelSpec (None without --teacher,
-    where the teacher's options are refused)."""
+    where the teacher's options are refused); a kdpipe run directory or student file is
+    that student, teaching `outputs` (embeddings for --loss seed)."""
     if name is None:
         if weights or pretrained or mean or std:
             raise ConfigError("--weights, --teacher-pretrained, --teacher-mean and --teacher-std describe a teacher: "
                               "add --teacher MODEL")
         return None
-    return _model_spec(name, num_classes, weights, mean, std, pretrained)
+    return _teacher_model(name, outputs, {"--weights": weights, "--teacher-pretrained": pretrained,
+                                          "--teacher-mean": mean, "--teacher-std": std}) \
+        or _model_spec(name, num_classes, weights, mean, std, pretrained)
 
 
 DataOpt = Annotated[str, typer.Option(help="Image folder (one subfolder per class, or images alone when unlabelled); a label file labels.csv|labels.jsonl[?root=DIR&classes=FILE]; WebDataset shards 'train-{000..009}.tar'[?classes=FILE], local or remote; a Hugging Face dataset [hf:]PATH[?split=NAME] (save_to_disk folder or parquet); or synthetic:N:C[:SIZE].")]
@@ -287,7 +290,10 @@ MeanOpt = Annotated[Optional[str], typer.Option(help="Input normalisation mean R
 StorageOpt = Annotated[Optional[list[str]], typer.Option(help="fsspec storage option KEY=VALUE for the archive's store (repeatable), e.g. endpoint_url=http://127.0.0.1:9000.")]
 LocalCacheOpt = Annotated[Optional[str], typer.Option(help="Folder keeping verified copies of a remote archive's objects, so each is downloaded once.")]
 StdOpt = Annotated[Optional[str], typer.Option(help="Input normalisation std R,G,B. [default: the model's own]")]
-ModelHelp = "timm:NAME, torchvision:NAME, kdpipe:cnn|mlp, or package.module:factory."
+ModelHelp = "timm:NAME, torchvision:NAME, kdpipe:cnn|mlp|mlp-small, or package.module:factory."
+RunTeacherHelp = (" Or a kdpipe run directory (its student.pt) or student file (student_best.pt, student_ema.pt): "
+                  "that student teaches, with its weights, classes, normalisation and view size (born-again "
+                  "generations, teacher-assistant chains).")
 PretrainedHelp = ("Published weights to start from: a timm pretrained tag (a1_in1k) or a torchvision weights name "
                   "(IMAGENET1K_V2), or 'default'; read from the Hugging Face or torch hub cache, else downloaded.")
 
@@ -296,7 +302,7 @@ PretrainedHelp = ("Published weights to start from: a timm pretrained tag (a1_in
 @_user_errors
 def cache_teacher_command(
     data: DataOpt,
-    teacher: Annotated[str, typer.Option(help=ModelHelp)],
+    teacher: Annotated[str, typer.Option(help=ModelHelp + RunTeacherHelp)],
     out: Annotated[str, typer.Option(help="Archive to write: a local folder, or an s3:// or gs:// URL.")],
     weights: Annotated[Optional[str], typer.Option(help="Teacher weights: a state_dict, a checkpoint holding one, or a .safetensors file.")] = None,
     pretrained: Annotated[Optional[str], typer.Option(help=PretrainedHelp)] = None,
@@ -317,7 +323,7 @@ def cache_teacher_command(
     interpolation: InterpolationOpt = None,
     mean: MeanOpt = None,
     std: StdOpt = None,
-    codec: Annotated[str, typer.Option(help="How logits are stored: dense-fp16, dense-fp32 (lossless) or topk:K (K classes per view plus the tail mass).")] = "dense-fp16",
+    codec: Annotated[str, typer.Option(help="How logits are stored: dense-fp16, dense-fp32 (lossless), dense-int8 (a scale and offset per view) or topk:K (K classes per view plus the tail mass).")] = "dense-fp16",
     format: Annotated[str, typer.Option("--format", help="Archive format: zarr (random access) or webdataset (tar shards for streaming).")] = "zarr",
     storage_option: StorageOpt = None,
     shard_size: Annotated[Optional[int], typer.Option(help="Positions per shard. [default: about 16 MiB of logits]")] = None,
@@ -338,7 +344,9 @@ def cache_teacher_command(
     from pipeline import distributed
     from pipeline.cache import cache_recipe, cache_teacher
 
-    teacher_spec = _model_spec(teacher, num_classes, weights, mean, std, pretrained)
+    teacher_spec = _teacher_model(teacher, outputs, {"--weights": weights, "--pretrained": pretrained,
+                                                     "--num-classes": num_classes, "--mean": mean, "--std": std}) \
+        or _model_spec(teacher, num_classes, weights, mean, std, pretrained)
     options = ({} if epochs is None else {"epochs": epochs}) | _recipe_options(
         size=size, scale=scale, ratio=ratio, flip_prob=flip_prob, color_jitter=color_jitter, interpolation=interpolation,
         views_per_sample=views_per_sample, seed=seed, mixup=mixup, mix_alpha=mix_alpha,
@@ -367,7 +375,7 @@ def train_student_command(
     cache: Annotated[Optional[str], typer.Option(help="Archive written by cache-teacher (cached mode): a local folder, or an s3://, gs:// or http(s):// URL.")] = None,
     storage_option: StorageOpt = None,
     local_cache: LocalCacheOpt = None,
-    teacher: Annotated[Optional[str], typer.Option(help="Teacher model: runs live in online mode; in cached mode it is checked against the archive.")] = None,
+    teacher: Annotated[Optional[str], typer.Option(help="Teacher model: runs live in online mode; in cached mode it is checked against the archive." + RunTeacherHelp)] = None,
     weights: Annotated[Optional[str], typer.Option(help="Teacher weights file.")] = None,
     teacher_pretrained: Annotated[Optional[str], typer.Option(help="The teacher's published weights: a timm pretrained tag, a torchvision weights name, or 'default'.")] = None,
     teacher_mean: Annotated[Optional[str], typer.Option(help="Teacher normalisation mean R,G,B. [default: the teacher's own]")] = None,
@@ -386,8 +394,9 @@ def train_student_command(
     teachers: Annotated[Optional[str], typer.Option(help="Teachers of the archive to learn from, comma-separated: main (the one it was made with) and those added with cache-teacher --teacher-name. [default: main]")] = None,
     combine: Annotated[str, typer.Option(help="How several teachers are combined: mean (of their probabilities; teachers of different classes each teach theirs).")] = "mean",
     schedule: Annotated[Optional[str], typer.Option(help="Progressive distillation: one teacher at a time, NAME:EPOCHS,... summing to --epochs (see order-teachers).")] = None,
-    loss: Annotated[str, typer.Option(help="Distillation loss: kd (Hinton), dkd (decoupled KD), dist (DIST), ls (logit standardisation + KD), mse (on logits), or seed (SEED, on an archive of embeddings).")] = "kd",
-    loss_option: Annotated[Optional[list[str]], typer.Option(help="A loss hyper-parameter KEY=VALUE (repeatable): dkd alpha, beta; dist beta, gamma; seed queue, teacher_temperature, student_temperature.")] = None,
+    loss: Annotated[str, typer.Option(help="Distillation loss: kd (Hinton), dkd (decoupled KD), dist (DIST), ls (logit standardisation + KD), mse (on logits), alpha (AlphaNet's adaptive alpha-divergence), or seed (SEED, on an archive of embeddings).")] = "kd",
+    loss_option: Annotated[Optional[list[str]], typer.Option(help="A loss hyper-parameter KEY=VALUE (repeatable): dkd alpha, beta; dist beta, gamma; alpha alpha_min, alpha_max, clip; seed queue, teacher_temperature, student_temperature.")] = None,
+    feature: Annotated[Optional[list[str]], typer.Option(metavar=FEATURE_SYNTAX, help="Online mode: add a feature-distillation term (repeatable): the feature loss hint (FitNets), at (attention transfer), sp (similarity-preserving) or rkd (relational) between the outputs of a module of the teacher and one of the student (named as named_modules() names them; the student's is the teacher's by default), times WEIGHT (default 1); loss options KEY=VALUE: at p; rkd distance_weight, angle_weight.")] = None,
     temperature: Annotated[float, typer.Option(help="KD temperature T.")] = 1.0,
     alpha: Annotated[float, typer.Option(help="Weight of cross-entropy on labels (0 = pure function matching).")] = 0.0,
     init_seed: Annotated[int, typer.Option(help="Seed of the student's initialisation.")] = 0,
@@ -441,7 +450,7 @@ def _train_spec(p: dict) -> tuple[TrainSpec, dict]:
     """train-student's TrainSpec and view-recipe options from its options `p` (by name)."""
     mode = p["mode"] if p["mode"] is not None else "cached" if p["cache"] else "online" if p["teacher"] else "supervised"
     teacher = _teacher_spec(p["teacher"], p["num_classes"], p["weights"], p["teacher_mean"], p["teacher_std"],
-                            p["teacher_pretrained"])
+                            p["teacher_pretrained"], "embeddings" if p["loss"] == "seed" else "logits")
     student = _model_spec(p["student"], p["num_classes"], p["student_weights"], p["mean"], p["std"],
                           p["student_pretrained"])
     same = ("data", "out", "cache", "local_cache", "val", "epochs", "cycle_epochs", "batch_size", "optimizer", "lr",
@@ -452,6 +461,7 @@ def _train_spec(p: dict) -> tuple[TrainSpec, dict]:
         **{name: p[name] for name in same}, student=student, mode=mode, teacher=teacher, seed=p["init_seed"],
         storage_options=parse_storage_options(p["storage_option"]), loss_options=_loss_options(p["loss_option"]),
         teachers=tuple(p["teachers"].split(",")) if p["teachers"] else None, schedule=_schedule(p["schedule"]),
+        features=tuple(FeatureSpec.parse(text) for text in p["feature"] or ()),
     )
     recipe = ("size", "scale", "ratio", "flip_prob", "color_jitter", "interpolation", "views_per_sample", "seed",
               "mixup", "mix_alpha", "randaugment", "randaugment_ops", "random_erase")
@@ -521,7 +531,7 @@ def eval_command(
     num_classes: Annotated[Optional[int], typer.Option(help="Model classes; must be the data's class count. [default: the data's class count]")] = None,
     mean: MeanOpt = None,
     std: StdOpt = None,
-    teacher: Annotated[Optional[str], typer.Option(help="A teacher to compare with: its own accuracy, the model's top-1 agreement with it and the mean KL(teacher || model). [default: none]")] = None,
+    teacher: Annotated[Optional[str], typer.Option(help="A teacher to compare with: its own accuracy, the model's top-1 agreement with it and the mean KL(teacher || model); a model, or a kdpipe run directory or student file, seen through its own evaluation view. [default: none]")] = None,
     teacher_weights: Annotated[Optional[str], typer.Option(help="Teacher weights file.")] = None,
     teacher_pretrained: Annotated[Optional[str], typer.Option(help="The teacher's published weights: a timm pretrained tag, a torchvision weights name, or 'default'.")] = None,
     teacher_size: Annotated[Optional[int], typer.Option(help="Side of the teacher's evaluation view in pixels (its crop_pct and interpolation are its own). [default: the teacher's input size]")] = None,
@@ -541,9 +551,14 @@ def eval_command(
 
     if teacher is None and (teacher_weights or teacher_pretrained or teacher_size):
         raise ConfigError("--teacher-weights, --teacher-pretrained and --teacher-size describe a teacher: add --teacher MODEL")
-    teacher_spec = _model_spec(teacher, num_classes, teacher_weights, None, None, teacher_pretrained) if teacher else None
+    teacher_spec = None if teacher is None else (
+        _student_path("--teacher", teacher, {"--teacher-weights": teacher_weights,
+                                             "--teacher-pretrained": teacher_pretrained})
+        or _model_spec(teacher, num_classes, teacher_weights, None, None, teacher_pretrained))
     spec = EvalSpec(
-        model=_model_or_student(model, num_classes, weights, mean, std, pretrained), data=data, teacher=teacher_spec,
+        model=_student_path("--model", model, {"--weights": weights, "--pretrained": pretrained,
+                                              "--num-classes": num_classes, "--mean": mean, "--std": std})
+        or _model_spec(model, num_classes, weights, mean, std, pretrained), data=data, teacher=teacher_spec,
         size=size, crop_pct=crop_pct, interpolation=interpolation, resize=eval_resize, teacher_size=teacher_size,
         batch_size=batch_size, workers=workers,
     )
@@ -554,17 +569,30 @@ def eval_command(
     typer.echo(json.dumps(report, indent=1) if as_json else format_eval(report))
 
 
-def _model_or_student(name: str, num_classes: int | None, weights: str | None, mean: str | None, std: str | None,
-                      pretrained: str | None) -> ModelSpec | str:
-    """eval's --model and its options as a ModelSpec, or the path of a kdpipe student: a
-    path that exists, or a name without the SOURCE: every model name has. A student
-    brings its own weights, classes and normalisation, so their options are refused."""
+def _student_path(option: str, name: str, model_options: dict[str, object]) -> str | None:
+    """`name`, given to `option`, when it is a kdpipe student (a run directory or a
+    student file), else None (a model name): a student is a path that exists, or a name
+    without the SOURCE: every model name has. A student brings its own weights, classes
+    and normalisation, so the options that give those (`model_options`, by flag) are
+    refused with it."""
     if ":" in name and not os.path.exists(name):
-        return _model_spec(name, num_classes, weights, mean, std, pretrained)
-    if weights or pretrained or num_classes or mean or std:
-        raise ConfigError(f"--model {name} is a kdpipe student, which brings its own weights, classes and "
-                          "normalisation: drop --weights, --pretrained, --num-classes, --mean and --std")
+        return None
+    given = [flag for flag, value in model_options.items() if value]
+    if given:
+        raise ConfigError(f"{option} {name} is a kdpipe student, which brings its own weights, classes and "
+                          f"normalisation: drop {' and '.join(given)}")
     return name
+
+
+def _teacher_model(name: str, outputs: str, model_options: dict[str, object]) -> ModelSpec | None:
+    """--teacher RUN_DIR (see `_student_path`): that run's student as a teacher of
+    `outputs` (deploy.student_teacher); None for a model name."""
+    path = _student_path("--teacher", name, model_options)
+    if path is None:
+        return None
+    from pipeline.deploy import student_teacher
+
+    return student_teacher(path, outputs)
 
 
 StudentArg = Annotated[str, typer.Argument(help="A kdpipe student: a run directory (its student.pt) or a student file (student.pt, student_best.pt, student_ema.pt).")]

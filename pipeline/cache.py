@@ -15,9 +15,10 @@ from torch.utils.data import DataLoader
 from . import distributed
 from .config import MAIN_TEACHER, CacheSpec, ModelSpec, ViewRecipe, absolute_path, check_teacher_name
 from .data import RangeBatches, Source, ViewDataset, content_digests, open_source
+from .deploy import view_defaults
 from .errors import ArchiveError, ConfigError, ModelError
 from .host import keep_freed_memory, quiet_worker
-from .models import Teacher, recipe_defaults, with_num_classes
+from .models import Teacher, with_num_classes
 from .progress import say, views_progress
 from .store import (ArchiveWriter, DatasetInfo, Location, Manifest, TeacherInfo, check_archive_matches,
                     check_backend_name, check_codec_name, content_fingerprint, finished_archive_of, parse_codec,
@@ -94,7 +95,7 @@ def cache_recipe(teacher: ModelSpec, options: dict, teacher_name: str, out: str,
     the archive's recipe, which options given must agree with."""
     check_teacher_name(teacher_name)
     if teacher_name == MAIN_TEACHER:
-        return ViewRecipe.from_dict({"epochs": 1} | recipe_defaults(teacher) | options)
+        return ViewRecipe.from_dict({"epochs": 1} | view_defaults(teacher) | options)
     manifest = read_manifest(Location(out, storage_options))
     # through ViewRecipe, so an option given at its default (--random-erase 0) reads as the archive's JSON does
     check_archive_matches(manifest, out, recipe=ViewRecipe.from_dict(manifest.recipe.to_dict() | options).to_dict())

@@ -343,6 +343,53 @@ class CacheSpec:
             check_number("--shard-size", self.positions_per_shard, 1)
 
 
+FEATURE_SYNTAX = "LOSS:TEACHER_MODULE[:STUDENT_MODULE][@WEIGHT][,KEY=VALUE...]"
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """One feature-distillation term of train-student (--feature): the feature loss `loss`
+    between the output of the teacher's module `teacher_module` and the student's
+    `student_module` (module names as named_modules() gives them), times `weight`, with
+    the loss's `options`. `name` is the term's name in metrics.jsonl."""
+
+    loss: str
+    teacher_module: str
+    student_module: str
+    weight: float = 1.0
+    options: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        modules = self.teacher_module if self.student_module == self.teacher_module else \
+            f"{self.teacher_module}:{self.student_module}"
+        return f"{self.loss}:{modules}"
+
+    @classmethod
+    def parse(cls, text: str) -> FeatureSpec:
+        """A --feature value: e.g. `hint:layer3:features.6@0.5` or `rkd:fc@1,angle_weight=0`;
+        the student's module is the teacher's when left out, the weight 1."""
+        head, *pairs = text.split(",")
+        modules, at, weight = head.partition("@")
+        parts = modules.split(":")
+        if not 2 <= len(parts) <= 3 or not all(part.strip() for part in parts) or (at and not weight):
+            raise ConfigError(f"--feature {text!r} must be {FEATURE_SYNTAX}, e.g. hint:8:6@0.5")
+        options = {}
+        for pair in pairs:
+            key, _, value = pair.partition("=")
+            options[key.strip()] = _feature_number(text, value)
+        spec = cls(parts[0], parts[1], parts[-1], _feature_number(text, weight) if at else 1.0, options)
+        check_number(f"the weight of --feature {text}", spec.weight, 0, above=True)
+        return spec
+
+
+def _feature_number(text: str, value: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        raise ConfigError(f"--feature {text!r}: {value!r} is not a number ({FEATURE_SYNTAX})") from None
+
+
 MODES = ("cached", "online", "supervised")
 DEFAULT_EPOCHS = 10  # of train-student without an archive or a schedule to take them from
 COMBINES = ("mean",)
@@ -390,8 +437,10 @@ class TrainSpec:
     ema: float = 0.0  # decay of the EMA of the student's weights (e.g. 0.999); 0: no EMA
     accumulate: int = 1  # batches whose gradients are summed into one optimizer step
     clip_norm: float = 1.0  # the gradient norm is clipped to this; 0: no clipping
+    features: tuple[FeatureSpec, ...] = ()  # feature-distillation terms added to the loss (online mode)
 
     def __post_init__(self):
+        self._check_features()
         if (self.teachers or self.schedule) and self.mode != "cached":
             raise ConfigError("--teachers and --schedule name teachers of an archive: use them with --cache")
         for name in self.teachers or ():
@@ -451,6 +500,19 @@ class TrainSpec:
         if not (0 <= self.alpha <= 1):
             raise ConfigError(f"alpha must be in [0, 1], got {self.alpha}")
 
+    def _check_features(self) -> None:
+        """--feature needs the teacher's feature maps: a live teacher (archives do not hold
+        them yet); two terms of one name would log as one."""
+        if self.features and self.mode == "cached":
+            raise ConfigError("--feature needs the teacher's feature maps, which an archive does not hold yet (they will "
+                              "come with cache-teacher --outputs): run the teacher live with --mode online")
+        if self.features and self.mode != "online":
+            raise ConfigError("--feature distils a teacher's features: use it with --mode online and --teacher")
+        names = [feature.name for feature in self.features]
+        for name in names:
+            if names.count(name) > 1:
+                raise ConfigError(f"--feature {name} is given twice")
+
     def to_dict(self) -> dict[str, Any]:
         """The run's configuration, without storage options (they may hold credentials);
         the recipe as an archive's manifest records it (fields that are off left out)."""
@@ -465,4 +527,5 @@ class TrainSpec:
         data["recipe"] = ViewRecipe.from_dict(data["recipe"])
         if data.get("teacher") is not None:
             data["teacher"] = ModelSpec.from_dict(data["teacher"])
+        data["features"] = tuple(_from_dict(FeatureSpec, feature) for feature in data.get("features", ()))
         return _from_dict(cls, data)

@@ -31,7 +31,7 @@ from . import distributed
 from .config import MAX_VIEW_SIZE, ModelSpec, Preprocessing, check_number
 from .data import Source, open_images
 from .errors import ConfigError, KdpipeError, ModelError, first_line
-from .models import Normalized, build_model, preprocessing
+from .models import Normalized, build_model, preprocessing, recipe_defaults
 from .probe import outputs, whole_images
 from .rundir import CONFIG, SUMMARY, WEIGHTS
 from .store import write_local_atomic
@@ -139,6 +139,36 @@ def _parse(path: Path, saved: dict[str, Any]) -> StudentFile:
         raise ModelError(f"{path} is a damaged student file: its class names do not fit its {spec.num_classes} outputs")
     spec = replace(spec, weights=str(path), pretrained=None, mean=prep.mean, std=prep.std)
     return StudentFile(path, spec, output_kind, classes, prep)
+
+
+def student_teacher(path: str | Path, outputs: str = "logits") -> ModelSpec:
+    """The student of `path` (a run directory or a student file) as a teacher: its model
+    spec, class count and normalisation, with the student file, made absolute, as its
+    weights. A manifest or run config records it as it records any teacher with a weights
+    file, so `verify --recompute` rebuilds it from that record alone, and the file's view
+    size and interpolation are the recipe's defaults (`view_defaults`). Born-again
+    generations and teacher-assistant chains are this: a finished run teaching the next.
+    A SEED student, which gives embeddings, cannot teach `outputs` "logits"."""
+    student = read_student(path)
+    if outputs == "logits":
+        student.require_logits("teach class logits")
+    return replace(student.spec, weights=str(student.path.resolve()))
+
+
+def view_defaults(spec: ModelSpec) -> dict[str, Any]:
+    """The view-recipe fields the model of `spec` decides unless given: its own
+    (`models.recipe_defaults`), or for a model whose weights are a kdpipe student file
+    (`--teacher RUN_DIR`, `--weights RUN/student.pt`) the view size and interpolation
+    that file records, the ones it learnt at. Another kind of weights file is left to
+    the model's loader, which reads or refuses it."""
+    weights = spec.weights
+    if weights and not weights.endswith(".safetensors") and Path(weights).is_file():
+        try:
+            view = read_student(weights).preprocessing
+        except ModelError:  # not a student file
+            return recipe_defaults(spec)
+        return {"size": view.input_size, "interpolation": view.interpolation}
+    return recipe_defaults(spec)
 
 
 def load_student(path: str | Path) -> tuple[Normalized, StudentFile]:

@@ -103,15 +103,15 @@ def evaluate(model: nn.Module, loader: DataLoader, classes: list[str], device: t
 @dataclass(frozen=True)
 class EvalSpec:
     """A `kdpipe eval` run: `model` (and optionally `teacher`) on the labelled images of
-    `data`. `model` is a model to build, or the path of a kdpipe student (a run directory
-    or a student file), which brings its weights, classes and evaluation view. `size`,
-    `crop_pct` and `interpolation` override the model's own evaluation view (None keeps
-    it); the teacher sees its own, at `teacher_size` when given, resized the same way
-    ("crop" or "squash")."""
+    `data`. `model` and `teacher` are each a model to build, or the path of a kdpipe
+    student (a run directory or a student file), which brings its weights, classes and
+    evaluation view. `size`, `crop_pct` and `interpolation` override the model's own
+    evaluation view (None keeps it); the teacher sees its own, at `teacher_size` when
+    given, resized the same way ("crop" or "squash")."""
 
     model: ModelSpec | str
     data: str
-    teacher: ModelSpec | None = None
+    teacher: ModelSpec | str | None = None
     size: int | None = None
     crop_pct: float | None = None
     interpolation: str | None = None
@@ -145,14 +145,14 @@ def evaluate_model(spec: EvalSpec) -> dict[str, Any]:
     source = open_source(spec.data)
     if source.classes is None:
         raise DataError(f"{spec.data} is unlabelled: evaluation needs labelled images (one folder per class)")
-    model, transform = _model_and_view(spec, source.classes)
+    model, transform = _model_and_view(spec.model, source, spec.size, spec.crop_pct, spec.interpolation, spec.resize)
     logits, labels = predict(model, transform, source, spec.batch_size, spec.workers)
     report = {"model": model.name, "weights": model.weights or model.pretrained,
               "data": source.describe()["location"], "classes": len(source.classes), "transform": transform.to_dict()}
     if spec.teacher is None:
         return report | classification_metrics(logits, labels, source.classes)
-    teacher = with_num_classes(spec.teacher, source.classes, "teacher")
-    teacher_transform = model_transform(teacher, spec.teacher_size, resize=spec.resize)
+    teacher, teacher_transform = _model_and_view(spec.teacher, source, spec.teacher_size, None, None, spec.resize,
+                                                 "teacher")
     teacher_logits, _ = predict(teacher, teacher_transform, source, spec.batch_size, spec.workers, "teacher")
     teacher_report = {"model": teacher.name, "weights": teacher.weights or teacher.pretrained,
                       "transform": teacher_transform.to_dict()}
@@ -160,24 +160,26 @@ def evaluate_model(spec: EvalSpec) -> dict[str, Any]:
     return report | classification_metrics(logits, labels, source.classes, teacher_logits) | {"teacher": teacher_report}
 
 
-def _model_and_view(spec: EvalSpec, classes: list[str]) -> tuple[ModelSpec, EvalTransform]:
-    """The model to evaluate, with the data's class count, and its evaluation view, the
-    options given overriding it: a model's own (its preprocessing), or a kdpipe student's
-    as its file records it, the view train-student scored it on. A student must give
-    class logits, and its classes be the data's, in order."""
-    if isinstance(spec.model, ModelSpec):
-        model = with_num_classes(spec.model, classes, "model")
-        return model, model_transform(model, spec.size, spec.crop_pct, spec.interpolation, spec.resize)
-    student = read_student(spec.model)
+def _model_and_view(given: ModelSpec | str, source: Source, size: int | None, crop_pct: float | None,
+                    interpolation: str | None, resize: str, role: str = "model") -> tuple[ModelSpec, EvalTransform]:
+    """The model (or teacher: `role`) to evaluate on `source`, with its class count, and
+    its evaluation view, the options given overriding it: a model's own (its
+    preprocessing), or a kdpipe student's as its file records it, the view train-student
+    scored it on. A student must give class logits, and its classes be the data's, in order."""
+    classes = source.classes
+    if isinstance(given, ModelSpec):
+        model = with_num_classes(given, classes, role)
+        return model, model_transform(model, size, crop_pct, interpolation, resize)
+    student = read_student(given)
     student.require_logits("be scored on class labels")
-    model = with_num_classes(student.spec, classes, "model")
+    model = with_num_classes(student.spec, classes, role)
     if student.classes is not None and student.classes != classes:
         i = next(i for i, (ours, theirs) in enumerate(zip(student.classes, classes)) if ours != theirs)
-        raise DataError(f"the student's output {i} is class {student.classes[i]!r}, but class folder {i} of "
-                        f"{spec.data} is {classes[i]!r}: evaluate it on data of its classes")
+        raise DataError(f"the {role}'s output {i} is class {student.classes[i]!r}, but class folder {i} of "
+                        f"{source.describe()['location']} is {classes[i]!r}: evaluate it on data of its classes")
     view = student.preprocessing
-    return model, EvalTransform(spec.size or view.input_size, spec.crop_pct or view.crop_pct,
-                                spec.interpolation or view.interpolation, spec.resize)
+    return model, EvalTransform(size or view.input_size, crop_pct or view.crop_pct,
+                                interpolation or view.interpolation, resize)
 
 
 def format_eval(report: dict[str, Any]) -> str:

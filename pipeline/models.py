@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextvars
 import copy
+import difflib
 import hashlib
 import importlib
 import os
@@ -97,7 +98,13 @@ def small_mlp(num_classes: int, hidden: int = 128) -> nn.Module:
     )
 
 
-BUILTIN_MODELS = {"cnn": small_cnn, "mlp": small_mlp}
+def narrow_mlp(num_classes: int) -> nn.Module:
+    """`small_mlp` with 16 hidden units: a student with a wide gap to the cnn, for
+    teacher-assistant chains (kdpipe:cnn -> kdpipe:mlp -> kdpipe:mlp-small)."""
+    return small_mlp(num_classes, hidden=16)
+
+
+BUILTIN_MODELS = {"cnn": small_cnn, "mlp": small_mlp, "mlp-small": narrow_mlp}
 
 
 def _split_name(name: str) -> tuple[str, str]:
@@ -570,12 +577,13 @@ def with_num_classes(spec: ModelSpec, classes: list[str] | None, role: str) -> M
     return spec
 
 
-class _Tap:
+class Tap:
     """Keeps what one module of a network computed in the last forward pass: the input
     of the last Linear layer (the penultimate features) for name "", else the output of
-    the module called `name`."""
+    the module called `name` (an unknown name is refused with the nearest valid ones).
+    SEED's embeddings and feature distillation's maps are taken this way."""
 
-    def __init__(self, net: nn.Module, name: str):
+    def __init__(self, net: nn.Module, name: str, role: str = "teacher"):
         self.value: torch.Tensor | None = None
         if name == "":
             linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
@@ -585,8 +593,10 @@ class _Tap:
             return
         modules = dict(net.named_modules())
         if name not in modules:
-            names = ", ".join(list(n for n in modules if n)[-8:])
-            raise ModelError(f"the teacher has no layer {name!r}; its last layers are: {names}")
+            valid = [n for n in modules if n]
+            nearest = difflib.get_close_matches(name, valid, n=4, cutoff=0.4)
+            names = f"the nearest: {', '.join(nearest)}" if nearest else f"its last layers are: {', '.join(valid[-8:])}"
+            raise ModelError(f"the {role} has no layer {name!r}; {names}")
         modules[name].register_forward_hook(self._keep_output)
 
     def _keep_input(self, module, inputs) -> None:
@@ -599,15 +609,18 @@ class _Tap:
 class Teacher:
     """A model run for its outputs only: eval mode, inference mode; on a GPU, bf16
     autocast and channels-last memory. The outputs are its logits, or with `embedding`
-    (a layer name, "" for the penultimate features) that layer's L2-normalised output."""
+    (a layer name, "" for the penultimate features) that layer's L2-normalised output;
+    `with_features` also gives the outputs of the modules named in `features`."""
 
-    def __init__(self, spec: ModelSpec, size: int, device: torch.device | None = None, embedding: str | None = None):
+    def __init__(self, spec: ModelSpec, size: int, device: torch.device | None = None, embedding: str | None = None,
+                 features: tuple[str, ...] = ()):
         self.spec, self.embedding = spec, embedding
         self.device = device or distributed.device()
         self.model = build_model(spec, teaching=embedding is None).eval()
         self.preprocessing = self.model.preprocessing
         self.fingerprint = model_fingerprint(self.model, self.preprocessing)
-        self._tap = _Tap(self.model.net, embedding) if embedding is not None else None
+        self._tap = Tap(self.model.net, embedding) if embedding is not None else None
+        self._feature_taps = {name: Tap(self.model.net, name) for name in features}
         if embedding is None:
             self.num_classes = output_classes(self.model, size)
             if self.num_classes != spec.num_classes:
@@ -638,8 +651,7 @@ class Teacher:
         """float32 logits for a batch of [0, 1] views, on the teacher's device; computed
         `batch_size` views at a time when given (a big teacher may need smaller batches
         than its student), and on the CPU in chunks of CPU_CHUNK_PIXELS otherwise."""
-        if batch_size is None and self.device.type == "cpu":
-            batch_size = max(1, CPU_CHUNK_PIXELS // (views.shape[-2] * views.shape[-1]))
+        batch_size = self._chunk_size(views, batch_size)
         if batch_size is not None and len(views) > batch_size:
             return torch.cat([self(chunk, batch_size) for chunk in views.split(batch_size)])
         with torch.inference_mode():
@@ -651,3 +663,21 @@ class Teacher:
             if self._tap is not None:
                 return torch.nn.functional.normalize(self._tap.value.flatten(1).float(), dim=1)
             return logits.float()
+
+    def _chunk_size(self, views: torch.Tensor, batch_size: int | None) -> int | None:
+        """Views per forward pass: `batch_size`, else on the CPU as many as CPU_CHUNK_PIXELS allows."""
+        if batch_size is None and self.device.type == "cpu":
+            return max(1, CPU_CHUNK_PIXELS // (views.shape[-2] * views.shape[-1]))
+        return batch_size
+
+    def with_features(self, views: torch.Tensor,
+                      batch_size: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The outputs (as a call gives them) and the float32 output of each module named in
+        `features`, by name, for a batch of views: chunk by chunk as a call runs them."""
+        chunk_size = self._chunk_size(views, batch_size) or len(views)
+        outputs, features = [], {name: [] for name in self._feature_taps}
+        for chunk in views.split(chunk_size):
+            outputs.append(self(chunk, chunk_size))
+            for name, tap in self._feature_taps.items():
+                features[name].append(tap.value.float())
+        return torch.cat(outputs), {name: torch.cat(values) for name, values in features.items()}

@@ -1,5 +1,6 @@
 """What a training step minimises: the distillation term against one or more teachers,
-plus cross-entropy on the labels weighted by alpha.
+plus cross-entropy on the labels weighted by alpha, plus any feature terms (`features`),
+each times its weight.
 
 The loss is Hinton's KD by default, (1 - alpha) * distill + alpha * CE, with alpha = 0
 (function matching, as in Beyer et al. 2022). Several teachers over the same classes are
@@ -74,7 +75,8 @@ class Objective:
     `distill` is the distillation loss (None for supervised training); `columns` maps a
     teacher that knows only some of the student's classes to their columns; `schedule`,
     when set, names the one teacher active in each epoch; `label_smoothing` smooths the
-    cross-entropy term's targets."""
+    cross-entropy term's targets; `feature_weights` weights each feature term by name
+    (`features`), added to the loss as it is."""
 
     distill: Loss | None
     name: str = "kd"
@@ -83,10 +85,13 @@ class Objective:
     schedule: tuple[tuple[str, int], ...] | None = None
     columns: dict[str, list[int] | None] = field(default_factory=dict)
     label_smoothing: float = 0.0
+    feature_weights: dict[str, float] = field(default_factory=dict)
 
     def terms(self, student_logits: torch.Tensor, teacher_logits: dict[str, torch.Tensor] | None,
-              labels: torch.Tensor, mixing: Mixing | None = None, epoch: int = 0) -> dict[str, torch.Tensor]:
-        """The named terms of one step; `loss` is the one to minimise."""
+              labels: torch.Tensor, mixing: Mixing | None = None, epoch: int = 0,
+              features: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """The named terms of one step; `loss` is the one to minimise. `features` holds the
+        value of each feature term by name: the loss adds each times its weight."""
         if self.distill is None or teacher_logits is None:
             ce = cross_entropy(student_logits, labels, mixing, self.label_smoothing)
             return {"loss": ce, "ce": ce}
@@ -95,6 +100,9 @@ class Objective:
         if self.alpha > 0:
             terms["ce"] = cross_entropy(student_logits, labels, mixing, self.label_smoothing)
             terms["loss"] = terms["loss"] + self.alpha * terms["ce"]
+        for name, value in (features or {}).items():
+            terms[name] = value
+            terms["loss"] = terms["loss"] + self.feature_weights[name] * value
         return terms
 
     def distillation(self, student_logits: torch.Tensor, teacher_logits: dict[str, torch.Tensor],

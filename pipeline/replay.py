@@ -19,8 +19,9 @@ from torch.utils.data import Dataset, default_collate
 
 from .config import MAIN_TEACHER, TrainSpec, ViewRecipe
 from .data import Source, ViewDataset
+from .deploy import view_defaults
 from .errors import ArchiveMismatchError, ConfigError
-from .models import Teacher, recipe_defaults, with_num_classes
+from .models import Teacher, with_num_classes
 from .progress import say
 from .store import ArchiveReader, check_archive_matches, teacher_archive
 
@@ -114,7 +115,7 @@ def resolve_recipe(spec: TrainSpec, recipe_options: dict, reader: ArchiveReader 
         given = ViewRecipe.from_dict(cached.to_dict() | recipe_options)
         check_archive_matches(reader.manifest, spec.cache, recipe=given.to_dict())
         return cached
-    return ViewRecipe.from_dict({"epochs": spec.epochs} | recipe_defaults(spec.teacher or spec.student) | recipe_options)
+    return ViewRecipe.from_dict({"epochs": spec.epochs} | view_defaults(spec.teacher or spec.student) | recipe_options)
 
 
 def open_archives(spec: TrainSpec) -> tuple[dict[str, str], dict[str, ArchiveReader]]:

@@ -8,8 +8,8 @@
 
 Everything a run needs is resolved and checked once, up front, into a `Run`
 (`resolve_run`); `train_step` takes one batch and returns the named loss terms
-(`objective`); `train_student` is the loop: steps, then per epoch the evaluation, the
-metrics line and the checkpoint (`rundir`). AdamW with cosine decay and gradient-norm
+(`objective`, with the feature terms of --feature from `features`); `train_student` is
+the loop: steps, then per epoch the evaluation, the metrics line and the checkpoint (`rundir`). AdamW with cosine decay and gradient-norm
 clipping at 1.0 as in Beyer et al. (2022) by default; warmup, SGD, an EMA of the weights
 and gradient accumulation on request (`optim`).
 """
@@ -36,7 +36,8 @@ from .errors import ConfigError, DataError, KdpipeError, ModelError, TrainingErr
 from .deploy import STUDENT_FORMAT
 from .evaluation import classification_metrics
 from .host import keep_freed_memory, quiet_worker
-from .losses import check_loss_options
+from .features import FeatureDistillation
+from .losses import check_loss_options, get_feature_loss
 from .models import Normalized, Teacher, accelerated, build_model, output_classes, preprocessing, with_num_classes
 from .objective import Objective, make_loss
 from .optim import WeightAverage, make_optimizer, make_scheduler
@@ -83,6 +84,8 @@ def resolve_run(spec: TrainSpec, recipe_options: dict) -> Run:
     """Open the data and the archives, decide the recipe, the teacher, the classes and
     the loss, and refuse anything that does not fit together, before anything is written."""
     check_loss_options(spec.loss, spec.loss_options)
+    for feature in spec.features:
+        get_feature_loss(feature.loss, feature.options)
     source = open_source(spec.data)
     val_source = open_source(spec.val) if spec.val else None
     archives, readers = open_archives(spec)
@@ -93,7 +96,8 @@ def resolve_run(spec: TrainSpec, recipe_options: dict) -> Run:
         num_classes, columns, classes = check_archives(spec, source, recipe, readers)
     elif spec.mode == "online":  # SEED online distils the penultimate features
         teacher = Teacher(with_num_classes(spec.teacher, source.classes, "teacher"), recipe.size,
-                          embedding="" if spec.loss == "seed" else None)
+                          embedding="" if spec.loss == "seed" else None,
+                          features=tuple(dict.fromkeys(feature.teacher_module for feature in spec.features)))
         num_classes = teacher.num_classes
     elif source.classes is None:
         raise DataError(f"supervised training needs labelled data, but {spec.data} has no class folders")
@@ -122,7 +126,7 @@ def resolve_run(spec: TrainSpec, recipe_options: dict) -> Run:
         raise ConfigError("--label-smoothing smooths the cross-entropy on labels, which --alpha 0 leaves out; "
                           "give --alpha above 0, or drop --label-smoothing")
     objective = Objective(distill, spec.loss, spec.alpha, spec.temperature, spec.schedule, columns,
-                          spec.label_smoothing)
+                          spec.label_smoothing, {feature.name: feature.weight for feature in spec.features})
     spec = replace(spec, student=student, recipe=recipe)
     spec = replace(spec, **_resolved_paths(spec, source, val_source, probe_source))
     inputs = {"dataset": source.describe()["fingerprint"],
@@ -180,7 +184,8 @@ def _student_spec(student: ModelSpec, source: Source, num_classes: int, embeddin
 class Learner:
     """The student and what updates it. `student` holds the weights that are saved;
     `model` is what a step runs (DDP over ranks, compiled on request); `ema` is the
-    moving average of the student's weights with --ema."""
+    moving average of the student's weights with --ema; `features` taps the student for
+    --feature and holds the connectors that train with it (checkpointed, never exported)."""
 
     student: Normalized
     model: nn.Module
@@ -189,6 +194,12 @@ class Learner:
     device: torch.device
     rank: int
     ema: WeightAverage | None = None
+    features: FeatureDistillation | None = None
+
+    def parameters(self) -> list[nn.Parameter]:
+        """What the optimizer updates: the student's parameters, then the connectors'."""
+        connectors = [] if self.features is None else list(self.features.parameters())
+        return [*self.student.parameters(), *connectors]
 
 
 def make_learner(run: Run, device: torch.device, ranks: distributed.Ranks) -> Learner:
@@ -199,7 +210,14 @@ def make_learner(run: Run, device: torch.device, ranks: distributed.Ranks) -> Le
         raise ModelError(f"the student {spec.student.name} gives {outputs} outputs, not {spec.student.num_classes}")
     if accelerated(device):
         student = student.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(spec, student)
+    features = None
+    if spec.features:
+        features = FeatureDistillation.build(spec.features, student, run.student_size, run.teacher, spec.recipe.size,
+                                             spec.seed)
+        if ranks.world > 1 and features.connectors:
+            raise ConfigError("--feature hint trains a connector, which kdpipe keeps on one process only for now: "
+                              "run it without torchrun, or use at, sp or rkd")
+    optimizer = make_optimizer(spec, student if features is None else nn.ModuleList([student, features]))
     scheduler = make_scheduler(spec, optimizer, len(run.source))
     ema = WeightAverage(student, spec.ema) if spec.ema else None
     model = student
@@ -207,7 +225,7 @@ def make_learner(run: Run, device: torch.device, ranks: distributed.Ranks) -> Le
         model = DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
     if spec.compile:
         model = torch.compile(model)
-    return Learner(student, model, optimizer, scheduler, device, ranks.rank, ema)
+    return Learner(student, model, optimizer, scheduler, device, ranks.rank, ema, features)
 
 
 def train_step(run: Run, learner: Learner, batch: dict, epoch: int, step: int, weight: float,
@@ -226,16 +244,19 @@ def train_step(run: Run, learner: Learner, batch: dict, epoch: int, step: int, w
     mixing = None
     if run.spec.recipe.mixup:
         mixing = (batch["partner_label"].repeat_interleave(views).to(device), batch["lam"].flatten().to(device))
-    teacher_logits = None
+    teacher_logits, teacher_features = None, {}
     if run.spec.mode == "cached":
         teacher_logits = {name: slab.flatten(0, 1).to(device, non_blocking=True)
                           for name, slab in batch["teacher_logits"].items()}
     elif run.spec.mode == "online":
         teacher_views = _to_device(batch["teacher_views"].flatten(0, 1), device) if "teacher_views" in batch else images
-        teacher_logits = {"online": run.teacher(teacher_views, run.spec.teacher_batch_size).clone()}  # leave inference mode
+        logits, teacher_features = run.teacher.with_features(teacher_views, run.spec.teacher_batch_size)
+        teacher_logits = {"online": logits.clone()}  # leave inference mode
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=accelerated(device)):
         student_logits = learner.model(images)
-    terms = run.objective.terms(student_logits, teacher_logits, labels, mixing, epoch)
+    features = None if learner.features is None else learner.features(learner.features.student_features(),
+                                                                       teacher_features)
+    terms = run.objective.terms(student_logits, teacher_logits, labels, mixing, epoch, features)
     if not torch.isfinite(terms["loss"]):
         raise TrainingError(f"the loss became {terms['loss'].item()} at epoch {epoch + 1}, step {step + 1}; "
                             "lower --lr or check the data and teacher")
@@ -243,7 +264,7 @@ def train_step(run: Run, learner: Learner, batch: dict, epoch: int, step: int, w
         (terms["loss"] * weight).backward()  # DDP averages the gradients over ranks once per update
     if update:
         if run.spec.clip_norm:
-            torch.nn.utils.clip_grad_norm_(learner.student.parameters(), run.spec.clip_norm)
+            torch.nn.utils.clip_grad_norm_(learner.parameters(), run.spec.clip_norm)
         learner.optimizer.step()
         learner.optimizer.zero_grad(set_to_none=True)
         learner.scheduler.step()
@@ -510,6 +531,8 @@ def _checkpoint(learner: Learner, objective: Objective, epoch: int, standing: St
     }
     if learner.ema is not None:
         state["ema"] = learner.ema.state_dict()
+    if learner.features is not None:
+        state["connectors"] = learner.features.state_dict()
     loss_state = objective.state_dict()
     return state if loss_state is None else state | {"loss_state": loss_state}
 
@@ -525,6 +548,8 @@ def _restore(learner: Learner, objective: Objective, checkpoint: dict | None, ou
         objective.load_state_dict(checkpoint["loss_state"])
     if learner.ema is not None:
         learner.ema.load_state_dict(checkpoint["ema"])
+    if learner.features is not None:
+        learner.features.load_state_dict(checkpoint["connectors"])
     say(f"resuming {out} after epoch {checkpoint['epoch'] + 1}")
     standing = Standing(**checkpoint["standing"]) if "standing" in checkpoint else \
         Standing(last={"val_top1": checkpoint["val_top1"]})  # a checkpoint of an older kdpipe

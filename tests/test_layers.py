@@ -14,7 +14,7 @@ LAYERS = [
     {"pipeline", "pipeline.errors", "pipeline.config", "pipeline.views"},
     {"pipeline.distributed", "pipeline.host", "pipeline.progress", "pipeline.data", "pipeline.sources",
      "pipeline.models", "pipeline.losses", "pipeline.probe", "pipeline.store", "pipeline.monitor", "pipeline.optim"},
-    {"pipeline.objective", "pipeline.replay", "pipeline.rundir", "pipeline.precise_bn", "pipeline.evaluation",
+    {"pipeline.objective", "pipeline.features", "pipeline.replay", "pipeline.rundir", "pipeline.precise_bn", "pipeline.evaluation",
      "pipeline.deploy"},
     {"pipeline.cache", "pipeline.train", "pipeline.audit", "pipeline.order", "pipeline.report"},
     {"pipeline.bench", "pipeline.quickstart"},

@@ -6,12 +6,15 @@ from __future__ import annotations
 import inspect
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from pipeline.errors import ConfigError
+from pipeline.config import FeatureSpec
 from pipeline.losses import (
-    LOSS_OPTIONS, LOSSES, PEARSON_EPS, STD_EPS, dist_loss, dkd_loss, get_loss, kd_loss, ls_loss, mse_loss,
+    FEATURE_LOSSES, FEATURE_OPTIONS, LOSS_OPTIONS, LOSSES, PEARSON_EPS, STD_EPS, alpha_loss, at_loss, dist_loss,
+    dkd_loss, get_feature_loss, get_loss, hint_loss, kd_loss, ls_loss, mse_loss, rkd_loss, sp_loss,
 )
 
 STUDENT = [[1.0, 2.0, 3.0], [0.5, -1.0, 0.0]]
@@ -183,7 +186,8 @@ def test_every_loss_has_finite_gradients(name, scale):
     loss = get_loss(name)(student, teacher, labels, **options)
     assert loss.dim() == 0 and torch.isfinite(loss)
     loss.backward()
-    assert torch.isfinite(student.grad).all() and torch.isfinite(teacher.grad).all()
+    # a loss may treat the teacher's logits as constants (alpha's clipped gradient does)
+    assert torch.isfinite(student.grad).all() and (teacher.grad is None or torch.isfinite(teacher.grad).all())
     assert student.grad.abs().sum() > 0
 
 
@@ -207,5 +211,216 @@ def test_loss_options_name_each_loss_keywords_exactly():
 def test_get_loss_finds_each_and_lists_the_names_for_an_unknown_one():
     assert get_loss("kd") is kd_loss
     assert all(get_loss(name) is loss for name, loss in LOSSES.items())
-    with pytest.raises(ConfigError, match="unknown loss 'kld'; choose one of kd, dkd, dist, ls, mse"):
+    with pytest.raises(ConfigError, match="unknown loss 'kld'; choose one of kd, dkd, dist, ls, mse, alpha"):
         get_loss("kld")
+
+
+# --- AlphaNet's alpha-divergence ----------------------------------------------------------
+
+def alpha_divergence(p, q, alpha):
+    """D_alpha(p || q) = sum q ((p/q)^alpha - 1) / (alpha (alpha - 1)), plain Python."""
+    return sum(qi * ((pi / qi) ** alpha - 1) for pi, qi in zip(p, q)) / (alpha * (alpha - 1))
+
+
+@pytest.mark.parametrize("alpha_min, alpha_max", [(-1.0, 0.5), (-0.5, 2.0), (0.3, 0.7)])
+def test_alpha_is_the_larger_alpha_divergence_by_hand(alpha_min, alpha_max):
+    """No importance weight reaches the clip here, so the value is the paper's formula and
+    the gradient that of the larger divergence, differentiated independently by autograd."""
+    expected = mean([max(alpha_divergence(softmax(t), softmax(s), alpha_min),
+                         alpha_divergence(softmax(t), softmax(s), alpha_max)) for s, t in zip(STUDENT, TEACHER)])
+    student, teacher = tensors(STUDENT, TEACHER)
+    student.requires_grad_()
+    got = alpha_loss(student, teacher, alpha_min=alpha_min, alpha_max=alpha_max, clip=1e6)
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+    got.backward()
+    reference = student.detach().clone().requires_grad_()
+    q, p = reference.softmax(-1), teacher.softmax(-1)
+    divergences = torch.stack([(q * ((p / q) ** alpha - 1)).sum(-1) / (alpha * (alpha - 1))
+                               for alpha in (alpha_min, alpha_max)])
+    divergences.max(0).values.mean().backward()
+    assert torch.allclose(student.grad, reference.grad, atol=1e-6)
+
+
+def test_alpha_near_0_and_1_is_the_kl_either_way():
+    """alpha -> 0 gives KL(q || p), alpha -> 1 gives KL(p || q): AlphaNet's default pair
+    (-1, 1) is the larger of a chi-square divergence and KD's KL."""
+    for s, t in zip(STUDENT, TEACHER):
+        p, q = softmax(t), softmax(s)
+        got = alpha_loss(torch.tensor([s]), torch.tensor([t]), alpha_min=0.0, alpha_max=1.0, clip=1e6).item()
+        assert got == pytest.approx(max(kl(q, p), kl(p, q)), rel=1e-5)
+        near = alpha_loss(torch.tensor([s]), torch.tensor([t]), alpha_min=0.999, alpha_max=0.999, clip=1e6).item()
+        assert near == pytest.approx(kl(p, q), rel=1e-2)  # the formula tends to the limit
+        default = alpha_loss(torch.tensor([s]), torch.tensor([t]), clip=1e6).item()
+        assert default == pytest.approx(max(alpha_divergence(p, q, -1.0), kl(p, q)), rel=1e-5)
+    assert alpha_loss(torch.tensor(TEACHER), torch.tensor(TEACHER)).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_alpha_clips_the_importance_weights_in_the_gradient():
+    """A student far too sure of class 0: for alpha = 2 the weights (p/q)^2 of the other
+    classes are huge. Clipped at 5, the gradient is -sum_i q_i (w_i / alpha + 1/(alpha (alpha-1)))
+    d log q_i, with w_i = min((p_i/q_i)^2, 5), worked out here in plain Python."""
+    s, t, alpha, clip = [6.0, 0.0, 0.0], [0.0, 1.0, 0.5], 2.0, 5.0
+    p, q = softmax(t), softmax(s)
+    w = [min((pi / qi) ** alpha, clip) for pi, qi in zip(p, q)]
+    pull = [qi * (wi / alpha + 1 / (alpha * (alpha - 1))) for qi, wi in zip(q, w)]
+    # d log q_i / d s_j = [i == j] - q_j
+    expected = [-sum(pull[i] * ((i == j) - q[j]) for i in range(3)) for j in range(3)]
+    student = torch.tensor([s], requires_grad=True)
+    value = alpha_loss(student, torch.tensor([t]), alpha_min=alpha, alpha_max=alpha, clip=clip)
+    value.backward()
+    assert student.grad[0].tolist() == pytest.approx(expected, rel=1e-5)
+    assert value.item() == pytest.approx(sum(qi * (wi - 1) for qi, wi in zip(q, w)) / 2, rel=1e-5)
+
+
+def test_alpha_refuses_a_clip_that_is_not_positive():
+    with pytest.raises(ConfigError, match="the alpha loss needs clip > 0, got 0"):
+        alpha_loss(torch.tensor(STUDENT), torch.tensor(TEACHER), clip=0)
+
+
+# --- feature losses ------------------------------------------------------------------------
+
+def test_hint_is_the_mean_squared_error():
+    student, teacher = torch.arange(8.0).view(1, 2, 2, 2), torch.ones(1, 2, 2, 2)
+    assert hint_loss(student, teacher).item() == pytest.approx(mean([(x - 1) ** 2 for x in range(8)]))
+    assert hint_loss(teacher, teacher).item() == 0.0
+
+
+def attention_map(feature, p):
+    """Plain Python: per sample, the mean over channels of |a|^p at each position, over its L2 norm."""
+    maps = []
+    for sample in feature:
+        positions = [sum(abs(channel[y][x]) ** p for channel in sample) / len(sample)
+                     for y in range(len(sample[0])) for x in range(len(sample[0][0]))]
+        norm = math.sqrt(sum(v * v for v in positions))
+        maps.append([v / norm for v in positions])
+    return maps
+
+
+@pytest.mark.parametrize("p", [1.0, 2.0, 4.0])
+def test_attention_transfer_by_hand(p):
+    student = [[[[1.0, -2.0], [0.0, 3.0]]], [[[0.5, 0.5], [1.0, -1.0]]]]  # 2 samples, 1 channel
+    teacher = [[[[1.0, 0.0], [2.0, 1.0]], [[0.0, 1.0], [1.0, -1.0]], [[2.0, 2.0], [0.0, 0.0]]],
+               [[[3.0, 1.0], [0.0, 1.0]], [[1.0, 1.0], [1.0, 1.0]], [[0.0, -2.0], [1.0, 0.0]]]]  # 3 channels
+    expected = mean([(a - b) ** 2 for ms, mt in zip(attention_map(student, p), attention_map(teacher, p))
+                     for a, b in zip(ms, mt)])
+    assert at_loss(torch.tensor(student), torch.tensor(teacher), p=p).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_attention_ignores_scale_and_channel_count():
+    teacher = torch.randn(3, 4, 5, 5, generator=torch.Generator().manual_seed(0))
+    assert at_loss(7 * teacher, teacher).item() == pytest.approx(0.0, abs=1e-7)
+    assert at_loss(torch.cat([teacher, teacher], 1), teacher).item() == pytest.approx(0.0, abs=1e-7)
+    assert at_loss(torch.zeros(3, 2, 5, 5), teacher).item() > 0  # a blank map: finite, and not the teacher's
+
+
+def test_similarity_preserving_against_numpy():
+    generator = torch.Generator().manual_seed(1)
+    student, teacher = torch.randn(5, 3, 4, 4, generator=generator), torch.randn(5, 7, generator=generator)
+
+    def normalised_gram(feature):
+        flat = feature.reshape(len(feature), -1).astype(np.float64)
+        gram = flat @ flat.T
+        return gram / np.linalg.norm(gram, axis=1, keepdims=True)
+
+    expected = np.linalg.norm(normalised_gram(student.numpy()) - normalised_gram(teacher.numpy()), "fro") ** 2 / 25
+    assert sp_loss(student, teacher).item() == pytest.approx(expected, rel=1e-5)
+    assert sp_loss(3 * teacher, teacher).item() == pytest.approx(0.0, abs=1e-6)
+    assert sp_loss(student[:1], teacher[:1]).item() == 0.0  # one sample: nothing to relate
+
+
+def huber(x):
+    return 0.5 * x * x if abs(x) < 1 else abs(x) - 0.5
+
+
+def rkd_by_hand(student, teacher):
+    """The distance and angle terms with loops over every pair and triple, plain Python."""
+    def distances(points):
+        d = [[math.dist(a, b) for b in points] for a in points]
+        pairs = [d[i][j] for i in range(len(points)) for j in range(len(points)) if i != j]
+        return [[x / mean(pairs) for x in row] for row in d]
+
+    def angles(points):
+        def unit(a, b):
+            v = [y - x for x, y in zip(a, b)]
+            n = math.sqrt(sum(c * c for c in v))
+            return [c / n for c in v] if n else [0.0] * len(v)
+        return [sum(x * y for x, y in zip(unit(pj, pi), unit(pj, pk))) for pj in points for pi in points for pk in points]
+
+    ds, dt = distances(student), distances(teacher)
+    distance = mean([huber(a - b) for rs, rt in zip(ds, dt) for a, b in zip(rs, rt)])
+    angle = mean([huber(a - b) for a, b in zip(angles(student), angles(teacher))])
+    return distance, angle
+
+
+def test_rkd_by_hand():
+    student = [[0.0, 0.0], [3.0, 0.0], [0.0, 1.0], [1.0, 1.0]]
+    teacher = [[1.0, 2.0, 0.0], [0.0, 0.0, 0.0], [2.0, 2.0, 2.0], [5.0, -1.0, 0.5]]
+    distance, angle = rkd_by_hand(student, teacher)
+    s, t = torch.tensor(student), torch.tensor(teacher)
+    assert rkd_loss(s, t, distance_weight=1, angle_weight=0).item() == pytest.approx(distance, rel=1e-5)
+    assert rkd_loss(s, t, distance_weight=0, angle_weight=1).item() == pytest.approx(angle, rel=1e-5)
+    assert rkd_loss(s, t).item() == pytest.approx(25 * distance + 50 * angle, rel=1e-5)
+
+
+def test_rkd_ignores_scale_rotation_and_shift_and_needs_two_samples():
+    teacher = torch.randn(6, 2, generator=torch.Generator().manual_seed(2))
+    rotation = torch.tensor([[0.6, -0.8], [0.8, 0.6]])
+    assert rkd_loss(3 * teacher @ rotation + 5, teacher).item() == pytest.approx(0.0, abs=1e-4)
+    single = torch.ones(1, 4, requires_grad=True)
+    loss = rkd_loss(single, torch.zeros(1, 4))
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(single.grad, torch.zeros(1, 4))
+
+
+@pytest.mark.parametrize("name", sorted(FEATURE_LOSSES))
+def test_every_feature_loss_has_finite_gradients_even_on_identical_samples(name):
+    generator = torch.Generator().manual_seed(3)
+    for student in (torch.randn(4, 3, 5, 5, generator=generator), torch.ones(4, 3, 5, 5)):
+        student.requires_grad_()
+        loss = FEATURE_LOSSES[name](student, torch.randn(4, 3, 5, 5, generator=generator))
+        assert loss.dim() == 0 and loss.dtype == torch.float32 and torch.isfinite(loss)
+        loss.backward()
+        assert torch.isfinite(student.grad).all()
+
+
+def test_feature_options_name_each_loss_keywords_exactly():
+    assert FEATURE_OPTIONS.keys() == FEATURE_LOSSES.keys()
+    for name, loss in FEATURE_LOSSES.items():
+        parameters = list(inspect.signature(loss).parameters)
+        assert parameters[:2] == ["student_feature", "teacher_feature"]
+        assert tuple(parameters[2:]) == FEATURE_OPTIONS[name]
+
+
+def test_get_feature_loss_binds_options_and_refuses_unknown_names_and_options():
+    s, t = torch.randn(4, 8), torch.randn(4, 8)
+    assert get_feature_loss("rkd", {"angle_weight": 0.0})(s, t).item() == rkd_loss(s, t, angle_weight=0.0).item()
+    with pytest.raises(ConfigError, match="unknown feature loss 'fitnet'; choose one of hint, at, sp, rkd"):
+        get_feature_loss("fitnet", {})
+    with pytest.raises(ConfigError, match=r"the sp feature loss has no option 'p' \(its options: none\)"):
+        get_feature_loss("sp", {"p": 2.0})
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("hint:layer3", FeatureSpec("hint", "layer3", "layer3")),
+    ("at:layer3.1:features.6@500", FeatureSpec("at", "layer3.1", "features.6", 500.0)),
+    ("rkd:fc@0.5,angle_weight=0,distance_weight=10",
+     FeatureSpec("rkd", "fc", "fc", 0.5, {"angle_weight": 0.0, "distance_weight": 10.0})),
+])
+def test_feature_spec_parses_loss_modules_weight_and_options(text, expected):
+    assert FeatureSpec.parse(text) == expected
+
+
+@pytest.mark.parametrize("text, message", [
+    ("hint", "must be LOSS:TEACHER_MODULE"), ("hint::fc", "must be LOSS:TEACHER_MODULE"),
+    ("a:b:c:d", "must be LOSS:TEACHER_MODULE"), ("hint:fc@", "must be LOSS:TEACHER_MODULE"),
+    ("hint:fc@heavy", "'heavy' is not a number"), ("at:fc,p=two", "'two' is not a number"),
+    ("sp:fc@-1", "must be a finite number > 0"), ("sp:fc@nan", "must be a finite number > 0"),
+])
+def test_feature_spec_refuses_malformed_values(text, message):
+    with pytest.raises(ConfigError, match=message):
+        FeatureSpec.parse(text)
+
+
+def test_feature_names_say_which_modules():
+    assert FeatureSpec.parse("hint:8@2").name == "hint:8"
+    assert FeatureSpec.parse("sp:layer4:features.7").name == "sp:layer4:features.7"

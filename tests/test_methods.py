@@ -134,7 +134,7 @@ def test_student_at_another_resolution_sees_the_same_crops(tmp_path):
     assert torch.equal(item["views"][1], render(image, params, 12))
 
 
-@pytest.mark.parametrize("loss", ["kd", "dkd", "dist", "ls", "mse"])
+@pytest.mark.parametrize("loss", ["kd", "dkd", "dist", "ls", "mse", "alpha"])
 def test_every_loss_trains_from_the_cache(loss, tmp_path):
     cli_json("cache-teacher", "--data", DATA, "--teacher", "tests.toy_models:tiny_cnn", "--out", tmp_path / "a",
              "--size", 16, "--epochs", 2, "--workers", 0)

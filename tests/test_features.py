@@ -1,0 +1,126 @@
+"""Feature distillation online (train-student --feature): the terms join the loss and the
+log, the connector trains with the student, resumes with it and stays out of student.pt;
+bad module names, shapes and losses are refused in one line."""
+
+import json
+from collections import OrderedDict
+
+import pytest
+import torch
+from torch import nn
+
+from pipeline.config import FeatureSpec, ModelSpec
+from pipeline.errors import ModelError
+from pipeline.features import FeatureDistillation
+from pipeline.models import Tap, Teacher, build_model, small_cnn
+
+from .conftest import assert_user_error, cli_json, run_cli, train_until, weights
+
+DATA = "synthetic:24:4:20"
+TEACHER = "tests.toy_models:tiny_cnn"  # small_cnn of width 8: module 9 gives 16 channels at half the view's side
+# a kdpipe:cnn student (width 32: 64 channels at module 9) at twice the teacher's side, so
+# the hint's connector maps 64 channels to 16 and the map is resized from 16 x 16 to 8 x 8
+ONLINE = ("--data", DATA, "--student", "kdpipe:cnn", "--mode", "online", "--teacher", TEACHER, "--size", 16,
+          "--student-size", 32, "--batch-size", 8, "--epochs", 2, "--workers", 0, "--precise-bn", 0)
+HINT = ("--feature", "hint:9@2")
+
+
+def _metrics(run) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _initial_connectors() -> dict[str, torch.Tensor]:
+    """The hint connector as the run initialises it (seed 0), before any step."""
+    student = build_model(ModelSpec("kdpipe:cnn", num_classes=4))
+    teacher = Teacher(ModelSpec(TEACHER, num_classes=4), 16, torch.device("cpu"), features=("9",))
+    return FeatureDistillation.build((FeatureSpec.parse(HINT[1]),), student, 32, teacher, 16, seed=0).state_dict()
+
+
+def test_hint_trains_a_connector_with_the_student_and_leaves_it_out_of_student_pt(tmp_path):
+    cli_json("train-student", *ONLINE, "--out", tmp_path / "hint", *HINT)
+    cli_json("train-student", *ONLINE, "--out", tmp_path / "kd")
+    # the term is logged by name, and the loss is KD plus twice it
+    for line in _metrics(tmp_path / "hint"):
+        assert line["loss"] == pytest.approx(line["kd"] + 2 * line["hint:9"], rel=1e-5)
+    assert "hint:9" not in _metrics(tmp_path / "kd")[0]
+    # the connector moved, and so did the student, away from where KD alone takes it
+    connectors = torch.load(tmp_path / "hint" / "checkpoint.pt", weights_only=True)["connectors"]
+    initial = _initial_connectors()
+    assert connectors.keys() == initial.keys() == {"connectors.0.weight", "connectors.0.bias"}
+    assert connectors["connectors.0.weight"].shape == (16, 64, 1, 1)
+    assert not torch.equal(connectors["connectors.0.weight"], initial["connectors.0.weight"])
+    hint, kd = weights(tmp_path / "hint"), weights(tmp_path / "kd")
+    assert not torch.equal(hint["0.weight"], kd["0.weight"])
+    # student.pt is the bare student: its keys are the network's, nothing of the connector
+    assert hint.keys() == small_cnn(4).state_dict().keys()
+    small_cnn(4).load_state_dict(hint)
+
+
+def test_a_run_with_a_connector_resumes_to_the_uninterrupted_weights(tmp_path, monkeypatch):
+    """Killed after epoch 1 and resumed: the student and the connector end as those of the
+    run that was never stopped (a connector re-initialised on resume would not)."""
+    cli_json("train-student", *ONLINE, "--out", tmp_path / "whole", *HINT)
+    train_until(monkeypatch, 1, *ONLINE, "--out", tmp_path / "stopped", *HINT)
+    assert not (tmp_path / "stopped" / "student.pt").exists()
+    cli_json("train-student", *ONLINE, "--out", tmp_path / "stopped", *HINT, "--resume")
+    whole, resumed = weights(tmp_path / "whole"), weights(tmp_path / "stopped")
+    assert all(torch.equal(whole[name], resumed[name]) for name in whole)
+    connectors = [torch.load(tmp_path / run / "checkpoint.pt", weights_only=True)["connectors"]
+                  for run in ("whole", "stopped")]
+    assert all(torch.equal(connectors[0][name], connectors[1][name]) for name in connectors[0])
+    assert [line["hint:9"] for line in _metrics(tmp_path / "whole")] == \
+        [line["hint:9"] for line in _metrics(tmp_path / "stopped")]
+
+
+def test_every_feature_loss_trains_an_mlp_student_in_one_run(tmp_path):
+    """at and sp between maps of different sizes and channels, rkd between a flattened
+    map and a hidden layer; each term is logged and the loss is their weighted sum."""
+    features = ("--feature", "at:9:0@500", "--feature", "sp:9:3@3000", "--feature", "rkd:18:3,angle_weight=0")
+    cli_json("train-student", "--data", DATA, "--student", "kdpipe:mlp", "--mode", "online", "--teacher", TEACHER,
+             "--size", 16, "--batch-size", 8, "--epochs", 1, "--workers", 0, "--alpha", 1, "--out", tmp_path / "run",
+             *features)
+    line = _metrics(tmp_path / "run")[0]
+    assert line["loss"] == pytest.approx(line["ce"] + 500 * line["at:9:0"] + 3000 * line["sp:9:3"] + line["rkd:18:3"],
+                                         rel=1e-5)
+    assert all(line[name] > 0 for name in ("at:9:0", "sp:9:3", "rkd:18:3"))
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["features"][2] == {"loss": "rkd", "teacher_module": "18", "student_module": "3", "weight": 1.0,
+                                     "options": {"angle_weight": 0.0}}
+
+
+BASE = ("train-student", "--data", DATA, "--student", "kdpipe:mlp", "--teacher", TEACHER, "--size", 16,
+        "--epochs", 1, "--workers", 0)
+
+
+@pytest.mark.parametrize("feature, message", [
+    ("hint:9:2", "hint compares feature maps (batch, channels, height, width), but the student's module '2' "
+                 "gives shape (1, 128)"),
+    ("at:19:0", "the teacher's module '19' gives shape (1, 4)"),
+    ("hint:conv9", "the teacher has no layer 'conv9'"),
+    ("sp:9:hidden", "the student has no layer 'hidden'"),
+    ("fitnet:9", "unknown feature loss 'fitnet'; choose one of hint, at, sp, rkd"),
+    ("at:9,q=2", "the at feature loss has no option 'q' (its options: p)"),
+    ("hint:9:0@x", "--feature 'hint:9:0@x': 'x' is not a number"),
+])
+def test_bad_features_are_refused_in_one_line_before_anything_is_written(tmp_path, feature, message):
+    assert_user_error(run_cli(*BASE, "--out", tmp_path / "run", "--feature", feature), message)
+    assert not (tmp_path / "run").exists()
+
+
+def test_feature_needs_a_live_teacher(tmp_path):
+    assert_user_error(run_cli("train-student", "--data", DATA, "--student", "kdpipe:mlp", "--cache", tmp_path / "a.zarr",
+                              "--out", tmp_path / "run", "--feature", "sp:9"),
+                      "--feature needs the teacher's feature maps", "cache-teacher --outputs", "--mode online")
+    assert_user_error(run_cli("train-student", "--data", DATA, "--student", "kdpipe:mlp", "--out", tmp_path / "run",
+                              "--feature", "sp:9"), "use it with --mode online and --teacher")
+    assert_user_error(run_cli(*BASE, "--out", tmp_path / "run", "--feature", "sp:9", "--feature", "sp:9@2"),
+                      "--feature sp:9 is given twice")
+
+
+def test_an_unknown_module_is_answered_with_the_nearest_names():
+    net = nn.Sequential(OrderedDict(stem=nn.Conv2d(3, 4, 3), layer1=nn.Sequential(nn.ReLU(), nn.Conv2d(4, 4, 1)),
+                                    layer2=nn.ReLU(), head=nn.Linear(4, 2)))
+    with pytest.raises(ModelError, match=r"the student has no layer 'layer3'; the nearest: layer2, layer1, layer1\.1, layer1\.0"):
+        Tap(net, "layer3", "student")
+    with pytest.raises(ModelError, match="its last layers are: stem, layer1, layer1.0, layer1.1, layer2, head"):
+        Tap(net, "zzz", "student")
