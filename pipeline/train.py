@@ -456,7 +456,7 @@ def _scorer(run: Run, device: torch.device) -> Callable[[nn.Module], dict] | Non
     if run.val_source is None:
         return None
     resize, crop_pct = run.spec.recipe.interpolation, preprocessing(run.spec.student).crop_pct
-    val = whole_images(run.val_source, run.student_size, run.spec.workers, resize, crop_pct, "crop")
+    val = _kept(whole_images(run.val_source, run.student_size, run.spec.workers, resize, crop_pct, "crop"))
     if run.embeddings:
         probe = whole_images(run.probe_source, run.student_size, run.spec.workers, resize, crop_pct, "crop")
         return lambda model: {"val_top1": linear_probe(model, probe, val, device)}
@@ -473,6 +473,20 @@ def _scorer(run: Run, device: torch.device) -> Callable[[nn.Module], dict] | Non
         return scores
 
     return score
+
+
+KEPT_VAL_BYTES = 256 * 2**20  # evaluation views up to this size are rendered once and kept for every epoch
+
+
+def _kept(loader: DataLoader) -> DataLoader | list:
+    """The loader's batches rendered once and kept in memory when they fit in
+    KEPT_VAL_BYTES (a small val set is then decoded once per run, not once per epoch),
+    else the loader itself. Either way an iterable of (images, labels) batches."""
+    dataset = loader.dataset
+    first, _ = dataset[0]
+    if len(dataset) * first.numel() * first.element_size() > KEPT_VAL_BYTES:
+        return loader
+    return list(loader)
 
 
 def _teacher_logits(run: Run, device: torch.device) -> dict[str, torch.Tensor]:
