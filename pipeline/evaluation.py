@@ -15,8 +15,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-from torch.utils.data import DataLoader
 
 from . import distributed
 from .config import INTERPOLATIONS, MAX_VIEW_SIZE, ModelSpec, check_number
@@ -92,12 +90,6 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, classes: 
 def _percent(hits: torch.Tensor) -> float | None:
     """The share of True in `hits` in percent (exact, from the counts), None when empty."""
     return 100.0 * int(hits.sum()) / len(hits) if len(hits) else None
-
-
-def evaluate(model: nn.Module, loader: DataLoader, classes: list[str], device: torch.device) -> dict[str, Any]:
-    """`classification_metrics` of a built model's logits on the views of `loader` (as
-    `probe.whole_images` gives them); train-student's per-epoch validation."""
-    return classification_metrics(*features(model, loader, device), classes)
 
 
 @dataclass(frozen=True)
