@@ -216,15 +216,21 @@ def _randaugment(text: str | None, ops: str | None) -> dict | None:
     return randaugment
 
 
-def _embedding_layer(outputs: str, layer: str | None) -> str | None:
-    """CacheSpec.embedding_layer for --outputs and --embedding-layer: None for logits, "" for the penultimate features."""
-    if outputs not in ("logits", "embeddings"):
-        raise ConfigError(f"--outputs must be logits or embeddings, got {outputs!r}")
-    if outputs == "logits":
+def _outputs(text: str, layer: str | None) -> tuple[str, str | None, tuple[str, ...]]:
+    """--outputs and --embedding-layer as (the archive's main output, CacheSpec.embedding_layer,
+    CacheSpec.features): `logits` (the default) or `embeddings` first, then any feature
+    outputs `MODULE[=CODEC]`; embedding_layer is None for logits, "" for the penultimate features."""
+    entries = [entry.strip() for entry in text.split(",")]
+    mains = [entry for entry in entries if entry in ("logits", "embeddings")]
+    if len(mains) > 1:
+        raise ConfigError(f"--outputs {text!r} names {mains[0]} and {mains[1]}: an archive holds logits or embeddings")
+    main = mains[0] if mains else "logits"
+    features = tuple(entry for entry in entries if entry not in mains)
+    if main == "logits":
         if layer is not None:
             raise ConfigError("--embedding-layer chooses what embeddings to cache: add --outputs embeddings")
-        return None
-    return layer or ""
+        return main, None, features
+    return main, layer or "", features
 
 
 def _schedule(text: str | None) -> tuple[tuple[str, int], ...] | None:
@@ -332,7 +338,7 @@ def cache_teacher_command(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing archive at --out.")] = False,
     teacher_name: Annotated[str, typer.Option(help="Name of this teacher. Another name than 'main' adds it to the finished archive at --out, on the same views.")] = "main",
     teacher_classes: Annotated[Optional[str], typer.Option(help="Class names of the teacher's outputs, comma-separated, when it knows a subset of the data's classes. [default: the data's class folders]")] = None,
-    outputs: Annotated[str, typer.Option(help="What to cache: logits, or embeddings (a layer's L2-normalised output, for --loss seed).")] = "logits",
+    outputs: Annotated[str, typer.Option(help="What to cache, comma-separated: logits, or embeddings (a layer's L2-normalised output, for --loss seed), and any feature outputs MODULE[=CODEC] for train-student --feature: a module name (from model.named_modules(), or a timm model's feature_info index), its codec a chain of pool:HxW, pca:K and fp32, fp16 (the default) or int8, e.g. logits,layer3=pca:32+int8.")] = "logits",
     embedding_layer: Annotated[Optional[str], typer.Option(help="With --outputs embeddings: the module whose output is cached (a name from model.named_modules()). [default: the input of the last Linear layer]")] = None,
     config: ConfigOpt = None,
 ) -> None:
@@ -344,7 +350,8 @@ def cache_teacher_command(
     from pipeline import distributed
     from pipeline.cache import cache_recipe, cache_teacher
 
-    teacher_spec = _teacher_model(teacher, outputs, {"--weights": weights, "--pretrained": pretrained,
+    main_output, embedding_layer, features = _outputs(outputs, embedding_layer)
+    teacher_spec = _teacher_model(teacher, main_output, {"--weights": weights, "--pretrained": pretrained,
                                                      "--num-classes": num_classes, "--mean": mean, "--std": std}) \
         or _model_spec(teacher, num_classes, weights, mean, std, pretrained)
     options = ({} if epochs is None else {"epochs": epochs}) | _recipe_options(
@@ -357,7 +364,7 @@ def cache_teacher_command(
         data=data, teacher=teacher_spec, out=out, recipe=recipe,
         codec=codec, format=format, storage_options=parse_storage_options(storage_option), positions_per_shard=shard_size, batch_size=batch_size, workers=workers, overwrite=overwrite,
         teacher_name=teacher_name, teacher_classes=tuple(teacher_classes.split(",")) if teacher_classes else None,
-        embedding_layer=_embedding_layer(outputs, embedding_layer),
+        embedding_layer=embedding_layer, features=features,
     )
     with distributed.job() as ranks:
         result = cache_teacher(spec)

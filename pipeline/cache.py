@@ -1,5 +1,6 @@
 """The cache-teacher stage: run the teacher once over the seeded view stream and store
-its per-view logits, shard by shard, in an archive that replays exactly those views."""
+its per-view logits (and any feature outputs of `--outputs`), shard by shard, in an
+archive that replays exactly those views."""
 
 from __future__ import annotations
 
@@ -20,9 +21,9 @@ from .errors import ArchiveError, ConfigError, ModelError
 from .host import keep_freed_memory, quiet_worker
 from .models import Teacher, with_num_classes
 from .progress import say, views_progress
-from .store import (ArchiveWriter, DatasetInfo, Location, Manifest, TeacherInfo, check_archive_matches,
-                    check_backend_name, check_codec_name, content_fingerprint, finished_archive_of, parse_codec,
-                    read_manifest, teacher_archive)
+from .store import (ArchiveWriter, DatasetInfo, FeatureCodec, Location, Manifest, TeacherInfo, check_archive_matches,
+                    check_backend_name, check_codec_name, content_fingerprint, finished_archive_of, fit_projection,
+                    parse_codec, parse_output, projection_samples, read_manifest, teacher_archive)
 from .views import view_param_fields
 
 
@@ -44,6 +45,8 @@ def cache_teacher(spec: CacheSpec) -> dict:
     spec = replace(spec, teacher=replace(spec.teacher, weights=absolute_path(spec.teacher.weights)))  # as recorded
     check_codec_name(spec.codec)  # the options first, before any data or archive is touched
     check_backend_name(spec.format)
+    for module, name in map(parse_output, spec.features):
+        FeatureCodec.from_name(module, name, shape=None)
     keep_freed_memory()
     source = open_source(spec.data)
     location = Location(spec.out, spec.storage_options)
@@ -63,8 +66,8 @@ def cache_teacher(spec: CacheSpec) -> dict:
 
     # Rank 0 takes the lease and lays the archive out; then every rank computes its share
     # of the uncommitted (epoch, shard) units, taken in turn, and writes them itself.
-    writer = ArchiveWriter(location, plan, source.labels, overwrite=spec.overwrite,
-                           content_digests=digests) if ranks.main else None
+    writer = ArchiveWriter(location, plan, source.labels, overwrite=spec.overwrite, content_digests=digests,
+                           fit_projections=lambda: fit_projections(plan, source, teacher)) if ranks.main else None
     pending = distributed.broadcast(writer.pending_units() if ranks.main else None)
     if writer is None:
         writer = ArchiveWriter(location, plan, source.labels, lead=False, content_digests=digests)
@@ -110,11 +113,53 @@ def _plan(spec: CacheSpec, source: Source, digests: np.ndarray) -> tuple[Teacher
     else:  # the head's class count does not matter: what is cached is a layer's output
         classes = None
         model = spec.teacher if spec.teacher.num_classes else with_num_classes(spec.teacher, source.classes, "teacher")
-    teacher = Teacher(model, size=spec.recipe.size, embedding=spec.embedding_layer)
+    outputs = dict(map(parse_output, spec.features))
+    if len(outputs) != len(spec.features):
+        raise ConfigError(f"--outputs names a module twice: {','.join(spec.features)}")
+    teacher = Teacher(model, size=spec.recipe.size, embedding=spec.embedding_layer, features=tuple(outputs))
     codec = parse_codec(spec.codec, teacher.num_classes)
     described = TeacherInfo.from_dict(teacher.describe() | {"name": spec.teacher_name, "classes": classes})
     dataset = DatasetInfo.from_dict(source.describe() | {"content": content_fingerprint(digests)})
-    return teacher, Manifest.plan(spec.format, spec.recipe, described, dataset, codec, spec.positions_per_shard)
+    return teacher, Manifest.plan(spec.format, spec.recipe, described, dataset, codec, spec.positions_per_shard,
+                                  features=_feature_codecs(teacher, outputs, spec.recipe.size))
+
+
+def _feature_codecs(teacher: Teacher, outputs: dict[str, str], size: int) -> tuple[FeatureCodec, ...]:
+    """The codec of each feature output (by the name given) for the module it means, with
+    the shape a view gives it, from one dry pass on a blank view."""
+    if not outputs:
+        return ()
+    _, features = teacher.with_features(torch.zeros(1, 3, size, size))
+    modules = teacher.feature_modules
+    if len(set(modules.values())) != len(modules):
+        raise ConfigError(f"--outputs names one module twice ({', '.join(outputs)} mean {', '.join(modules.values())})")
+    return tuple(FeatureCodec.from_name(modules[name], codec, tuple(features[name].shape[1:]))
+                 for name, codec in outputs.items())
+
+
+PROJECTION_SAMPLES = 256  # samples whose epoch-0 views a pca codec is fitted on
+PROJECTION_STREAM = 7  # the seed stream of their choice (views.py uses 0-6)
+
+
+def fit_projections(plan: Manifest, source: Source, teacher: Teacher) -> dict[str, np.ndarray]:
+    """The PCA projection of each feature stored with `pca`, by module: fitted on the
+    teacher's (pooled) outputs for the views of epoch 0 of a seeded sample of samples."""
+    recipe = plan.recipe
+    rng = np.random.default_rng([recipe.seed, PROJECTION_STREAM])
+    picks = np.sort(rng.choice(len(source), size=min(len(source), PROJECTION_SAMPLES), replace=False))
+    views = ViewDataset(source, recipe)
+    wanted = [feature for feature in plan.features if feature.components is not None]
+    by_module = {module: name for name, module in teacher.feature_modules.items()}
+    samples = {feature.module: [] for feature in wanted}
+    for chunk in np.array_split(picks, -(-len(picks) // 32)):
+        batch = torch.stack([views[int(position)]["views"] for position in chunk])
+        _, features = teacher.with_features(batch.flatten(0, 1))
+        for feature in wanted:
+            values = features[by_module[feature.module]].cpu().numpy().reshape(len(chunk), recipe.views_per_sample,
+                                                                              *feature.shape)
+            samples[feature.module].append(projection_samples(feature.pooled(values)))
+    return {feature.module: fit_projection(np.concatenate(samples[feature.module]), feature.components)
+            for feature in wanted}
 
 
 def _compute(spec: CacheSpec, source: Source, teacher: Teacher, writer: ArchiveWriter,
@@ -124,6 +169,8 @@ def _compute(spec: CacheSpec, source: Source, teacher: Teacher, writer: ArchiveW
     teacher computes the next one; at most one shard is in flight, so commits stay in order."""
     recipe, num_samples = spec.recipe, len(source)
     views, classes, params = recipe.views_per_sample, teacher.num_classes, len(view_param_fields(recipe))
+    features = {feature.module: feature.shape for feature in writer.plan.features}
+    by_module = {module: name for name, module in teacher.feature_modules.items()}
     loader = DataLoader(
         ViewDataset(source, recipe),
         batch_sampler=RangeBatches([(e, start, stop) for e, _, start, stop in units], num_samples, spec.batch_size),
@@ -141,8 +188,11 @@ def _compute(spec: CacheSpec, source: Source, teacher: Teacher, writer: ArchiveW
             if batch["position"][0] == start:
                 logits_buffer = np.empty((stop - start, views, classes), dtype=np.float32)
                 params_buffer = np.empty((stop - start, views, params), dtype=np.float32)
+                feature_buffers = {module: np.empty((stop - start, views, *shape), dtype=np.float32)
+                                   for module, shape in features.items()}
             count = len(batch["index"])
-            logits = teacher(batch["views"].flatten(0, 1)).cpu().view(count, views, classes)
+            logits, outputs = teacher.with_features(batch["views"].flatten(0, 1))
+            logits = logits.cpu().view(count, views, classes)
             if not torch.isfinite(logits).all():
                 bad = int(batch["index"][(~torch.isfinite(logits)).flatten(1).any(1)][0])
                 raise ModelError(
@@ -152,10 +202,12 @@ def _compute(spec: CacheSpec, source: Source, teacher: Teacher, writer: ArchiveW
             rows = slice(int(batch["position"][0]) - start, int(batch["position"][-1]) - start + 1)
             logits_buffer[rows] = logits.float().numpy()
             params_buffer[rows] = batch["params"].numpy()
+            for module, buffer in feature_buffers.items():
+                buffer[rows] = outputs[by_module[module]].cpu().view(count, views, *features[module]).numpy()
             if rows.stop == stop - start:
                 if stored is not None:
                     stored.result()  # raises the store's error, if any
-                stored = storing.submit(writer.write_unit, epoch, shard, logits_buffer, params_buffer)
+                stored = storing.submit(writer.write_unit, epoch, shard, logits_buffer, params_buffer, feature_buffers)
                 unit = next(queue, None)
             progress.advance(task, count * views)
         if stored is not None:

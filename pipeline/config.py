@@ -329,6 +329,7 @@ class CacheSpec:
     teacher_name: str = MAIN_TEACHER
     teacher_classes: tuple[str, ...] | None = None
     embedding_layer: str | None = None  # cache this layer's L2-normalised output ("": penultimate) instead of logits
+    features: tuple[str, ...] = ()  # feature outputs to cache too, each `MODULE[=CODEC]` (store.parse_output)
 
     def __post_init__(self):
         # the codec and format names are the store's to check: cache_teacher does, before any I/O
@@ -437,7 +438,7 @@ class TrainSpec:
     ema: float = 0.0  # decay of the EMA of the student's weights (e.g. 0.999); 0: no EMA
     accumulate: int = 1  # batches whose gradients are summed into one optimizer step
     clip_norm: float = 1.0  # the gradient norm is clipped to this; 0: no clipping
-    features: tuple[FeatureSpec, ...] = ()  # feature-distillation terms added to the loss (online mode)
+    features: tuple[FeatureSpec, ...] = ()  # feature-distillation terms added to the loss (online or cached)
 
     def __post_init__(self):
         self._check_features()
@@ -501,13 +502,11 @@ class TrainSpec:
             raise ConfigError(f"alpha must be in [0, 1], got {self.alpha}")
 
     def _check_features(self) -> None:
-        """--feature needs the teacher's feature maps: a live teacher (archives do not hold
-        them yet); two terms of one name would log as one."""
-        if self.features and self.mode == "cached":
-            raise ConfigError("--feature needs the teacher's feature maps, which an archive does not hold yet (they will "
-                              "come with cache-teacher --outputs): run the teacher live with --mode online")
-        if self.features and self.mode != "online":
-            raise ConfigError("--feature distils a teacher's features: use it with --mode online and --teacher")
+        """--feature needs the teacher's feature outputs: a live teacher's, or an archive's
+        (cache-teacher --outputs); two terms of one name would log as one."""
+        if self.features and self.mode == "supervised":
+            raise ConfigError("--feature distils a teacher's features: use it with --mode online and --teacher, "
+                              "or --mode cached and an archive of them (cache-teacher --outputs)")
         names = [feature.name for feature in self.features]
         for name in names:
             if names.count(name) > 1:

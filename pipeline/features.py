@@ -4,8 +4,8 @@ compute, compared with what named modules of the teacher computed on the same vi
 `FeatureDistillation` taps the student's modules (`models.Tap`), aligns each tapped output
 with the teacher's and gives each term's value by name (`FeatureSpec.name`); the objective
 weights them and adds them to the loss. The teacher's features come in as a dict by module
-name, whatever their source: a live teacher's taps (`Teacher.with_features`) in online mode
-(an archive of feature maps could give the same dict). Aligning is a learnable 1 x 1
+name, whatever their source: a live teacher's taps (`Teacher.with_features`) in online mode,
+an archive's feature outputs (cache-teacher --outputs) in cached mode. Aligning is a learnable 1 x 1
 convolution from the student's channels to the teacher's for `hint` (FitNets' regressor),
 and for the spatial losses a bilinear resize of the student's map to the teacher's height
 and width. The connectors train with the student (their parameters are in the optimizer,
@@ -26,6 +26,13 @@ from .models import Normalized, Tap, Teacher
 
 def _describe(feature) -> str:
     return f"shape {tuple(feature.shape)}" if isinstance(feature, torch.Tensor) else type(feature).__name__
+
+
+def teacher_feature_shapes(teacher: Teacher, size: int) -> dict[str, tuple[int, ...]]:
+    """The shape per view of each of a live teacher's tapped outputs, by name, from one dry
+    pass on a blank view (eval mode, inference mode: nothing of the teacher changes)."""
+    _, features = teacher.with_features(torch.zeros(1, 3, size, size))
+    return {name: tuple(feature.shape[1:]) for name, feature in features.items()}
 
 
 def _check_pair(spec: FeatureSpec, student_feature, teacher_feature) -> None:
@@ -57,21 +64,23 @@ class FeatureDistillation(nn.Module):
                                          for index, (student, teacher) in channels.items()})
 
     @classmethod
-    def build(cls, specs: tuple[FeatureSpec, ...], student: Normalized, student_size: int, teacher: Teacher,
-              teacher_size: int, seed: int) -> FeatureDistillation:
-        """Tap the student's modules and check every term on one dry forward pass of each
-        model on a blank view (eval mode, no gradients: nothing of either changes); the
-        connectors are initialised from `seed`, so a run is reproducible."""
+    def build(cls, specs: tuple[FeatureSpec, ...], student: Normalized, student_size: int,
+              teacher_shapes: dict[str, tuple[int, ...]], seed: int) -> FeatureDistillation:
+        """Tap the student's modules and check every term against the teacher's feature
+        shapes per view, by module (a live teacher's from `teacher_feature_shapes`, an
+        archive's from its manifest), on one dry forward pass of the student on a blank view
+        (eval mode, no gradients: nothing changes); the connectors are initialised from
+        `seed`, so a run is reproducible."""
         modules = dict.fromkeys(spec.student_module for spec in specs)
         taps = {name: Tap(student.net, name, "student") for name in modules}
         was_training, device = student.training, next(student.parameters()).device
         with torch.no_grad():
             student.eval()(torch.zeros(1, 3, student_size, student_size, device=device))
             student.train(was_training)
-            _, teacher_features = teacher.with_features(torch.zeros(1, 3, teacher_size, teacher_size))
         channels = {}
         for index, spec in enumerate(specs):
-            student_feature, teacher_feature = taps[spec.student_module].value, teacher_features[spec.teacher_module]
+            student_feature = taps[spec.student_module].value
+            teacher_feature = torch.zeros(1, *teacher_shapes[spec.teacher_module])
             _check_pair(spec, student_feature, teacher_feature)
             if spec.loss == "hint":
                 channels[index] = (student_feature.shape[1], teacher_feature.shape[1])

@@ -577,6 +577,19 @@ def with_num_classes(spec: ModelSpec, classes: list[str] | None, role: str) -> M
     return spec
 
 
+def resolve_module(net: nn.Module, name: str, role: str = "teacher") -> str:
+    """The module a --outputs or --feature name means: a name from named_modules() as it
+    is, or, for a timm model, a number that is no module's name: an index into its
+    `feature_info` (the stages timm's features_only gives)."""
+    info = getattr(net, "feature_info", None)
+    if not name.isdigit() or name in dict(net.named_modules()) or not isinstance(info, (list, tuple)):
+        return name
+    if int(name) >= len(info):
+        raise ModelError(f"the {role} has {len(info)} feature_info stages (0-{len(info) - 1}), not {name}; "
+                         f"or name a module: {', '.join(entry['module'] for entry in info)}")
+    return info[int(name)]["module"]
+
+
 class Tap:
     """Keeps what one module of a network computed in the last forward pass: the input
     of the last Linear layer (the penultimate features) for name "", else the output of
@@ -585,6 +598,7 @@ class Tap:
 
     def __init__(self, net: nn.Module, name: str, role: str = "teacher"):
         self.value: torch.Tensor | None = None
+        self.module = name = resolve_module(net, name, role)
         if name == "":
             linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
             if not linears:
@@ -670,6 +684,11 @@ class Teacher:
             return max(1, CPU_CHUNK_PIXELS // (views.shape[-2] * views.shape[-1]))
         return batch_size
 
+    @property
+    def feature_modules(self) -> dict[str, str]:
+        """The module each name in `features` means (a timm feature_info index resolved)."""
+        return {name: tap.module for name, tap in self._feature_taps.items()}
+
     def with_features(self, views: torch.Tensor,
                       batch_size: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The outputs (as a call gives them) and the float32 output of each module named in
@@ -679,5 +698,9 @@ class Teacher:
         for chunk in views.split(chunk_size):
             outputs.append(self(chunk, chunk_size))
             for name, tap in self._feature_taps.items():
+                if tap.value is None:
+                    raise ModelError(f"the teacher's module {tap.module!r} does not run in its forward pass; "
+                                     "choose another")
                 features[name].append(tap.value.float())
+                tap.value = None  # the next chunk's, or nothing
         return torch.cat(outputs), {name: torch.cat(values) for name, values in features.items()}

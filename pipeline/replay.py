@@ -43,7 +43,9 @@ class ViewBatches(Dataset):
 
 class ReplayBatches(ViewBatches):
     """ViewBatches with each cached teacher's logits for the batch's views attached, by
-    teacher name, as `batch["teacher_logits"][name]` of shape (samples, V, classes).
+    teacher name, as `batch["teacher_logits"][name]` of shape (samples, V, classes), and
+    the main teacher's feature outputs `features` by module as
+    `batch["teacher_features"][module]`, (samples, V, *the feature's decoded shape).
 
     Before a slab is used, the archive's sample indices and view parameters at those
     positions must equal those of the views just rendered: a mismatch means the recipe,
@@ -52,9 +54,11 @@ class ReplayBatches(ViewBatches):
     store connections (never one inherited over fork).
     """
 
-    def __init__(self, views: ViewDataset, archives: dict[str, str], storage_options: dict, local_cache: str | None):
+    def __init__(self, views: ViewDataset, archives: dict[str, str], storage_options: dict, local_cache: str | None,
+                 features: tuple[str, ...] = ()):
         super().__init__(views)
         self.archives, self.storage_options, self.local_cache = archives, storage_options, local_cache
+        self.features = features  # the main teacher's feature outputs to attach, by module
         self._readers: tuple[int, dict[str, ArchiveReader]] | None = None
 
     def __getstate__(self) -> dict:
@@ -63,6 +67,8 @@ class ReplayBatches(ViewBatches):
     def readers(self) -> dict[str, ArchiveReader]:
         if self._readers is None or self._readers[0] != os.getpid():
             opened = {name: ArchiveReader(url, self.storage_options, self.local_cache) for name, url in self.archives.items()}
+            for name, reader in opened.items():
+                reader.read_only_features(self.features if name == MAIN_TEACHER else ())
             self._readers = (os.getpid(), opened)
         return self._readers[1]
 
@@ -70,10 +76,11 @@ class ReplayBatches(ViewBatches):
         batch = super().__getitem__(items)
         epoch, positions = int(batch["epoch"][0]), batch["position"]
         first, last = int(positions[0]), int(positions[-1])
-        batch["teacher_logits"] = {}
+        batch["teacher_logits"], batch["teacher_features"] = {}, {}
         for name, reader in self.readers().items():
             archive = self.archives[name]
-            logits, params, indices = reader.read(epoch, first, last + 1)
+            fields = reader.read_fields(epoch, first, last + 1)
+            logits, params, indices = reader.codec.decode(fields), fields["view_params"], fields["sample_index"]
             if not np.array_equal(indices, batch["index"].numpy()):
                 raise ArchiveMismatchError(f"archive {archive} holds other samples at epoch {epoch}, positions {first}-{last}")
             if not np.array_equal(params, batch["params"].numpy()):
@@ -83,6 +90,9 @@ class ReplayBatches(ViewBatches):
                 )
             self._check_content(reader, batch, archive)
             batch["teacher_logits"][name] = torch.from_numpy(logits)
+            if name == MAIN_TEACHER:
+                batch["teacher_features"] = {module: torch.from_numpy(reader.decode_feature(module, fields))
+                                             for module in self.features}
         return batch
 
     def _check_content(self, reader: ArchiveReader, batch: dict, archive: str) -> None:
@@ -161,9 +171,33 @@ def check_archives(spec: TrainSpec, source: Source, recipe: ViewRecipe,
             "kdpipe): a changed image with an unchanged name and size would go unnoticed")
     if spec.loss == "seed" and not embeddings:
         raise ConfigError("--loss seed distils embeddings: cache them with cache-teacher --embedding-layer")
+    _check_cached_features(spec, readers)
     if embeddings:
         return readers[embeddings[0]].manifest.layout.num_classes, {}, None
     return _class_union(spec, source, readers)
+
+
+def _check_cached_features(spec: TrainSpec, readers: dict[str, ArchiveReader]) -> None:
+    """Every --feature's teacher module must be a feature output of the main teacher's archive."""
+    if not spec.features:
+        return
+    if MAIN_TEACHER not in readers:
+        raise ConfigError("--feature distils the feature outputs of the archive's main teacher: add main to --teachers")
+    cached = readers[MAIN_TEACHER].features
+    for feature in spec.features:
+        if feature.teacher_module not in cached:
+            held = f"it holds {', '.join(cached)}" if cached else "it holds none"
+            raise ConfigError(f"--feature {feature.name}: archive {spec.cache} holds no feature output of the teacher's "
+                              f"module {feature.teacher_module!r} ({held}); cache it with cache-teacher --outputs "
+                              f"logits,{feature.teacher_module}")
+
+
+def cached_feature_shapes(spec: TrainSpec, readers: dict[str, ArchiveReader]) -> dict[str, tuple[int, ...]]:
+    """The per-view shape of each feature output --feature reads from the archive, by module."""
+    if spec.mode != "cached":
+        return {}
+    cached = readers[MAIN_TEACHER].features if MAIN_TEACHER in readers else {}
+    return {feature.teacher_module: cached[feature.teacher_module].decoded_shape for feature in spec.features}
 
 
 def _class_union(spec: TrainSpec, source: Source, readers: dict[str, ArchiveReader]

@@ -36,7 +36,7 @@ from .errors import ConfigError, DataError, KdpipeError, ModelError, TrainingErr
 from .deploy import STUDENT_FORMAT
 from .evaluation import classification_metrics
 from .host import keep_freed_memory, quiet_worker
-from .features import FeatureDistillation
+from .features import FeatureDistillation, teacher_feature_shapes
 from .losses import check_loss_options, get_feature_loss
 from .models import Normalized, Teacher, accelerated, build_model, output_classes, preprocessing, with_num_classes
 from .objective import Objective, make_loss
@@ -44,7 +44,7 @@ from .optim import WeightAverage, make_optimizer, make_scheduler
 from .precise_bn import batch_norms, recompute_batch_norm, sample_views
 from .probe import features, linear_probe, whole_images
 from .progress import say, views_progress
-from .replay import ReplayBatches, ViewBatches, check_archives, open_archives, resolve_recipe
+from .replay import ReplayBatches, ViewBatches, cached_feature_shapes, check_archives, open_archives, resolve_recipe
 from .rundir import BEST, RunDir
 from .store import ArchiveReader, TeacherInfo
 
@@ -74,6 +74,7 @@ class Run:
     classes: list[str] | None
     inputs: dict
     archived_teachers: dict[str, tuple[ModelSpec, TeacherInfo]] = field(default_factory=dict)
+    feature_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # cached mode: the archive's, by module
 
     @property
     def student_size(self) -> int:
@@ -134,7 +135,7 @@ def resolve_run(spec: TrainSpec, recipe_options: dict) -> Run:
     archived = {name: (spec.teacher or ModelSpec.from_dict(reader.manifest.teacher.spec), reader.manifest.teacher)
                 for name, reader in readers.items() if columns.get(name) is None and not embeddings}
     return Run(spec, source, val_source, probe_source, archives, teacher, objective, embeddings,
-               None if embeddings else classes, inputs, archived)
+               None if embeddings else classes, inputs, archived, cached_feature_shapes(spec, readers))
 
 
 def _epochs(spec: TrainSpec, readers: dict[str, ArchiveReader]) -> int:
@@ -212,8 +213,8 @@ def make_learner(run: Run, device: torch.device, ranks: distributed.Ranks) -> Le
         student = student.to(memory_format=torch.channels_last)
     features = None
     if spec.features:
-        features = FeatureDistillation.build(spec.features, student, run.student_size, run.teacher, spec.recipe.size,
-                                             spec.seed)
+        shapes = run.feature_shapes or teacher_feature_shapes(run.teacher, spec.recipe.size)
+        features = FeatureDistillation.build(spec.features, student, run.student_size, shapes, spec.seed)
         if ranks.world > 1 and features.connectors:
             raise ConfigError("--feature hint trains a connector, which kdpipe keeps on one process only for now: "
                               "run it without torchrun, or use at, sp or rkd")
@@ -248,6 +249,8 @@ def train_step(run: Run, learner: Learner, batch: dict, epoch: int, step: int, w
     if run.spec.mode == "cached":
         teacher_logits = {name: slab.flatten(0, 1).to(device, non_blocking=True)
                           for name, slab in batch["teacher_logits"].items()}
+        teacher_features = {module: slab.flatten(0, 1).to(device, non_blocking=True)
+                            for module, slab in batch["teacher_features"].items()}
     elif run.spec.mode == "online":
         teacher_views = _to_device(batch["teacher_views"].flatten(0, 1), device) if "teacher_views" in batch else images
         logits, teacher_features = run.teacher.with_features(teacher_views, run.spec.teacher_batch_size)
@@ -422,8 +425,9 @@ def _loader(run: Run, start_epoch: int, ranks: distributed.Ranks, device: torch.
     if spec.mode == "online" and run.student_size != recipe.size:
         sizes["teacher_views"] = recipe.size  # the teacher sees the same views at its own size
     views = ViewDataset(run.source, recipe, sizes)
-    dataset = ReplayBatches(views, run.archives, spec.storage_options, spec.local_cache) if spec.mode == "cached" \
-        else ViewBatches(views)
+    features = tuple(dict.fromkeys(feature.teacher_module for feature in spec.features))
+    dataset = ReplayBatches(views, run.archives, spec.storage_options, spec.local_cache, features) \
+        if spec.mode == "cached" else ViewBatches(views)
     return DataLoader(dataset, sampler=RangeBatches(ranges, num_samples, spec.batch_size, ranks), batch_size=None,
                       num_workers=spec.workers, pin_memory=device.type == "cuda", worker_init_fn=quiet_worker)
 

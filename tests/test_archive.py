@@ -16,7 +16,8 @@ import zarr
 from pipeline.config import ModelSpec
 from pipeline.data import ImageFolder, ViewDataset
 from pipeline.models import build_model, model_fingerprint
-from pipeline.store import BACKENDS, SCHEMA_VERSION, ArchiveReader, read_manifest
+from pipeline.store import BACKENDS, ArchiveReader, read_manifest
+from pipeline.store.manifest import LOGITS_SCHEMA_VERSION, SCHEMA_VERSION
 from pipeline.errors import ArchiveError
 
 from .conftest import (
@@ -46,7 +47,7 @@ def test_manifest_records_what_was_cached(image_folder, tmp_path, backend):
     result = _cache(image_folder, tmp_path / "a.zarr", "--codec", "dense-fp32", "--seed", 5, "--color-jitter", 0.2,
                     backend=backend)
     manifest = read_manifest(tmp_path / "a.zarr")
-    assert manifest.to_dict()["format"] == "kdpipe-archive" and manifest.schema_version == SCHEMA_VERSION
+    assert manifest.to_dict()["format"] == "kdpipe-archive" and manifest.schema_version == LOGITS_SCHEMA_VERSION
     recipe = manifest.recipe
     assert (recipe.seed, recipe.epochs, recipe.views_per_sample, recipe.size, recipe.color_jitter) == (5, 2, 2, 16, 0.2)
     source = ImageFolder(image_folder)

@@ -11,7 +11,7 @@ from torch import nn
 
 from pipeline.config import FeatureSpec, ModelSpec
 from pipeline.errors import ModelError
-from pipeline.features import FeatureDistillation
+from pipeline.features import FeatureDistillation, teacher_feature_shapes
 from pipeline.models import Tap, Teacher, build_model, small_cnn
 
 from .conftest import assert_user_error, cli_json, run_cli, train_until, weights
@@ -33,7 +33,8 @@ def _initial_connectors() -> dict[str, torch.Tensor]:
     """The hint connector as the run initialises it (seed 0), before any step."""
     student = build_model(ModelSpec("kdpipe:cnn", num_classes=4))
     teacher = Teacher(ModelSpec(TEACHER, num_classes=4), 16, torch.device("cpu"), features=("9",))
-    return FeatureDistillation.build((FeatureSpec.parse(HINT[1]),), student, 32, teacher, 16, seed=0).state_dict()
+    shapes = teacher_feature_shapes(teacher, 16)
+    return FeatureDistillation.build((FeatureSpec.parse(HINT[1]),), student, 32, shapes, seed=0).state_dict()
 
 
 def test_hint_trains_a_connector_with_the_student_and_leaves_it_out_of_student_pt(tmp_path):
@@ -107,12 +108,10 @@ def test_bad_features_are_refused_in_one_line_before_anything_is_written(tmp_pat
     assert not (tmp_path / "run").exists()
 
 
-def test_feature_needs_a_live_teacher(tmp_path):
-    assert_user_error(run_cli("train-student", "--data", DATA, "--student", "kdpipe:mlp", "--cache", tmp_path / "a.zarr",
-                              "--out", tmp_path / "run", "--feature", "sp:9"),
-                      "--feature needs the teacher's feature maps", "cache-teacher --outputs", "--mode online")
-    assert_user_error(run_cli("train-student", "--data", DATA, "--student", "kdpipe:mlp", "--out", tmp_path / "run",
-                              "--feature", "sp:9"), "use it with --mode online and --teacher")
+def test_feature_needs_a_teacher_live_or_cached(tmp_path):
+    assert_user_error(run_cli("train-student", "--data", DATA, "--student", "kdpipe:mlp", "--mode", "supervised",
+                              "--size", 16, "--out", tmp_path / "run", "--feature", "sp:9"),
+                      "use it with --mode online and --teacher", "cache-teacher --outputs")
     assert_user_error(run_cli(*BASE, "--out", tmp_path / "run", "--feature", "sp:9", "--feature", "sp:9@2"),
                       "--feature sp:9 is given twice")
 

@@ -6,6 +6,7 @@ Stages import only the names below; the submodules are the store's own business:
     manifest   Manifest and its parts (typed, strictly parsed), plan and seal
     layout     Layout: the archive's shape and shards
     codecs     how logits become stored fields, one class per codec
+    feature_codecs  how a named feature output becomes stored fields (pool, pca, dtype)
     backends   the Backend protocol and BACKENDS; zarr_store, wds_store implement it
     lease      the writer lease (one writer per archive)
     location   Location: every read and write, local or remote
@@ -24,6 +25,7 @@ from .archive import (
 )
 from .backends import BACKENDS, Backend, check_backend_name
 from .codecs import CODEC_NAMES, LOGPROB_STEP, Codec, DenseCodec, Int8Codec, TopKCodec, check_codec_name, parse_codec
+from .feature_codecs import FEATURE_CODEC_NAMES, FeatureCodec, fit_projection, parse_output, projection_samples
 from .layout import Layout, ManifestError
 from .location import Location, write_local_atomic
 from .manifest import (
@@ -53,6 +55,8 @@ __all__ = [
     "Codec",
     "DatasetInfo",
     "DenseCodec",
+    "FEATURE_CODEC_NAMES",
+    "FeatureCodec",
     "FileEntry",
     "Int8Codec",
     "Layout",
@@ -70,8 +74,11 @@ __all__ = [
     "content_fingerprint",
     "file_entry",
     "finished_archive_of",
+    "fit_projection",
     "json_bytes",
     "parse_codec",
+    "parse_output",
+    "projection_samples",
     "read_manifest",
     "seal",
     "teacher_archive",

@@ -34,7 +34,7 @@ import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -42,6 +42,7 @@ from ..config import MAIN_TEACHER, first_difference, sha256_hex
 from ..errors import ArchiveError, KdpipeError
 from ..views import epoch_order
 from .backends import make_backend
+from .feature_codecs import projection_bytes, read_projection
 from .layout import ManifestError
 from .lease import LEASE, WriterLease, parse_lease, remove_dead_lease
 from .location import Location, short_reason, temporary_target, write_local_atomic
@@ -83,14 +84,14 @@ def survey(location: Location, sizes: dict[str, int]) -> Survey:
     manifest = _own_document(location, MANIFEST, finished=True) if MANIFEST in sizes else None
     plan = _own_document(location, PLAN, finished=False) if PLAN in sizes else None
     archive = manifest or plan
-    backend = (make_backend(archive.backend, archive.layout, archive.codec, archive.schema_version)
+    backend = (make_backend(archive.backend, archive.layout, archive.fields(), archive.schema_version)
                if archive is not None else None)
 
     def named_like_ours(key: str) -> bool:
         if key in (MANIFEST, PLAN, LEASE):
             return True
         return archive is not None and (
-            COMMIT_MARKER.fullmatch(key) is not None or backend.owns(key)
+            COMMIT_MARKER.fullmatch(key) is not None or backend.owns(key) or key in archive.projection_keys
             or (key == CONTENT_DIGESTS and archive.dataset.content is not None)
         )
 
@@ -158,7 +159,11 @@ class ArchiveWriter:
     """
 
     def __init__(self, location: Location, plan: Manifest, labels: np.ndarray, overwrite: bool = False,
-                 lead: bool = True, content_digests: np.ndarray | None = None):
+                 lead: bool = True, content_digests: np.ndarray | None = None,
+                 fit_projections: Callable[[], dict[str, np.ndarray]] | None = None):
+        """`fit_projections` gives the PCA projection of each feature stored with `pca`, by
+        module; it is called only when the archive's static objects are first written (a
+        resumed archive keeps the projections it was begun with: `projections`)."""
         self.location = location
         self.plan = plan
         self.content_digests = content_digests  # (N, 32) uint8, stored when the plan records dataset.content
@@ -167,22 +172,24 @@ class ArchiveWriter:
             raise ArchiveError("internal: the content digests given are not those the plan records")
         self.layout = plan.layout
         self.codec = plan.codec
-        self.backend = make_backend(plan.backend, plan.layout, plan.codec, plan.schema_version)
+        self.backend = make_backend(plan.backend, plan.layout, plan.fields(), plan.schema_version)
         self.shards_per_epoch = plan.layout.shards_per_epoch
+        self.projections: dict[str, np.ndarray] = {}
         self._orders: dict[int, np.ndarray] = {}
         self.labels = np.asarray(labels, dtype=np.int64)
         self.lease: WriterLease | None = None
-        if not lead:
-            return
-        self._check_target()
-        self.lease = WriterLease(location)
-        self.lease.acquire()
-        try:
-            self._claim(overwrite)
-            self._write_static()
-        except BaseException:
-            self.abandon()
-            raise
+        if lead:
+            self._check_target()
+            self.lease = WriterLease(location)
+            self.lease.acquire()
+            try:
+                self._claim(overwrite)
+                self._write_static(fit_projections)
+            except BaseException:
+                self.abandon()
+                raise
+        self.projections = {feature.module: read_projection(location.read(feature.projection_key), feature)
+                            for feature in plan.features if feature.components is not None}
 
     def release(self) -> None:
         """Give up the lease (the committed shards stay; a re-run resumes)."""
@@ -199,13 +206,17 @@ class ArchiveWriter:
         except KdpipeError:
             pass
 
-    def _write_static(self) -> None:
+    def _write_static(self, fit_projections: Callable[[], dict[str, np.ndarray]] | None) -> None:
         location = self.location
         if not location.exists(STATIC_MARKER):
             entries = {}
             static = self.backend.static_files(self.labels)
             if self.content_digests is not None:
                 static = itertools.chain(static, [(CONTENT_DIGESTS, self.content_digests.astype(np.uint8).tobytes())])
+            if self.plan.projection_keys:
+                fitted = fit_projections()
+                static = itertools.chain(static, [(feature.projection_key, projection_bytes(fitted[feature.module]))
+                                                  for feature in self.plan.features if feature.components is not None])
             for key, data in static:
                 location.write(key, data)
                 entries[key] = file_entry(data)
@@ -306,11 +317,15 @@ class ArchiveWriter:
         committed = self._commits(self.location.sizes())
         return [unit for unit in self.units() if unit[:2] not in committed]
 
-    def write_unit(self, epoch: int, shard: int, logits: np.ndarray, params: np.ndarray) -> None:
-        """Encode and write one whole shard of logits (float32) and view parameters, then commit it."""
+    def write_unit(self, epoch: int, shard: int, logits: np.ndarray, params: np.ndarray,
+                   features: dict[str, np.ndarray] | None = None) -> None:
+        """Encode and write one whole shard of logits (float32), view parameters and the
+        feature outputs of the plan by module (float32), then commit it."""
         start = shard * self.layout.positions_per_shard
         stop = start + len(logits)
         fields = self.codec.encode(logits)
+        for feature in self.plan.features:
+            fields |= feature.encode(features[feature.module], self.projections.get(feature.module))
         samples = self.order(epoch)[start:stop]
         objects = self.backend.encode(epoch, shard, start, fields, params, samples, self.labels[samples])
         if shard == 0:  # the epoch's own objects are committed with its first shard
@@ -489,16 +504,32 @@ class ArchiveReader:
         self.shard_size = layout.positions_per_shard
         self.fetch = VerifiedObjects(self.location, self.manifest, local_cache)
         self.codec = self.manifest.codec
-        self.backend = make_backend(self.manifest.backend, layout, self.codec, self.manifest.schema_version,
+        self.features = {feature.module: feature for feature in self.manifest.features}
+        self.backend = make_backend(self.manifest.backend, layout, self.manifest.fields(), self.manifest.schema_version,
                                     self.manifest.files)
         self._shard: tuple[tuple[int, int], dict[str, np.ndarray]] | None = None
         self._content: np.ndarray | None = None
+        self._skip = frozenset()
         self.backend.open(self.fetch)
+        self.projections = {}
+        for feature in self.manifest.features:
+            if feature.components is not None:
+                try:
+                    self.projections[feature.module] = read_projection(self.fetch(feature.projection_key), feature)
+                except ManifestError as exc:
+                    raise ArchiveError(f"archive {self.location} is damaged: {exc}") from None
+
+    def read_only_features(self, modules: tuple[str, ...]) -> None:
+        """Read only these of the archive's features from now on (each shard decodes and,
+        with zarr, fetches nothing of the others)."""
+        self._skip = frozenset(name for feature in self.manifest.features if feature.module not in modules
+                               for name in feature.fields(1))
+        self._shard = None
 
     def _load_shard(self, epoch: int, shard: int) -> dict[str, np.ndarray]:
         if self._shard is None or self._shard[0] != (epoch, shard):
             self._shard = None  # free the previous shard before decoding the next
-            self._shard = ((epoch, shard), self.backend.decode(epoch, shard))
+            self._shard = ((epoch, shard), self.backend.decode(epoch, shard, self._skip))
         return self._shard[1]
 
     def read_fields(self, epoch: int, start: int, stop: int) -> dict[str, np.ndarray]:
@@ -529,3 +560,8 @@ class ArchiveReader:
         """Logits (float32, decoded), view parameters and sample indices of positions [start, stop)."""
         fields = self.read_fields(epoch, start, stop)
         return self.codec.decode(fields), fields["view_params"], fields["sample_index"]
+
+    def decode_feature(self, module: str, fields: dict[str, np.ndarray]) -> np.ndarray:
+        """The float32 outputs (positions, V, *decoded shape) of feature `module` in `fields`
+        (what `read_fields` gave)."""
+        return self.features[module].decode(fields, self.projections.get(module))

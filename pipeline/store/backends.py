@@ -13,16 +13,18 @@ from typing import Callable, Iterator, Protocol
 import numpy as np
 
 from ..errors import ConfigError
-from .codecs import Codec
 from .layout import Layout, ManifestError
 
 BACKENDS = ("zarr", "webdataset")  # the first is the default
 
 
+Fields = dict[str, tuple[tuple[int, ...], np.dtype]]  # array name -> (shape after positions, dtype)
+
+
 class Backend(Protocol):
     """What the zarr and webdataset backends implement, each built from
-    `(layout, codec, schema_version, files)`: `files` are a finished archive's objects
-    (empty when writing)."""
+    `(layout, fields, schema_version, files)`: `fields` are the arrays stored per
+    position (`Manifest.fields`), `files` a finished archive's objects (empty when writing)."""
 
     name: str
 
@@ -56,8 +58,9 @@ class Backend(Protocol):
         """Prepare to decode; `fetch(key)` returns an object's verified bytes."""
         ...
 
-    def decode(self, epoch: int, shard: int) -> dict[str, np.ndarray]:
-        """Every stored array of one shard, plus `sample_index` and `label` per position."""
+    def decode(self, epoch: int, shard: int, skip: frozenset[str] = frozenset()) -> dict[str, np.ndarray]:
+        """Every stored array of one shard but those named in `skip` (zarr then fetches
+        less), plus `sample_index` and `label` per position."""
         ...
 
 
@@ -67,14 +70,14 @@ def check_backend_name(name: str) -> None:
         raise ConfigError(f"--format must be one of {', '.join(BACKENDS)}, got {name!r}")
 
 
-def make_backend(name: str, layout: Layout, codec: Codec, schema_version: int, files: dict | None = None) -> Backend:
-    """The backend called `name` for an archive of `layout`, `codec` and schema version."""
+def make_backend(name: str, layout: Layout, fields: Fields, schema_version: int, files: dict | None = None) -> Backend:
+    """The backend called `name` for an archive of `layout`, per-position `fields` and schema version."""
     if name == "zarr":
         from .zarr_store import ZarrBackend
 
-        return ZarrBackend(layout, codec, schema_version, files or {})
+        return ZarrBackend(layout, fields, schema_version, files or {})
     if name == "webdataset":
         from .wds_store import WebDatasetBackend
 
-        return WebDatasetBackend(layout, codec, schema_version, files or {})
+        return WebDatasetBackend(layout, fields, schema_version, files or {})
     raise ManifestError(f"backend {name!r} is unknown to this kdpipe (it reads {', '.join(BACKENDS)}); upgrade kdpipe")

@@ -51,7 +51,7 @@ def parse_object(data: Any, field: str, keys: tuple[str, ...], optional: tuple[s
         raise ManifestError(f"{field}.{missing[0]} is missing")
     unknown = sorted(set(data) - set(keys) - set(optional))
     if unknown:
-        raise ManifestError(f"{field}.{unknown[0]} is not a field of a kdpipe manifest (schema version 1 or 2)")
+        raise ManifestError(f"{field}.{unknown[0]} is not a field of a kdpipe manifest (schema version 1 to 3)")
     return data
 
 

@@ -25,11 +25,13 @@ from ..errors import ArchiveError, ArchiveMismatchError, ConfigError
 from ..views import view_param_fields
 from .backends import BACKENDS, check_backend_name, make_backend
 from .codecs import Codec, Int8Codec, TopKCodec, codec_from_dict
+from .feature_codecs import FeatureCodec
 from .layout import Layout, ManifestError, parse_int, parse_object, parse_str_list, parse_typed
 from .location import Location
 
 ARCHIVE_FORMAT = "kdpipe-archive"
-SCHEMA_VERSION = 2  # what kdpipe writes; it reads every version from 1 up
+SCHEMA_VERSION = 3  # the newest kdpipe writes (for an archive with feature outputs); it reads every version from 1 up
+LOGITS_SCHEMA_VERSION = 2  # what kdpipe writes for an archive of logits or embeddings alone
 MANIFEST = "manifest.json"
 PLAN = "plan.json"
 
@@ -63,6 +65,7 @@ INFORMATIONAL = (("dataset", "location"), ("teacher", "spec", "weights"))
 
 OUTPUTS = ("logits", "embeddings")  # what a teacher archive holds per view
 PLAN_KEYS = ("format", "schema_version", "backend", "recipe", "teacher", "dataset", "codec", "layout", "libraries")
+FEATURES = "features"  # schema 3 on: the teacher's named intermediate outputs, each with its own codec
 SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -262,10 +265,25 @@ class Manifest:
     files: dict[str, FileEntry] | None = None
     total_bytes: int | None = None
     manifest_fingerprint: str | None = None
+    features: tuple[FeatureCodec, ...] = ()
 
     @property
     def finished(self) -> bool:
         return self.manifest_fingerprint is not None
+
+    def fields(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        """Every array stored per position, by name: (shape after positions, dtype). The
+        logit codec's fields, each feature codec's and the view parameters."""
+        views = self.layout.views_per_sample
+        fields = self.codec.fields(views, self.layout.num_classes)
+        for feature in self.features:
+            fields |= feature.fields(views)
+        return fields | {"view_params": ((views, len(self.layout.view_param_fields)), np.dtype(np.float32))}
+
+    @property
+    def projection_keys(self) -> tuple[str, ...]:
+        """The archive's PCA projection objects, one per feature stored with `pca`."""
+        return tuple(feature.projection_key for feature in self.features if feature.components is not None)
 
     def to_dict(self) -> dict[str, Any]:
         """The manifest's JSON form, exactly as kdpipe writes it (keys are sorted on writing)."""
@@ -280,6 +298,8 @@ class Manifest:
             "layout": self.layout.to_dict(),
             "libraries": dict(self.libraries),
         }
+        if self.features:
+            data[FEATURES] = [feature.to_dict() for feature in self.features]
         if self.shards is not None:
             data["shards"] = [shard.to_dict() for shard in self.shards]
         if self.files is not None:
@@ -292,19 +312,23 @@ class Manifest:
 
     @classmethod
     def plan(cls, backend: str, recipe: ViewRecipe, teacher: TeacherInfo, dataset: DatasetInfo, codec: Codec,
-             positions_per_shard: int | None = None, schema_version: int = SCHEMA_VERSION) -> Manifest:
+             positions_per_shard: int | None = None, schema_version: int | None = None,
+             features: tuple[FeatureCodec, ...] = ()) -> Manifest:
         """The manifest-to-be of a new archive: everything but the shard list and checksums.
+        The schema is the oldest that holds what is asked: 3 with `features`, else 2;
         `schema_version` 1 writes what kdpipe wrote before schema 2 (for tests and the
         benchmark that compares them); a top-k codec takes that schema's coding."""
         check_backend_name(backend)
+        schema_version = schema_version or (SCHEMA_VERSION if features else LOGITS_SCHEMA_VERSION)
         if isinstance(codec, TopKCodec):
             codec = replace(codec, logprob_coding="absolute" if schema_version == 1 else "delta")
         views, classes, params = recipe.views_per_sample, teacher.num_classes, view_param_fields(recipe)
+        outputs = classes + sum(int(np.prod(feature.shape)) for feature in features)  # float32 values computed per view
         layout = Layout.plan(recipe.epochs, dataset.num_samples, views, classes, params,
-                             _bytes_per_position(codec, views, classes, len(params)), positions_per_shard,
-                             buffer_bytes_per_position=views * classes * 4)
+                             _bytes_per_position(codec, features, views, classes, len(params)), positions_per_shard,
+                             buffer_bytes_per_position=views * outputs * 4)
         manifest = cls(backend=backend, schema_version=schema_version, recipe=recipe, teacher=teacher,
-                       dataset=dataset, codec=codec, layout=layout, libraries=library_versions())
+                       dataset=dataset, codec=codec, layout=layout, libraries=library_versions(), features=features)
         try:
             manifest._check_schema()
         except ManifestError as exc:
@@ -318,7 +342,7 @@ class Manifest:
         each), and each sample's label and content digest (8 and 32 bytes)."""
         layout = self.layout
         indices = 2 if self.schema_version == 1 else 1
-        per_position = _bytes_per_position(self.codec, layout.views_per_sample, layout.num_classes,
+        per_position = _bytes_per_position(self.codec, self.features, layout.views_per_sample, layout.num_classes,
                                            len(layout.view_param_fields)) + indices * 8
         return layout.epochs * layout.num_samples * per_position + layout.num_samples * (8 + 32)
 
@@ -333,7 +357,7 @@ class Manifest:
         """A manifest (or, with `finished` False, a plan) from its JSON form, refusing any
         field of the wrong type and any two fields that contradict each other."""
         keys = PLAN_KEYS + (MANIFEST_ONLY if finished else ())
-        data = parse_object(data, "manifest", keys)
+        data = parse_object(data, "manifest", keys, optional=(FEATURES,))
         if data["format"] != ARCHIVE_FORMAT:
             raise ManifestError(f"format must be {ARCHIVE_FORMAT!r}, got {data['format']!r}")
         version = parse_schema_version(data["schema_version"])
@@ -348,6 +372,7 @@ class Manifest:
             teacher=TeacherInfo.from_dict(data["teacher"], dataset.classes), dataset=dataset,
             codec=codec_from_dict(data["codec"], layout.num_classes), layout=layout,
             libraries=_parse_libraries(data["libraries"]),
+            features=_parse_features(data.get(FEATURES, []), version),
         )
         manifest._check_parts()
         if not finished:
@@ -402,7 +427,7 @@ class Manifest:
         if len(self.shards) != len(units):
             raise ManifestError(f"shards lists {len(self.shards)} shards but the layout has {len(units)} "
                                 f"({self.layout.epochs} epochs of {self.layout.shards_per_epoch})")
-        backend = make_backend(self.backend, self.layout, self.codec, self.schema_version)
+        backend = make_backend(self.backend, self.layout, self.fields(), self.schema_version)
         for i, (entry, (epoch, shard, start, stop)) in enumerate(zip(self.shards, units)):
             if (entry.epoch, entry.shard, entry.start, entry.stop) != (epoch, shard, start, stop):
                 raise ManifestError(
@@ -416,6 +441,9 @@ class Manifest:
             unlisted = [key for key in entry.files if key not in self.files]
             if unlisted:
                 raise ManifestError(f"shards[{i}].files names {unlisted[0]}, which files does not list")
+        unlisted = [key for key in self.projection_keys if key not in self.files]
+        if unlisted:
+            raise ManifestError(f"files does not list {unlisted[0]}, the projection of a pca feature")
         content = self.files.get(CONTENT_DIGESTS)
         if (self.dataset.content is None) != (content is None):
             raise ManifestError(f"files lists {CONTENT_DIGESTS} exactly when dataset.content is given")
@@ -427,10 +455,24 @@ class Manifest:
             raise ManifestError(f"total_bytes {self.total_bytes} is not the sum of the files' bytes ({total})")
 
 
-def _bytes_per_position(codec: Codec, views: int, classes: int, params: int) -> int:
-    """The stored bytes of one position before compression: its views' codec fields and view parameters."""
+def _bytes_per_position(codec: Codec, features: tuple[FeatureCodec, ...], views: int, classes: int, params: int) -> int:
+    """The stored bytes of one position before compression: its views' codec fields,
+    feature fields and view parameters."""
     fields = codec.fields(views, classes) | {"view_params": ((views, params), np.dtype(np.float32))}
+    for feature in features:
+        fields |= feature.fields(views)
     return sum(int(np.prod(tail)) * dtype.itemsize for tail, dtype in fields.values())
+
+
+def _parse_features(data: Any, version: int) -> tuple[FeatureCodec, ...]:
+    """`features`: a list of feature outputs, from schema 3 on, each module once."""
+    features = tuple(FeatureCodec.from_dict(entry, i) for i, entry in enumerate(parse_typed(data, FEATURES, list)))
+    if features and version < 3:
+        raise ManifestError(f"features needs schema_version 3 or later, not {version}")
+    modules = [feature.module for feature in features]
+    if len(set(modules)) != len(modules):
+        raise ManifestError(f"features lists module {next(m for m in modules if modules.count(m) > 1)!r} twice")
+    return features
 
 
 def parse_schema_version(data: Any) -> int:

@@ -25,7 +25,7 @@ from typing import Callable, Iterator, Mapping
 import numpy as np
 
 from ..errors import ArchiveError
-from .codecs import Codec
+from .backends import Fields
 from .layout import Layout
 
 META_FIELDS = ("epoch", "position", "sample", "label")
@@ -54,14 +54,14 @@ class WebDatasetBackend:
 
     name = "webdataset"
 
-    def __init__(self, layout: Layout, codec: Codec, schema_version: int, files: Mapping[str, dict]):
-        self.layout = layout  # the record is the same in every schema version; the codec's fields say what it holds
-        views = layout.views_per_sample
-        fields = [(name, "<i8") for name in META_FIELDS]
-        fields.append(("view_params", "<f4", (views, len(layout.view_param_fields))))
-        for name, (tail, dtype) in codec.fields(views, layout.num_classes).items():
-            fields.append((name, dtype.newbyteorder("<"), tail))
-        self.dtype = np.dtype(fields)
+    def __init__(self, layout: Layout, fields: Fields, schema_version: int, files: Mapping[str, dict]):
+        self.layout = layout  # the record is the same in every schema version; the fields say what it holds
+        record = [(name, "<i8") for name in META_FIELDS]
+        record.append(("view_params", "<f4", fields["view_params"][0]))
+        for name, (tail, dtype) in fields.items():
+            if name != "view_params":
+                record.append((name, dtype.newbyteorder("<"), tail))
+        self.dtype = np.dtype(record)
         self.header = _npy_header(self.dtype)
 
     def static_files(self, labels: np.ndarray) -> Iterator[tuple[str, bytes]]:
@@ -100,8 +100,9 @@ class WebDatasetBackend:
     def open(self, fetch: Callable[[str], bytes]) -> None:
         self._fetch = fetch
 
-    def decode(self, epoch: int, shard: int) -> dict[str, np.ndarray]:
-        """The records of one shard as arrays, after checking each member's name and layout."""
+    def decode(self, epoch: int, shard: int, skip: frozenset[str] = frozenset()) -> dict[str, np.ndarray]:
+        """The records of one shard as arrays (but the fields in `skip`), after checking
+        each member's name and layout."""
         key = shard_key(epoch, shard)
         try:
             data = gzip.decompress(self._fetch(key))
@@ -126,7 +127,7 @@ class WebDatasetBackend:
             raise ArchiveError(f"{key} holds records of other epochs or positions")
         # writable copies of each field with plain strides (a field of a record array is
         # strided, and ascontiguousarray keeps a one-record field's record-sized stride)
-        out = {name: records[name].copy() for name in self.dtype.names if name not in META_FIELDS}
+        out = {name: records[name].copy() for name in self.dtype.names if name not in META_FIELDS and name not in skip}
         out["sample_index"] = records["sample"].copy()
         out["label"] = records["label"].copy()
         return out

@@ -34,7 +34,7 @@ from zarr.codecs import BloscCodec, TransposeCodec
 from zarr.storage import MemoryStore
 
 from ..errors import ArchiveError
-from .codecs import Codec
+from .backends import Fields
 from .layout import Layout
 
 SCHEMA1_INDEX_ARRAYS = ("sample_index", "position_index")
@@ -71,7 +71,7 @@ def _never_stored(dtype: np.dtype):
     return float("nan") if dtype.kind == "f" else int(np.iinfo(dtype).max)
 
 
-CHUNK_KEY = re.compile(r"(?P<array>[a-z_]+)/c/(?P<epoch>\d+)/(?P<shard>\d+)(/0)*")
+CHUNK_KEY = re.compile(r"(?P<array>[^/]+)/c/(?P<epoch>\d+)/(?P<shard>\d+)(/0)*")
 
 
 def shard_key(array: str, epoch: int, shard: int, ndim: int) -> str:
@@ -84,16 +84,13 @@ class ZarrBackend:
 
     name = "zarr"
 
-    def __init__(self, layout: Layout, codec: Codec, schema_version: int, files: Mapping[str, dict]):
+    def __init__(self, layout: Layout, fields: Fields, schema_version: int, files: Mapping[str, dict]):
         self.layout = layout
         self.schema_version = schema_version
         self.index_arrays = SCHEMA1_INDEX_ARRAYS if schema_version == 1 else ("sample_index",)
         self.epochs, self.num_samples = layout.epochs, layout.num_samples
         self.shard_size, self.chunk = layout.positions_per_shard, layout.positions_per_chunk
-        views = layout.views_per_sample
-        self.fields = codec.fields(views, layout.num_classes) | {
-            "view_params": ((views, len(layout.view_param_fields)), np.dtype(np.float32))
-        }
+        self.fields = fields
         self._files = files  # a finished archive's objects
         self._store: dict = {}
         self._staging: zarr.Group | None = None
@@ -197,19 +194,21 @@ class ZarrBackend:
         if key in self._files or self.num_samples != 1:
             self._put(key)
 
-    def decode(self, epoch: int, shard: int) -> dict[str, np.ndarray]:
-        """Every stored array of one shard, plus each position's sample index and label."""
+    def decode(self, epoch: int, shard: int, skip: frozenset[str] = frozenset()) -> dict[str, np.ndarray]:
+        """Every stored array of one shard but those in `skip`, plus each position's
+        sample index and label."""
         start, stop = self.layout.shard_range(shard)
         if epoch != self._epoch:
             for key in [k for k in self._store if k.startswith("sample_index/c/")]:
                 del self._store[key]
             self._put_static(f"sample_index/c/{epoch}/0")
             self._epoch = epoch
-        keys = self.shard_files(epoch, shard)
+        names = [name for name in self.fields if name not in skip]
+        keys = [shard_key(name, epoch, shard, len(self.fields[name][0]) + 2) for name in names]
         for key in keys:
             self._put(key)
         try:
-            out = {name: self._group[name][epoch, start:stop] for name in self.fields}
+            out = {name: self._group[name][epoch, start:stop] for name in names}
             out["sample_index"] = self._group["sample_index"][epoch, start:stop]
         except Exception as exc:  # noqa: BLE001 - a decoding error of verified bytes
             raise ArchiveError(f"cannot decode epoch {epoch}, positions {start}-{stop - 1}: {exc}") from None
