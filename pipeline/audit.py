@@ -7,7 +7,9 @@ with the labels and the entropy of its distributions.
 verify checks every object against the manifest's sha256, recomputes N random views with
 the teacher on the data (those the manifest records, unless others are given) and
 compares the teacher's fresh logits with the stored ones. Dense codecs compare logits (error relative to the view's largest logit); top-k
-compares the log-probabilities of the stored classes.
+compares the log-probabilities of the stored classes. Feature outputs are compared as
+stored: the fresh output pooled and projected as the archive does, against the stored
+values (error relative to the largest).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from .config import ModelSpec
 from .data import Source, ViewDataset, open_source
 from .errors import ArchiveError, ModelError
 from .models import Teacher, with_num_classes
-from .store import (LOGPROB_STEP, ArchiveReader, Location, TopKCodec, UnfinishedArchive, added_teachers,
+from .store import (INT8_LEVELS, LOGPROB_STEP, ArchiveReader, Location, TopKCodec, UnfinishedArchive, added_teachers,
                     check_archive_matches, read_manifest, unfinished_archive, verify_objects)
 from .views import view_param_fields
 
@@ -62,6 +64,9 @@ def inspect_archive(url: str, storage_options: dict | None = None, local_cache: 
         "bytes_per_view": manifest.total_bytes / layout.views,
         "libraries": manifest.libraries,
     }
+    if manifest.features:  # schema 3: the teacher's feature outputs, each with its codec
+        report["features"] = [{"module": feature.module, "shape": list(feature.shape), "codec": feature.name,
+                               "stored_shape": list(feature.stored_shape)} for feature in manifest.features]
     if teacher.preprocessing is not None:  # archives made before kdpipe recorded it have none
         report["teacher"]["preprocessing"] = teacher.preprocessing.to_dict()
     added = added_teachers(location)
@@ -181,22 +186,31 @@ def _recompute(reader: ArchiveReader, teacher_spec: ModelSpec, data: str, count:
     source = open_source(data)
     check_archive_matches(manifest, str(reader.location), dataset__fingerprint=source.describe()["fingerprint"])
     recipe = manifest.recipe
-    teacher = Teacher(with_num_classes(teacher_spec, source.classes, "teacher"), recipe.size)
+    modules = tuple(reader.features)
+    teacher = Teacher(with_num_classes(teacher_spec, source.classes, "teacher"), recipe.size, features=modules)
     check_archive_matches(manifest, str(reader.location), teacher__fingerprint=teacher.fingerprint_for(manifest.teacher))
     dataset = ViewDataset(source, recipe)
     rng = np.random.default_rng(seed)
     picks = sorted(set(map(int, rng.choice(len(dataset), size=min(count, len(dataset)), replace=False))))
     topk = isinstance(reader.codec, TopKCodec)
     worst_abs = worst_rel = 0.0
+    worst_feature: dict[str, float] = {}
     for item in picks:
         sample = dataset[item]
         epoch, position = sample["epoch"], sample["position"]
         fields = reader.read_fields(epoch, position, position + 1)
         problems.extend(_record_problems(reader, source, sample, fields))
         try:
-            fresh = teacher(sample["views"]).cpu()
+            fresh, fresh_features = teacher.with_features(sample["views"])
         except Exception as exc:  # noqa: BLE001 - a user model failing on its input
             raise ArchiveError(f"the teacher failed on epoch {epoch}, position {position}: {exc}") from None
+        fresh = fresh.cpu()
+        for module, values in fresh_features.items():
+            error = _feature_error(reader, module, values.cpu().numpy()[None], fields)
+            worst_feature[module] = max(worst_feature.get(module, 0.0), error)
+            if error > DENSE_RELATIVE_TOLERANCE + (1 / INT8_LEVELS if reader.features[module].dtype == "int8" else 0):
+                problems.append(f"epoch {epoch}, position {position} (sample {sample['index']}): the stored feature "
+                                f"output of module {module!r} differs from the teacher's by {error:.4g} (relative)")
         if topk:
             indices = torch.from_numpy(fields["topk_indices"][0].astype(np.int64))
             stored = torch.from_numpy(reader.codec.stored_log_probs(fields)[0])
@@ -217,9 +231,20 @@ def _recompute(reader: ArchiveReader, teacher_spec: ModelSpec, data: str, count:
                 f"epoch {epoch}, position {position} (sample {sample['index']}): stored logits differ from the "
                 f"teacher's by {abs_error:.4g} (relative {rel_error:.4g})"
             )
-    return {"views": len(picks) * recipe.views_per_sample, "samples": len(picks),
-            "max_abs_error": worst_abs, "max_rel_error": worst_rel,
-            "compared": "log-probabilities of the stored classes" if topk else "logits"}
+    report = {"views": len(picks) * recipe.views_per_sample, "samples": len(picks),
+              "max_abs_error": worst_abs, "max_rel_error": worst_rel,
+              "compared": "log-probabilities of the stored classes" if topk else "logits"}
+    return report | ({"features_max_rel_error": worst_feature} if worst_feature else {})
+
+
+def _feature_error(reader: ArchiveReader, module: str, fresh: np.ndarray, fields: dict) -> float:
+    """How far a view's stored feature output is from the teacher's fresh one (1, V, ...):
+    both as stored (pooled and projected with the archive's projection), the largest
+    difference relative to the largest fresh value. A PCA codec's discarded components
+    are its design, not damage: the stored coefficients are what is checked."""
+    feature = reader.features[module]
+    expected = feature.reduce(fresh, reader.projections.get(module))
+    return float(np.abs(feature.dequantise(fields) - expected).max() / max(float(np.abs(expected).max()), 1e-6))
 
 
 def _record_problems(reader: ArchiveReader, source: Source, sample: dict, fields: dict) -> list[str]:

@@ -617,7 +617,9 @@ class Tap:
         self.value = inputs[0]
 
     def _keep_output(self, module, inputs, output) -> None:
-        self.value = output
+        # a copy: the next layer may change its input in place (a ReLU(inplace=True) after a
+        # BatchNorm, a residual sum), which would otherwise change what was kept
+        self.value = output.clone() if isinstance(output, torch.Tensor) else output
 
 
 class Teacher:

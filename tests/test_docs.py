@@ -136,6 +136,8 @@ def format_md() -> dict:
 def spec() -> dict:
     return format_md()
 
+FEATURE_OUTPUTS = "logits,0=pool:3+pca:2+int8,1=fp32,3=pca:5+fp16,4=int8"
+
 # name: (--data, extra cache-teacher options); synthetic images are 32 x 32
 ARCHIVES = {
     "zarr-dense-fp16": ("synthetic:6:3", ["--shard-size", "4", "--color-jitter", "0.4"]),
@@ -153,6 +155,11 @@ ARCHIVES = {
     "webdataset-mixup": ("synthetic:6:3", ["--format", "webdataset", "--mixup", "mixup", "--mix-alpha", "0.5"]),
     "zarr-cutmix-randaugment-erase": ("synthetic:6:3", ["--mixup", "cutmix", "--randaugment", "3,9",
                                                         "--random-erase", "0.7"]),
+    # schema 3: every feature codec step on the MLP's modules: 0 a 3 x 8 x 8 map (pooled to 3 x 3, so
+    # the bins overlap, projected, int8 per view and channel), 1 and 3 vectors (fp32; pca + fp16), 4 int8 per view
+    "zarr-features": ("synthetic:6:3", ["--shard-size", "4", "--outputs", FEATURE_OUTPUTS]),
+    "webdataset-features": ("synthetic:6:3", ["--shard-size", "4", "--format", "webdataset", "--outputs",
+                                              FEATURE_OUTPUTS]),
 }
 IMAGE_SIZE = (32, 32)
 
@@ -222,14 +229,16 @@ def test_format_md_reader_and_rederivation_give_the_stored_views(spec, archive, 
 
 @pytest.mark.parametrize("name", ARCHIVES)
 def test_format_md_reader_matches_kdpipes_reader(spec, archive, name, capsys):
-    """Logits (decoded), view parameters and sample indices equal, bit for bit, what
-    kdpipe's ArchiveReader gives, over whole epochs and over a range that crosses shards."""
+    """Logits (decoded), view parameters, sample indices and (schema 3) decoded feature
+    outputs equal, bit for bit, what kdpipe's ArchiveReader gives, over whole epochs and
+    over a range that crosses shards."""
     from pipeline.store import ArchiveReader
 
     root, manifest = spec["open_archive"](archive(name))
     reader = ArchiveReader(root)
     N = manifest["layout"]["num_samples"]
     ranges = [(0, N)] + ([(3, 5)] if N > 4 else [])
+    features = manifest.get("features", [])
     for epoch in range(manifest["layout"]["epochs"]):
         for start, stop in ranges:
             slab = spec["read_slab"](root, manifest, epoch, start, stop)
@@ -237,6 +246,17 @@ def test_format_md_reader_matches_kdpipes_reader(spec, archive, name, capsys):
             assert slab["logits"].tobytes() == np.ascontiguousarray(logits, dtype=np.float32).tobytes()
             assert slab["view_params"].tobytes() == np.ascontiguousarray(params).tobytes()
             np.testing.assert_array_equal(slab["sample"], samples)
+            assert sorted(slab["features"]) == sorted(feature["module"] for feature in features)
+            fields = reader.read_fields(epoch, start, stop)
+            for feature in features:
+                module = feature["module"]
+                theirs = np.ascontiguousarray(reader.decode_feature(module, fields))
+                ours = slab["features"][module]
+                pool = feature["codec"]["pool"] or feature["shape"][1:]
+                assert ours.shape == theirs.shape == (stop - start, manifest["layout"]["views_per_sample"],
+                                                      feature["shape"][0], *pool)
+                assert ours.dtype == np.float32 and np.isfinite(ours).all()
+                assert np.ascontiguousarray(ours).tobytes() == theirs.tobytes(), (module, epoch, start)
     if manifest["backend"] == "webdataset" and manifest["codec"]["name"].startswith("dense-"):
         records = list(spec["stream_records"](str(root)))  # stock webdataset, training order
         assert len(records) == manifest["layout"]["epochs"] * N
@@ -286,7 +306,7 @@ def test_format_md_reader_refuses_what_the_spec_says_a_reader_must(spec, archive
     refused = spec["Refused"]
     assert spec["check_manifest"](resealed(spec, manifest)) is None
     cases = {
-        "schema_version": [True, 0, -3, "1", 1.0, 3],
+        "schema_version": [True, 0, -3, "1", 1.0, 4],
         "backend": ["lance"],
         "total_bytes": [manifest["total_bytes"] + 1],
         "shards": [manifest["shards"][:-1]],
@@ -313,6 +333,87 @@ def test_format_md_reader_refuses_what_the_spec_says_a_reader_must(spec, archive
     finally:
         stray.unlink()
         stray.parent.rmdir()
+
+
+def test_format_md_reader_refuses_features_as_kdpipe_does(spec, archive):
+    """The feature rules of docs/format.md: each broken one is refused by the spec's reader
+    and by kdpipe's manifest parser alike; a schema-3 manifest without features is read."""
+    from pipeline.store.manifest import Manifest, ManifestError
+
+    _, manifest = spec["open_archive"](archive("zarr-features"))
+    refused = spec["Refused"]
+    features = manifest["features"]
+    assert [feature["codec"]["name"] for feature in features] == ["pool:3x3+pca:2+int8", "fp32", "pca:5+fp16", "int8"]
+
+    def changed(index, **codec):
+        entry = json.loads(json.dumps(features[index]))
+        entry["codec"].update({key: value for key, value in codec.items() if key != "shape"})
+        entry["shape"] = codec.get("shape", entry["shape"])
+        return features[:index] + [entry] + features[index + 1:]
+
+    cases = [
+        ({"schema_version": 2}, "features"),
+        ({"features": changed(0, name="pool:3+pca:2+int8")}, "name"),  # not the canonical name
+        ({"features": changed(0, name="pool:3x3+pca:2+fp16")}, "name"),  # contradicts dtype int8
+        ({"features": changed(0, dtype="bfloat16")}, "dtype"),
+        ({"features": changed(0, components=4, name="pool:3x3+pca:4+int8")}, "apply"),  # more components than channels
+        ({"features": changed(0, pool=[9, 9], name="pool:9x9+pca:2+int8")}, "apply"),  # larger than the map
+        ({"features": changed(1, pool=[1, 1], name="pool:1x1+fp32")}, "apply"),  # pooling a vector
+        ({"features": changed(1, shape=[])}, "apply"),  # a scalar per view
+        ({"features": changed(1, components=True, name="pca:True+fp32")}, "components"),
+        ({"features": features + [features[1]]}, "twice|second"),
+        ({"features": []}, "features"),
+        ({"features": [features[0] | {"module": "a/b"}] + features[1:]}, "module|features\\[0\\]"),
+        ({"features": changed(2, shape=[features[2]["shape"][0], 4])}, "apply"),  # pca of tokens by width
+        ({"files": {k: v for k, v in manifest["files"].items() if not k.startswith("projections/")}}, "projection"),
+    ]
+    for change, problem in cases:
+        broken = resealed(spec, manifest, **change)
+        with pytest.raises(refused, match=problem):
+            spec["check_manifest"](broken)
+        with pytest.raises(ManifestError):
+            Manifest.from_dict(broken)
+    logits_only = {k: v for k, v in manifest.items() if k != "features"}
+    files = {k: v for k, v in manifest["files"].items() if not k.startswith(("feature", "projections/"))}
+    shards = [shard | {"files": [key for key in shard["files"] if not key.startswith("feature")]}
+              for shard in manifest["shards"]]
+    logits_only = resealed(spec, logits_only, files=files, shards=shards,
+                           total_bytes=sum(entry["bytes"] for entry in files.values()))
+    assert logits_only["schema_version"] == 3 and spec["check_manifest"](logits_only) is None
+    Manifest.from_dict(logits_only)
+
+
+def test_format_md_feature_encoding_is_what_the_spec_says(archive):
+    """docs/format.md's encoding steps, computed here from the MLP's module 0 (a 3 x 8 x 8
+    map, stored whole as module 1, its flattening, with fp32), give exactly the stored
+    pool:3x3+pca:2+int8 fields of module 0: the bins, the projection and the int8 rounding."""
+    import zarr
+
+    root = archive("zarr-features")
+    group = zarr.open_group(str(root), mode="r")
+    x = group["feature.1"][...].reshape(2, 6, 2, 3, 8, 8)  # (E, N, V, C, H, W) float32
+    bins = [(i * 8 // 3, -(-(i + 1) * 8 // 3)) for i in range(3)]  # rows floor(i H / h) to ceil((i + 1) H / h) - 1
+    assert bins == [(0, 3), (2, 6), (5, 8)]
+    pooled = np.empty(x.shape[:-2] + (3, 3), dtype=np.float32)
+    for i, (top, bottom) in enumerate(bins):
+        for j, (left, right) in enumerate(bins):
+            pooled[..., i, j] = x[..., top:bottom, left:right].mean(axis=(-2, -1), dtype=np.float64)
+    projection = np.load(root / "projections" / "0.npy")
+    mean, directions = projection[0], projection[1:]
+    u = np.einsum("kc,nvc...->nvk...", directions, pooled.reshape(-1, 2, 3, 3, 3) - mean[:, None, None],
+                  optimize=True).reshape(2, 6, 2, 2, 3, 3)
+    low, high = u.min(axis=(-2, -1)), u.max(axis=(-2, -1))
+    offset = (low / 2 + high / 2).astype(np.float16)
+    reach = np.maximum(high - offset.astype(np.float32), offset.astype(np.float32) - low)
+    wanted = np.maximum(reach / 127, np.float32(2.0**-14))
+    scale = wanted.astype(np.float16)  # the smallest float16 >= wanted
+    scale = np.where(scale.astype(np.float32) < wanted, np.nextafter(scale, np.float16(np.inf)), scale)
+    steps = np.clip(np.rint((u - offset.astype(np.float32)[..., None, None]) / scale.astype(np.float32)[..., None, None]),
+                    -127, 127).astype(np.int8)
+    assert group["feature_offset.0"][...].tobytes() == offset.tobytes()
+    assert group["feature_scale.0"][...].tobytes() == scale.tobytes()
+    assert group["feature.0"][...].tobytes() == steps.tobytes()
+    assert np.abs(steps).max() >= 126  # the steps span the range
 
 
 def test_format_md_absent_chunks_are_what_the_spec_says(archive):

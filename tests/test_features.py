@@ -123,3 +123,106 @@ def test_an_unknown_module_is_answered_with_the_nearest_names():
         Tap(net, "layer3", "student")
     with pytest.raises(ModelError, match="its last layers are: stem, layer1, layer1.0, layer1.1, layer2, head"):
         Tap(net, "zzz", "student")
+
+
+# --- from the cache: feature outputs stored by cache-teacher --outputs ---------------------------
+
+CACHE = ("cache-teacher", "--data", DATA, "--teacher", TEACHER, "--size", 16, "--epochs", 2, "--views-per-sample", 2,
+         "--batch-size", 8, "--workers", 0, "--codec", "dense-fp32")
+CACHED = ("train-student", "--data", DATA, "--student", "kdpipe:cnn", "--batch-size", 8, "--epochs", 2, "--workers", 0,
+          "--precise-bn", 0)
+TERMS = ("--feature", "hint:9@2", "--feature", "at:16:12@50")
+
+
+def _online_equivalent(tmp_path) -> tuple:
+    """The online options that give a cached run's views, with the archive's teacher (seed 0) as weights."""
+    teacher_weights = tmp_path / "teacher.pt"
+    torch.save(build_model(ModelSpec(TEACHER, num_classes=4)).net.state_dict(), teacher_weights)
+    return ("--mode", "online", "--teacher", TEACHER, "--weights", teacher_weights, "--size", 16,
+            "--views-per-sample", 2)
+
+
+def test_feature_terms_from_a_float32_cache_equal_the_online_ones_bit_for_bit(tmp_path):
+    """The central invariant, for feature distillation: a student (and its hint connector)
+    trained on feature maps stored as float32 ends exactly where the same student ends with
+    the teacher running live; through int8 the terms are close, not equal."""
+    cli_json(*CACHE, "--outputs", "logits,9=fp32,16=fp32", "--out", tmp_path / "fp32.zarr")
+    cli_json(*CACHED, "--cache", tmp_path / "fp32.zarr", *TERMS, "--out", tmp_path / "cached")
+    cli_json(*CACHED, *_online_equivalent(tmp_path), *TERMS, "--out", tmp_path / "online")
+    cached, online = weights(tmp_path / "cached"), weights(tmp_path / "online")
+    assert all(torch.equal(cached[name], online[name]) for name in cached)
+    connectors = [torch.load(tmp_path / run / "checkpoint.pt", weights_only=True)["connectors"]
+                  for run in ("cached", "online")]
+    assert all(torch.equal(connectors[0][name], connectors[1][name]) for name in connectors[0])
+    terms = ("loss", "kd", "hint:9", "at:16:12")
+    assert [[line[term] for term in terms] for line in _metrics(tmp_path / "cached")] == \
+        [[line[term] for term in terms] for line in _metrics(tmp_path / "online")]
+    assert all(line["hint:9"] > 0 and line["at:16:12"] > 0 for line in _metrics(tmp_path / "cached"))
+    # the same features stored as int8, one scale per view and channel: the first step's terms are close
+    cli_json(*CACHE, "--outputs", "logits,9=int8,16=int8", "--out", tmp_path / "int8.zarr")
+    cli_json(*CACHED, "--cache", tmp_path / "int8.zarr", *TERMS, "--epochs", 1, "--out", tmp_path / "int8")
+    first, exact = _metrics(tmp_path / "int8")[0], _metrics(tmp_path / "cached")[0]
+    assert first["hint:9"] == pytest.approx(exact["hint:9"], rel=0.02) and first["hint:9"] != exact["hint:9"]
+
+
+def test_feature_outputs_are_refused_in_one_line_where_they_do_not_fit(tmp_path):
+    """A feature loss without the cached feature it names, a codec that does not apply to
+    the output, a module the teacher lacks (with the nearest names), and a map that no
+    connector can take: each one line, exit 2, nothing written."""
+    cli_json(*CACHE, "--outputs", "logits,9=pool:2+pca:4+int8", "--out", tmp_path / "a.zarr")
+    assert_user_error(run_cli(*CACHED, "--cache", tmp_path / "a.zarr", "--feature", "at:16", "--out", tmp_path / "r"),
+                      "holds no feature output of the teacher's module '16' (it holds 9)",
+                      "cache-teacher --outputs logits,16")
+    assert_user_error(run_cli(*CACHED, "--cache", tmp_path / "a.zarr", "--feature", "hint:9:18", "--out", tmp_path / "r"),
+                      "hint compares feature maps", "the student's module '18' gives shape (1, 128)")
+    assert not (tmp_path / "r").exists()
+    for outputs, message in [
+        ("logits,9=topk:10", "topk:10 is a codec of logits; a feature map is stored with a chain of pool:HxW"),
+        ("logits,18=pool:2", "pooling applies to feature maps (channels, height, width), but '18' gives 32 per view"),
+        ("logits,9=pool:16", "'9' gives maps of 8 x 8, smaller than pool:16x16"),
+        ("logits,9=pca:99", "'9' has 16 channels, fewer than pca:99"),
+        ("logits,9=int4", "cannot read 'int4'"),
+        ("logits,layer9", "the teacher has no layer 'layer9'"),
+        ("logits,9,9=int8", "names a module twice"),
+        ("logits,embeddings", "names logits and embeddings"),
+    ]:
+        assert_user_error(run_cli(*CACHE, "--outputs", outputs, "--out", tmp_path / "b.zarr"), message)
+        assert not (tmp_path / "b.zarr").exists()
+
+
+def test_verify_recomputes_the_feature_outputs_as_stored_and_inspect_lists_them(tmp_path):
+    """verify --recompute compares each feature output as the archive stores it (pooled and
+    projected with the archive's own projection): a sound archive passes with errors within
+    its number type's; a stored value moved by a few steps is a problem named by module."""
+    from pipeline.audit import _feature_error
+    from pipeline.store import ArchiveReader
+
+    cli_json(*CACHE, "--outputs", "logits,9=pool:2+pca:4+int8,16=fp16", "--out", tmp_path / "a.zarr")
+    report = json.loads(run_cli("verify", tmp_path / "a.zarr", "--recompute", 6, "--json").stdout)
+    assert report["problems"] == [] and set(report["recomputed"]["features_max_rel_error"]) == {"9", "16"}
+    assert 0 < report["recomputed"]["features_max_rel_error"]["9"] < 1 / 127
+    assert 0 <= report["recomputed"]["features_max_rel_error"]["16"] < 1e-3
+    described = json.loads(run_cli("inspect", tmp_path / "a.zarr", "--json", "--no-stats").stdout)["features"]
+    assert described[0] == {"module": "9", "shape": [16, 8, 8], "codec": "pool:2x2+pca:4+int8", "stored_shape": [4, 2, 2]}
+    reader = ArchiveReader(tmp_path / "a.zarr")
+    fields = reader.read_fields(0, 0, 1)
+    teacher = Teacher(ModelSpec(TEACHER, num_classes=4), 16, torch.device("cpu"), features=("9",))
+    from pipeline.data import ViewDataset, open_source
+
+    views = ViewDataset(open_source(DATA), reader.manifest.recipe)[0]["views"]
+    fresh = teacher.with_features(views)[1]["9"].numpy()[None]
+    assert _feature_error(reader, "9", fresh, fields) < 1 / 127
+    fields["feature.9"] = fields["feature.9"] // 2  # what damage (or another teacher) would have stored
+    assert _feature_error(reader, "9", fresh, fields) > 0.1
+
+
+def test_a_timm_teachers_feature_info_index_names_its_stage(tmp_path):
+    """--outputs takes a timm model's feature_info index for a stage: the archive records the
+    module it means (test_resnet's stage 3 is layer3), and an index past the last stage is
+    refused in one line listing the stages."""
+    timm_cache = ("cache-teacher", "--data", DATA, "--teacher", "timm:test_resnet", "--size", 32, "--workers", 0)
+    cli_json(*timm_cache, "--outputs", "logits,3=pool:1+int8", "--out", tmp_path / "a.zarr")
+    manifest = json.loads((tmp_path / "a.zarr" / "manifest.json").read_text())
+    assert [(f["module"], f["shape"]) for f in manifest["features"]] == [("layer3", [192, 2, 2])]
+    assert_user_error(run_cli(*timm_cache, "--outputs", "logits,7", "--out", tmp_path / "b.zarr"),
+                      "the teacher has 5 feature_info stages (0-4), not 7", "act1, layer1, layer2, layer3, layer4")

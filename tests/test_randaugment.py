@@ -146,15 +146,15 @@ def test_the_student_replays_what_the_teacher_saw_and_a_changed_op_is_caught(tmp
     _, stored, _ = reader.read(0, 0, 12)
     assert np.array_equal(stored, batch["params"].numpy())  # every column the student redrew
     column = fields.index("randaugment_op_1")
-    read = ArchiveReader.read
+    read = ArchiveReader.read_fields
 
     def tampered(self, epoch, start, stop):
-        logits, params, indices = read(self, epoch, start, stop)
-        params = params.copy()
+        fields = dict(read(self, epoch, start, stop))
+        params = fields["view_params"] = fields["view_params"].copy()
         params[0, 0, column] = (params[0, 0, column] + 1) % len(RANDAUGMENT_OPS)
-        return logits, params, indices
+        return fields
 
-    monkeypatch.setattr(ArchiveReader, "read", tampered)
+    monkeypatch.setattr(ArchiveReader, "read_fields", tampered)
     with pytest.raises(ArchiveMismatchError, match="recorded other view parameters"):
         ReplayBatches(ViewDataset(open_source(DATA), recipe), {"main": str(archive)}, {}, None)[list(range(12))]
     # view options given to train-student must agree with the archive's

@@ -13,12 +13,9 @@ from typing import Callable, Iterator, Protocol
 import numpy as np
 
 from ..errors import ConfigError
-from .layout import Layout, ManifestError
+from .layout import Fields, Layout, ManifestError
 
 BACKENDS = ("zarr", "webdataset")  # the first is the default
-
-
-Fields = dict[str, tuple[tuple[int, ...], np.dtype]]  # array name -> (shape after positions, dtype)
 
 
 class Backend(Protocol):

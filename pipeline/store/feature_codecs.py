@@ -32,11 +32,11 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError
+from .codecs import INT8_LEVELS
 from .layout import ManifestError, parse_int, parse_object, parse_typed
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "int8": "int8"}  # codec part -> stored dtype
 FEATURE_CODEC_NAMES = "a chain of pool:HxW, pca:K and fp32, fp16 or int8, e.g. pool:7+pca:32+int8"
-INT8_LEVELS = 127
 FLOAT16_TINY = float(np.finfo(np.float16).tiny)
 VALUES, SCALE, OFFSET = "feature.", "feature_scale.", "feature_offset."  # stored array name = prefix + module
 PROJECTIONS = "projections/"  # a pca codec's projection object: projections/MODULE.npy
@@ -113,6 +113,10 @@ class FeatureCodec:
         if self.pool is not None and (self.pool[0] > self.shape[1] or self.pool[1] > self.shape[2]):
             raise ConfigError(f"{where}: {self.module!r} gives maps of {self.shape[1]} x {self.shape[2]}, smaller "
                               f"than pool:{self.pool[0]}x{self.pool[1]}")
+        if self.components is not None and len(self.shape) == 2:
+            raise ConfigError(f"{where}: pca projects the channels of vectors (C,) and maps (C, H, W), but "
+                              f"{self.module!r} gives {_shape(self.shape)} per view (a transformer's tokens?); "
+                              "store it without pca")
         if self.components is not None and self.components > self.shape[0]:
             raise ConfigError(f"{where}: {self.module!r} has {self.shape[0]} channels, fewer than pca:{self.components}")
 
@@ -140,7 +144,10 @@ class FeatureCodec:
         components = codec["components"]
         if components is not None:
             components = parse_int(components, f"{where}.codec.components", minimum=1)
-        feature = cls(parse_typed(data["module"], f"{where}.module", str), shape, codec["dtype"], pool, components)
+        module = parse_typed(data["module"], f"{where}.module", str)
+        if not module or "/" in module:
+            raise ManifestError(f"{where}.module must be a module name (not empty, no '/'), got {module!r}")
+        feature = cls(module, shape, codec["dtype"], pool, components)
         if codec["name"] != feature.name:
             raise ManifestError(f"{where}.codec.name {codec['name']!r} contradicts its parts ({feature.name!r})")
         try:
@@ -187,22 +194,30 @@ class FeatureCodec:
             raise ConfigError(f"the teacher's {self.module!r} outputs exceed the float16 range of int8's offsets; "
                               "store it with fp32")
         reach = np.maximum(high - offset.astype(np.float32), offset.astype(np.float32) - low)
-        scale = _round_up_float16(np.maximum(reach / INT8_LEVELS, FLOAT16_TINY))
+        with np.errstate(over="ignore"):
+            scale = _round_up_float16(np.maximum(reach / INT8_LEVELS, FLOAT16_TINY))
+        if not np.isfinite(scale).all():
+            raise ConfigError(f"the teacher's {self.module!r} outputs span more than int8's float16 scale can hold; "
+                              "store it with fp32")
         shape = offset.shape + (1,) * len(axes)
         steps = np.rint((reduced - offset.astype(np.float32).reshape(shape)) / scale.astype(np.float32).reshape(shape))
         stored = np.clip(steps, -INT8_LEVELS, INT8_LEVELS).astype(np.int8)
         return {VALUES + self.module: stored, SCALE + self.module: scale, OFFSET + self.module: offset}
 
+    def dequantise(self, fields: dict[str, np.ndarray]) -> np.ndarray:
+        """(n, V, *stored_shape) float32: the stored values as numbers, before any PCA is
+        undone (what `reduce` gave, within the number type's error)."""
+        values = fields[VALUES + self.module]
+        if self.dtype != "int8":
+            return values.astype(np.float32, copy=False)
+        scale, offset = fields[SCALE + self.module], fields[OFFSET + self.module]
+        shape = scale.shape + (1,) * (values.ndim - scale.ndim)
+        values = values.astype(np.float32) * scale.astype(np.float32).reshape(shape)
+        return values + offset.astype(np.float32).reshape(shape)
+
     def decode(self, fields: dict[str, np.ndarray], projection: np.ndarray | None) -> np.ndarray:
         """(n, V, *decoded_shape) float32 outputs from stored fields."""
-        values = fields[VALUES + self.module]
-        if self.dtype == "int8":
-            scale, offset = fields[SCALE + self.module], fields[OFFSET + self.module]
-            shape = scale.shape + (1,) * (values.ndim - scale.ndim)
-            values = values.astype(np.float32) * scale.astype(np.float32).reshape(shape)
-            values = values + offset.astype(np.float32).reshape(shape)
-        else:
-            values = values.astype(np.float32, copy=False)
+        values = self.dequantise(fields)
         if self.components is not None:
             values = np.einsum("kc,nvk...->nvc...", projection[1:], values, optimize=True).astype(np.float32)
             values += _channels(projection[0], values.ndim - 2)
@@ -292,8 +307,8 @@ def _positive(module: str, name: str, value: str) -> int:
 
 
 def _pool_size(module: str, name: str, value: str) -> tuple[int, int]:
-    height, _, width = value.partition("x")
-    return _positive(module, name, height), _positive(module, name, width or height)
+    height, cross, width = value.partition("x")
+    return _positive(module, name, height), _positive(module, name, width if cross else height)
 
 
 def _shape(shape: tuple[int, ...]) -> str:

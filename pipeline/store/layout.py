@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterator
 
+import numpy as np
+
 from ..errors import ArchiveError
 
 # Aim for shards of about this many uncompressed bytes, and (zarr) chunks, the unit of
@@ -18,6 +20,9 @@ from ..errors import ArchiveError
 TARGET_SHARD_BYTES = 16 << 20
 TARGET_CHUNK_BYTES = 256 << 10
 TARGET_BUFFER_BYTES = 256 << 20
+
+
+Fields = dict[str, tuple[tuple[int, ...], np.dtype]]  # stored array name -> (shape after positions, dtype)
 
 
 class ManifestError(ArchiveError):

@@ -372,7 +372,7 @@ class Manifest:
             teacher=TeacherInfo.from_dict(data["teacher"], dataset.classes), dataset=dataset,
             codec=codec_from_dict(data["codec"], layout.num_classes), layout=layout,
             libraries=_parse_libraries(data["libraries"]),
-            features=_parse_features(data.get(FEATURES, []), version),
+            features=_parse_features(data.get(FEATURES), version),
         )
         manifest._check_parts()
         if not finished:
@@ -411,9 +411,11 @@ class Manifest:
         self._check_schema()
 
     def _check_schema(self) -> None:
-        """A schema-1 archive has neither dense-int8 nor delta-coded log-probabilities;
-        a later one codes top-k log-probabilities as deltas."""
+        """Feature outputs need schema 3; a schema-1 archive has neither dense-int8 nor
+        delta-coded log-probabilities; a later one codes top-k log-probabilities as deltas."""
         codec, version = self.codec, self.schema_version
+        if self.features and version < 3:
+            raise ManifestError(f"features needs schema_version 3 or later, not {version}")
         if version == 1 and isinstance(codec, Int8Codec):
             raise ManifestError(f"codec.name {codec.name!r} needs schema_version 2 or later, not 1")
         if isinstance(codec, TopKCodec) and (codec.logprob_coding == "delta") != (version > 1):
@@ -465,10 +467,13 @@ def _bytes_per_position(codec: Codec, features: tuple[FeatureCodec, ...], views:
 
 
 def _parse_features(data: Any, version: int) -> tuple[FeatureCodec, ...]:
-    """`features`: a list of feature outputs, from schema 3 on, each module once."""
+    """`features` (None when absent): a non-empty list of feature outputs, from schema 3
+    on, each module once."""
+    if data is None:
+        return ()
     features = tuple(FeatureCodec.from_dict(entry, i) for i, entry in enumerate(parse_typed(data, FEATURES, list)))
-    if features and version < 3:
-        raise ManifestError(f"features needs schema_version 3 or later, not {version}")
+    if not features:
+        raise ManifestError(f"{FEATURES} must list at least one feature output when given")
     modules = [feature.module for feature in features]
     if len(set(modules)) != len(modules):
         raise ManifestError(f"features lists module {next(m for m in modules if modules.count(m) > 1)!r} twice")

@@ -25,8 +25,7 @@ from typing import Callable, Iterator, Mapping
 import numpy as np
 
 from ..errors import ArchiveError
-from .backends import Fields
-from .layout import Layout
+from .layout import Fields, Layout
 
 META_FIELDS = ("epoch", "position", "sample", "label")
 

@@ -34,8 +34,7 @@ from zarr.codecs import BloscCodec, TransposeCodec
 from zarr.storage import MemoryStore
 
 from ..errors import ArchiveError
-from .backends import Fields
-from .layout import Layout
+from .layout import Fields, Layout
 
 SCHEMA1_INDEX_ARRAYS = ("sample_index", "position_index")
 BITSHUFFLED = ("topk_indices", "view_params")  # schema 2: mostly-zero high bits, or float columns of few values
