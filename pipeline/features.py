@@ -4,12 +4,14 @@ compute, compared with what named modules of the teacher computed on the same vi
 `FeatureDistillation` taps the student's modules (`models.Tap`), aligns each tapped output
 with the teacher's and gives each term's value by name (`FeatureSpec.name`); the objective
 weights them and adds them to the loss. The teacher's features come in as a dict by module
-name, whatever their source: a live teacher's taps (`Teacher.with_features`) in online mode,
-an archive's feature outputs (cache-teacher --outputs) in cached mode. Aligning is a learnable 1 x 1
-convolution from the student's channels to the teacher's for `hint` (FitNets' regressor),
-and for the spatial losses a bilinear resize of the student's map to the teacher's height
-and width. The connectors train with the student (their parameters are in the optimizer,
-their state in checkpoint.pt) but are no part of it: student.pt and exports leave them out.
+name, whatever their source: a live teacher's taps (`Teacher.with_features`) in online
+mode, an archive's feature outputs (cache-teacher --outputs) in cached mode. Aligning is a
+learnable 1 x 1 convolution from the student's channels to the teacher's for `hint`
+(FitNets' regressor), and for the spatial losses the student's map brought to the
+teacher's height and width (`align`: average-pooled when larger, as an archive pools the
+teacher's; else bilinear). The connectors train with the student (their parameters are in
+the optimizer, their state in checkpoint.pt) but are no part of it: student.pt and
+exports leave them out.
 """
 
 from __future__ import annotations
@@ -101,6 +103,18 @@ class FeatureDistillation(nn.Module):
             if str(index) in self.connectors:
                 student = self.connectors[str(index)](student)
             if spec.loss in SPATIAL_LOSSES and student.shape[-2:] != teacher.shape[-2:]:
-                student = F.interpolate(student, size=teacher.shape[-2:], mode="bilinear", align_corners=False)
+                student = align(student, tuple(teacher.shape[-2:]))
             terms[spec.name] = loss(student, teacher)
         return terms
+
+
+def align(student: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The student's map (batch, channels, h, w) at the teacher's height and width: reduced
+    as an archive's `pool:` reduces the teacher's map (adaptive average pooling, every
+    input position counted) when it is at least as large in both dimensions, else
+    enlarged by bilinear interpolation. Bilinear shrinking would sample only the middle of
+    each bin beyond a factor of 2, and hold the student to another quantity than the
+    teacher's pooled map."""
+    if student.shape[-2] >= size[0] and student.shape[-1] >= size[1]:
+        return F.adaptive_avg_pool2d(student, size)
+    return F.interpolate(student, size=size, mode="bilinear", align_corners=False)

@@ -226,3 +226,17 @@ def test_a_timm_teachers_feature_info_index_names_its_stage(tmp_path):
     assert [(f["module"], f["shape"]) for f in manifest["features"]] == [("layer3", [192, 2, 2])]
     assert_user_error(run_cli(*timm_cache, "--outputs", "logits,7", "--out", tmp_path / "b.zarr"),
                       "the teacher has 5 feature_info stages (0-4), not 7", "act1, layer1, layer2, layer3, layer4")
+
+
+def test_a_larger_student_map_is_pooled_as_the_archive_pools_the_teachers():
+    """Shrinking, the student's map is average-pooled with the bins `pool:` uses for the
+    teacher's (bilinear resizing would sample only the middle of each 4 x 4 bin of an 8 x 8
+    map brought to 2 x 2); enlarging stays bilinear."""
+    from pipeline.features import align
+    from pipeline.store.feature_codecs import adaptive_average_pool
+
+    student = torch.randn(2, 3, 8, 8)
+    assert torch.allclose(align(student, (2, 2)), torch.from_numpy(adaptive_average_pool(student.numpy(), (2, 2))),
+                          atol=1e-6)
+    assert not torch.allclose(align(student, (2, 2)), nn.functional.interpolate(student, size=(2, 2), mode="bilinear"))
+    assert torch.equal(align(student, (16, 16)), nn.functional.interpolate(student, size=(16, 16), mode="bilinear"))
