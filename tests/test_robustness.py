@@ -116,19 +116,20 @@ def test_a_second_train_student_on_the_same_run_directory_is_refused(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
-def test_stop_signals_are_handled_like_ctrl_c_in_both_stages(tmp_path, signum):
-    """A scheduler's SIGTERM (or a closed terminal's SIGHUP) to the whole process group,
-    DataLoader workers included: one line, exit 128 + the signal, the writer lease
-    released, no traceback; the re-run completes."""
+def test_stop_signals_are_handled_like_ctrl_c_in_both_stages(tmp_path):
+    """A scheduler's SIGTERM to cache-teacher and a closed terminal's SIGHUP to
+    train-student (one handler serves both signals in both stages), each to the whole
+    process group, DataLoader workers included: one line, exit 128 + the signal, the
+    writer lease released, no traceback; the re-run completes."""
     data = write_image_folder(tmp_path / "data", per_class=8)
     archive = tmp_path / "archive"
     cache = ["cache-teacher", "--data", data, "--teacher", "tests.toy_models:paced_teacher", "--out", archive,
              "--epochs", 4, "--size", 16, "--shard-size", 4, "--batch-size", 2, "--workers", 2]
     train = ["train-student", "--data", data, "--student", "tests.toy_models:slow_student", "--mode", "supervised",
              "--epochs", 6, "--batch-size", 4, "--size", 16, "--workers", 2, "--out", tmp_path / "run"]
-    for command, started, rerun in ((cache, lambda: list(archive.glob("commits/*.*.json")), []),
-                                    (train, lambda: (tmp_path / "run" / "checkpoint.pt").exists(), ["--resume"])):
+    for command, started, rerun, signum in (
+            (cache, lambda: list(archive.glob("commits/*.*.json")), [], signal.SIGTERM),
+            (train, lambda: (tmp_path / "run" / "checkpoint.pt").exists(), ["--resume"], signal.SIGHUP)):
         child = spawn_kdpipe(*command, start_new_session=True)
         deadline = time.monotonic() + 120
         while not started() and time.monotonic() < deadline:
