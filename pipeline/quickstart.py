@@ -31,7 +31,7 @@ SPLIT_SEED = 0
 TEACHER, STUDENT = "kdpipe:cnn", "kdpipe:mlp"
 # Mild crops rendered at 16 px; no flips, since digits are not mirror-symmetric.
 RECIPE = {"size": 16, "scale": (0.5, 1.0), "ratio": (0.8, 1.25), "flip_prob": 0.0}
-TEACHER_EPOCHS, STUDENT_EPOCHS, SUPERVISED_EPOCHS = 10, 10, 150  # 50 images: one step an epoch
+TEACHER_EPOCHS, STUDENT_EPOCHS, SUPERVISED_EPOCHS = 6, 6, 150  # 50 images: one step an epoch
 KD_VIEWS = 2
 EMA_DECAY = 0.99  # the students keep an EMA of their weights, scored beside them
 # 8x8 PNGs decode in microseconds; on two cores the main process renders and trains, and

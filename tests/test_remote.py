@@ -19,6 +19,8 @@ import s3fs
 import torch
 from moto.core import enable_iam_authentication
 
+from pipeline.store import location
+
 from .conftest import (
     BACKENDS, BUCKET, KEY, SECRET, StaticFiles, archive_files, assert_same_weights, assert_user_error, cli_json,
     free_port, run_cli, run_kdpipe, subprocess_env, weights, write_image_folder,
@@ -193,6 +195,7 @@ def test_transient_failures_are_retried_and_persistent_ones_reported(data, tmp_p
     failed read is retried with backoff); one failing every request gives one line
     naming the object and the number of tries, and nothing is trained."""
     archive, expected = reference("zarr")
+    monkeypatch.setattr(location, "RETRY_DELAY", 0.01)  # what is tested is that reads are retried, not how long apart
     monkeypatch.setattr(FlakyFiles, "fail_every", 2)
     base = http_server(archive.parent, FlakyFiles)
     cli_json("train-student", "--data", data, "--out", tmp_path / "run", "--cache", f"{base}/{archive.name}",
