@@ -42,6 +42,7 @@ def inspect_archive(url: str, storage_options: dict | None = None, local_cache: 
     if unfinished is not None:
         return _describe_unfinished(location, unfinished)
     reader = ArchiveReader(location, local_cache=local_cache)
+    reader.read_only_features(())  # the statistics are the logits': feature maps are neither fetched nor decoded
     manifest, layout = reader.manifest, reader.layout
     dataset, teacher = manifest.dataset, manifest.teacher
     report = {

@@ -121,6 +121,7 @@ def _reads(archive: str, batch_size: int) -> float:
     """Views/s of reading every view's logits back, batch by batch, in training order."""
     torch.set_num_threads(1)
     reader = ArchiveReader(archive)
+    reader.read_only_features(())
     layout = reader.layout
     started = time.perf_counter()
     for epoch in range(layout.epochs):

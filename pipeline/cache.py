@@ -47,6 +47,9 @@ def cache_teacher(spec: CacheSpec) -> dict:
     check_backend_name(spec.format)
     for module, name in map(parse_output, spec.features):
         FeatureCodec.from_name(module, name, shape=None)
+    if spec.features and spec.teacher_name != MAIN_TEACHER:
+        raise ConfigError("--outputs stores feature outputs of the archive's main teacher only (train-student "
+                          "--feature reads those): drop the feature outputs with --teacher-name")
     keep_freed_memory()
     source = open_source(spec.data)
     location = Location(spec.out, spec.storage_options)
@@ -154,6 +157,7 @@ def fit_projections(plan: Manifest, source: Source, teacher: Teacher) -> dict[st
     for chunk in np.array_split(picks, -(-len(picks) // 32)):
         batch = torch.stack([views[int(position)]["views"] for position in chunk])
         _, features = teacher.with_features(batch.flatten(0, 1))
+        _check_finite(features, torch.as_tensor(chunk), 0, recipe.views_per_sample)
         for feature in wanted:
             values = features[by_module[feature.module]].cpu().numpy().reshape(len(chunk), recipe.views_per_sample,
                                                                               *feature.shape)
@@ -199,6 +203,7 @@ def _compute(spec: CacheSpec, source: Source, teacher: Teacher, writer: ArchiveW
                     f"the teacher gave NaN or Inf logits for sample {bad} in epoch {epoch}; "
                     "check its weights and input normalisation (nothing was stored for this shard)"
                 )
+            _check_finite(outputs, batch["index"], epoch, views)
             rows = slice(int(batch["position"][0]) - start, int(batch["position"][-1]) - start + 1)
             logits_buffer[rows] = logits.float().numpy()
             params_buffer[rows] = batch["params"].numpy()
@@ -212,6 +217,18 @@ def _compute(spec: CacheSpec, source: Source, teacher: Teacher, writer: ArchiveW
             progress.advance(task, count * views)
         if stored is not None:
             stored.result()
+
+
+def _check_finite(outputs: dict[str, torch.Tensor], samples: torch.Tensor, epoch: int, views: int) -> None:
+    """Refuse NaN or Inf in a feature output, naming the first sample that has one (as the
+    logits' check does): nothing of that shard is stored."""
+    for name, values in outputs.items():
+        bad = ~torch.isfinite(values.reshape(len(samples), -1)) if views == 1 else \
+            ~torch.isfinite(values.reshape(len(samples), views, -1).flatten(1))
+        if bad.any():
+            sample = int(samples[bad.any(1).cpu()][0])
+            raise ModelError(f"the teacher's module {name!r} gave NaN or Inf for sample {sample} in epoch {epoch}; "
+                             "check its weights and input normalisation (nothing was stored for this shard)")
 
 
 def _teacher_classes(spec: CacheSpec, data_classes: list[str] | None) -> list[str] | None:

@@ -703,6 +703,9 @@ class Teacher:
                 if tap.value is None:
                     raise ModelError(f"the teacher's module {tap.module!r} does not run in its forward pass; "
                                      "choose another")
+                if not isinstance(tap.value, torch.Tensor):
+                    raise ModelError(f"the teacher's module {tap.module!r} gives a {type(tap.value).__name__}, not a "
+                                     "tensor; choose another")
                 features[name].append(tap.value.float())
                 tap.value = None  # the next chunk's, or nothing
         return torch.cat(outputs), {name: torch.cat(values) for name, values in features.items()}

@@ -83,6 +83,8 @@ def order_teachers(
     if len(names) < 2:
         raise ConfigError(f"archive {cache} has one teacher ({names[0]}); add others with cache-teacher --teacher-name")
     readers = {name: ArchiveReader(teacher_archive(cache, name), storage_options) for name in names}
+    for reader in readers.values():
+        reader.read_only_features(())  # the order is the logits': feature maps are neither fetched nor decoded
     main = next(iter(readers.values())).manifest
     source = open_source(data)
     count = min(samples, main.layout.num_samples)

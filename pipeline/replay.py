@@ -184,12 +184,17 @@ def _check_cached_features(spec: TrainSpec, readers: dict[str, ArchiveReader]) -
     if MAIN_TEACHER not in readers:
         raise ConfigError("--feature distils the feature outputs of the archive's main teacher: add main to --teachers")
     cached = readers[MAIN_TEACHER].features
+    teacher = readers[MAIN_TEACHER].manifest.teacher
+    timm_index = teacher.spec.get("name", "").startswith("timm:")  # --outputs resolved such a number to a module
     for feature in spec.features:
-        if feature.teacher_module not in cached:
+        module = feature.teacher_module
+        if module not in cached:
             held = f"it holds {', '.join(cached)}" if cached else "it holds none"
+            advice = ("name the module as the archive records it (--outputs resolved the timm feature_info index)"
+                      if module.isdigit() and timm_index and cached else
+                      f"cache it with cache-teacher --outputs {teacher.outputs},{module}")
             raise ConfigError(f"--feature {feature.name}: archive {spec.cache} holds no feature output of the teacher's "
-                              f"module {feature.teacher_module!r} ({held}); cache it with cache-teacher --outputs "
-                              f"logits,{feature.teacher_module}")
+                              f"module {module!r} ({held}); {advice}")
 
 
 def cached_feature_shapes(spec: TrainSpec, readers: dict[str, ArchiveReader]) -> dict[str, tuple[int, ...]]:

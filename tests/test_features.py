@@ -240,3 +240,26 @@ def test_a_larger_student_map_is_pooled_as_the_archive_pools_the_teachers():
                           atol=1e-6)
     assert not torch.allclose(align(student, (2, 2)), nn.functional.interpolate(student, size=(2, 2), mode="bilinear"))
     assert torch.equal(align(student, (16, 16)), nn.functional.interpolate(student, size=(16, 16), mode="bilinear"))
+
+
+def test_feature_outputs_that_cannot_be_stored_are_refused_in_one_line(tmp_path):
+    """A teacher whose tapped module gives NaN, or a tuple, is refused naming the module (with
+    pca the projection is never fitted on it); a further teacher with feature outputs too;
+    a timm feature_info index given to cached --feature names the module the archive holds."""
+    for index, (module, codec, message) in enumerate([
+            ("1", "fp32", "the teacher's module '1' gave NaN or Inf for sample"),
+            ("1", "pca:2+fp16", "the teacher's module '1' gave NaN or Inf for sample"),
+            ("2", "fp16", "the teacher's module '2' gives a tuple, not a tensor")]):
+        out = tmp_path / f"nan-{index}.zarr"
+        result = run_cli("cache-teacher", "--data", DATA, "--teacher", "tests.toy_models:nan_inside", "--size", 16,
+                         "--workers", 0, "--outputs", f"logits,{module}={codec}", "--out", out)
+        assert_user_error(result, message)
+        assert not (out / "manifest.json").exists()
+    cli_json(*CACHE, "--out", tmp_path / "a.zarr")
+    assert_user_error(run_cli(*CACHE, "--out", tmp_path / "a.zarr", "--teacher-name", "other", "--outputs", "logits,9"),
+                      "--outputs stores feature outputs of the archive's main teacher only")
+    timm_cache = ("cache-teacher", "--data", DATA, "--teacher", "timm:test_resnet", "--size", 32, "--workers", 0)
+    cli_json(*timm_cache, "--outputs", "logits,2=pool:2+fp16", "--out", tmp_path / "t.zarr")
+    assert_user_error(run_cli("train-student", "--data", DATA, "--student", "timm:test_resnet", "--cache",
+                              tmp_path / "t.zarr", "--feature", "at:2", "--workers", 0, "--out", tmp_path / "r"),
+                      "(it holds layer2); name the module as the archive records it")

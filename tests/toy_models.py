@@ -204,3 +204,27 @@ class ColourShares(nn.Module):
 def colour_oracle(num_classes: int) -> nn.Module:
     assert num_classes == 3, "red, green and blue"
     return ColourShares()
+
+
+class _Pair(nn.Module):
+    """Gives its input twice, as a tuple (a module whose output is no tensor)."""
+
+    def forward(self, x):
+        return x, x
+
+
+class _First(nn.Module):
+    def forward(self, pair):
+        return torch.nan_to_num(pair[0], posinf=1.0, neginf=-1.0)
+
+
+def nan_inside(num_classes: int) -> nn.Module:
+    """A teacher whose module 1 computes Inf (and NaN) that module 3 turns back into finite
+    numbers, so its logits are finite; module 2 gives a tuple."""
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), _Scale(), _Pair(), _First(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, num_classes))
+
+
+class _Scale(nn.Module):
+    def forward(self, x):
+        return torch.where(x > 0, x * float("inf"), x)
