@@ -152,15 +152,13 @@ def fit_projections(plan: Manifest, source: Source, teacher: Teacher) -> dict[st
     picks = np.sort(rng.choice(len(source), size=min(len(source), PROJECTION_SAMPLES), replace=False))
     views = ViewDataset(source, recipe)
     wanted = [feature for feature in plan.features if feature.components is not None]
-    by_module = {module: name for name, module in teacher.feature_modules.items()}
     samples = {feature.module: [] for feature in wanted}
     for chunk in np.array_split(picks, -(-len(picks) // 32)):
         batch = torch.stack([views[int(position)]["views"] for position in chunk])
-        _, features = teacher.with_features(batch.flatten(0, 1))
-        _check_finite(features, torch.as_tensor(chunk), 0, recipe.views_per_sample)
+        _, features = _module_outputs(teacher, batch.flatten(0, 1))
+        _check_finite(features, torch.as_tensor(chunk), 0)
         for feature in wanted:
-            values = features[by_module[feature.module]].cpu().numpy().reshape(len(chunk), recipe.views_per_sample,
-                                                                              *feature.shape)
+            values = features[feature.module].cpu().numpy().reshape(len(chunk), recipe.views_per_sample, *feature.shape)
             samples[feature.module].append(projection_samples(feature.pooled(values)))
     return {feature.module: fit_projection(np.concatenate(samples[feature.module]), feature.components)
             for feature in wanted}
@@ -174,7 +172,6 @@ def _compute(spec: CacheSpec, source: Source, teacher: Teacher, writer: ArchiveW
     recipe, num_samples = spec.recipe, len(source)
     views, classes, params = recipe.views_per_sample, teacher.num_classes, len(view_param_fields(recipe))
     features = {feature.module: feature.shape for feature in writer.plan.features}
-    by_module = {module: name for name, module in teacher.feature_modules.items()}
     loader = DataLoader(
         ViewDataset(source, recipe),
         batch_sampler=RangeBatches([(e, start, stop) for e, _, start, stop in units], num_samples, spec.batch_size),
@@ -195,7 +192,7 @@ def _compute(spec: CacheSpec, source: Source, teacher: Teacher, writer: ArchiveW
                 feature_buffers = {module: np.empty((stop - start, views, *shape), dtype=np.float32)
                                    for module, shape in features.items()}
             count = len(batch["index"])
-            logits, outputs = teacher.with_features(batch["views"].flatten(0, 1))
+            logits, outputs = _module_outputs(teacher, batch["views"].flatten(0, 1))
             logits = logits.cpu().view(count, views, classes)
             if not torch.isfinite(logits).all():
                 bad = int(batch["index"][(~torch.isfinite(logits)).flatten(1).any(1)][0])
@@ -203,12 +200,12 @@ def _compute(spec: CacheSpec, source: Source, teacher: Teacher, writer: ArchiveW
                     f"the teacher gave NaN or Inf logits for sample {bad} in epoch {epoch}; "
                     "check its weights and input normalisation (nothing was stored for this shard)"
                 )
-            _check_finite(outputs, batch["index"], epoch, views)
+            _check_finite(outputs, batch["index"], epoch)
             rows = slice(int(batch["position"][0]) - start, int(batch["position"][-1]) - start + 1)
             logits_buffer[rows] = logits.float().numpy()
             params_buffer[rows] = batch["params"].numpy()
             for module, buffer in feature_buffers.items():
-                buffer[rows] = outputs[by_module[module]].cpu().view(count, views, *features[module]).numpy()
+                buffer[rows] = outputs[module].cpu().view(count, views, *features[module]).numpy()
             if rows.stop == stop - start:
                 if stored is not None:
                     stored.result()  # raises the store's error, if any
@@ -219,12 +216,18 @@ def _compute(spec: CacheSpec, source: Source, teacher: Teacher, writer: ArchiveW
             stored.result()
 
 
-def _check_finite(outputs: dict[str, torch.Tensor], samples: torch.Tensor, epoch: int, views: int) -> None:
-    """Refuse NaN or Inf in a feature output, naming the first sample that has one (as the
-    logits' check does): nothing of that shard is stored."""
+def _module_outputs(teacher: Teacher, views: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """`Teacher.with_features`, with the feature outputs keyed by the module each name
+    means (as the archive records them: a timm feature_info index resolved)."""
+    outputs, features = teacher.with_features(views)
+    return outputs, {teacher.feature_modules[name]: values for name, values in features.items()}
+
+
+def _check_finite(outputs: dict[str, torch.Tensor], samples: torch.Tensor, epoch: int) -> None:
+    """Refuse NaN or Inf in a feature output (rows: `samples`' views in order), naming the
+    first sample that has one (as the logits' check does): nothing of that shard is stored."""
     for name, values in outputs.items():
-        bad = ~torch.isfinite(values.reshape(len(samples), -1)) if views == 1 else \
-            ~torch.isfinite(values.reshape(len(samples), views, -1).flatten(1))
+        bad = ~torch.isfinite(values.reshape(len(samples), -1))
         if bad.any():
             sample = int(samples[bad.any(1).cpu()][0])
             raise ModelError(f"the teacher's module {name!r} gave NaN or Inf for sample {sample} in epoch {epoch}; "
