@@ -349,8 +349,11 @@ def cache_teacher_command(
     """
     from pipeline import distributed
     from pipeline.cache import cache_recipe, cache_teacher
+    from pipeline.detection import is_detection_data
 
     main_output, embedding_layer, features = _outputs(outputs, embedding_layer)
+    if is_detection_data(data):
+        main_output = "features"  # a detector teacher's neck
     teacher_spec = _teacher_model(teacher, main_output, {"--weights": weights, "--pretrained": pretrained,
                                                      "--num-classes": num_classes, "--mean": mean, "--std": std}) \
         or _model_spec(teacher, num_classes, weights, mean, std, pretrained)
@@ -359,7 +362,7 @@ def cache_teacher_command(
         views_per_sample=views_per_sample, seed=seed, mixup=mixup, mix_alpha=mix_alpha,
         randaugment=randaugment, randaugment_ops=randaugment_ops, random_erase=random_erase,
     )
-    recipe = cache_recipe(teacher_spec, options, teacher_name, out, parse_storage_options(storage_option))
+    recipe = cache_recipe(teacher_spec, options, teacher_name, out, parse_storage_options(storage_option), data)
     spec = CacheSpec(
         data=data, teacher=teacher_spec, out=out, recipe=recipe,
         codec=codec, format=format, storage_options=parse_storage_options(storage_option), positions_per_shard=shard_size, batch_size=batch_size, workers=workers, overwrite=overwrite,
@@ -404,6 +407,7 @@ def train_student_command(
     loss: Annotated[str, typer.Option(help="Distillation loss: kd (Hinton), dkd (decoupled KD), dist (DIST), ls (logit standardisation + KD), mse (on logits), alpha (AlphaNet's adaptive alpha-divergence), or seed (SEED, on an archive of embeddings).")] = "kd",
     loss_option: Annotated[Optional[list[str]], typer.Option(help="A loss hyper-parameter KEY=VALUE (repeatable): dkd alpha, beta; dist beta, gamma; alpha alpha_min, alpha_max, clip; seed queue, teacher_temperature, student_temperature.")] = None,
     feature: Annotated[Optional[list[str]], typer.Option(metavar=FEATURE_SYNTAX, help="Online, or cached from an archive of the teacher's feature outputs (cache-teacher --outputs): add a feature-distillation term (repeatable): the feature loss hint (FitNets), at (attention transfer), sp (similarity-preserving) or rkd (relational) between the outputs of a module of the teacher and one of the student (named as named_modules() names them; the student's is the teacher's by default), times WEIGHT (default 1); loss options KEY=VALUE: at p; rkd distance_weight, angle_weight.")] = None,
+    neck_weight: Annotated[float, typer.Option(help="A detector student (COCO --data): weight of the neck-feature term (MTPD: the mean squared error between each level of the teacher's neck and the student's, through a 1 x 1 adapter, summed over levels) beside its own detection loss.")] = 1.0,
     temperature: Annotated[float, typer.Option(help="KD temperature T.")] = 1.0,
     alpha: Annotated[float, typer.Option(help="Weight of cross-entropy on labels (0 = pure function matching).")] = 0.0,
     init_seed: Annotated[int, typer.Option(help="Seed of the student's initialisation.")] = 0,
@@ -444,26 +448,36 @@ def train_student_command(
     with it.
     """
     from pipeline import distributed
+    from pipeline.detection import is_detection_data, train_detector
     from pipeline.train import train_student
 
     spec, recipe_options = _train_spec(ctx.params)
+    train = train_detector if is_detection_data(spec.data) else train_student
     with distributed.job() as ranks:
-        summary = train_student(spec, recipe_options, resume=resume, options=_given_options(ctx))
+        summary = train(spec, recipe_options, resume=resume, options=_given_options(ctx))
     if ranks.main:
         typer.echo(json.dumps(summary))
+
+
+def _taught(p: dict) -> str:
+    """What train-student's teacher teaches: a detector's neck features (detection data),
+    embeddings (--loss seed) or logits."""
+    from pipeline.detection import is_detection_data
+
+    return "features" if is_detection_data(p["data"]) else "embeddings" if p["loss"] == "seed" else "logits"
 
 
 def _train_spec(p: dict) -> tuple[TrainSpec, dict]:
     """train-student's TrainSpec and view-recipe options from its options `p` (by name)."""
     mode = p["mode"] if p["mode"] is not None else "cached" if p["cache"] else "online" if p["teacher"] else "supervised"
     teacher = _teacher_spec(p["teacher"], p["num_classes"], p["weights"], p["teacher_mean"], p["teacher_std"],
-                            p["teacher_pretrained"], "embeddings" if p["loss"] == "seed" else "logits")
+                            p["teacher_pretrained"], _taught(p))
     student = _model_spec(p["student"], p["num_classes"], p["student_weights"], p["mean"], p["std"],
                           p["student_pretrained"])
     same = ("data", "out", "cache", "local_cache", "val", "epochs", "cycle_epochs", "batch_size", "optimizer", "lr",
             "weight_decay", "momentum", "temperature", "alpha", "workers", "compile", "teacher_batch_size",
             "student_size", "loss", "combine", "probe_data", "precise_bn", "warmup_epochs", "label_smoothing", "ema",
-            "accumulate", "clip_norm")
+            "accumulate", "clip_norm", "neck_weight")
     spec = TrainSpec(
         **{name: p[name] for name in same}, student=student, mode=mode, teacher=teacher, seed=p["init_seed"],
         storage_options=parse_storage_options(p["storage_option"]), loss_options=_loss_options(p["loss_option"]),
@@ -553,7 +567,9 @@ def eval_command(
 ) -> None:
     """Evaluate a model (a teacher, or a kdpipe student: --model RUN_DIR) on labelled
     images with the standard evaluation view: top-1, top-5 and per-class accuracy, and
-    with --teacher the agreement with it and KL(teacher || model)."""
+    with --teacher the agreement with it and KL(teacher || model). A detector on COCO
+    data (--data coco:ANNOTATIONS.json): COCO mAP, AP50 and AP75 on the whole images."""
+    from pipeline.detection import evaluate_detector, format_detection_eval, is_detection_data
     from pipeline.evaluation import EvalSpec, evaluate_model, format_eval
 
     if teacher is None and (teacher_weights or teacher_pretrained or teacher_size):
@@ -569,11 +585,16 @@ def eval_command(
         size=size, crop_pct=crop_pct, interpolation=interpolation, resize=eval_resize, teacher_size=teacher_size,
         batch_size=batch_size, workers=workers,
     )
-    report = evaluate_model(spec)
+    if is_detection_data(data):
+        if teacher is not None:
+            raise ConfigError("--teacher compares classifiers; evaluate each detector on its own")
+        report = evaluate_detector(spec.model, data, size, batch_size)
+    else:
+        report = evaluate_model(spec)
     if out:
         with open(out, "w") as file:
             json.dump(report, file, indent=1)
-    typer.echo(json.dumps(report, indent=1) if as_json else format_eval(report))
+    typer.echo(json.dumps(report, indent=1) if as_json else (format_detection_eval if "map" in report else format_eval)(report))
 
 
 def _student_path(option: str, name: str, model_options: dict[str, object]) -> str | None:
@@ -681,12 +702,18 @@ def report_command(
 def quickstart_command(
     out: Annotated[str, typer.Option(help="Folder for the data, archive, runs and summary.json.")] = "kdpipe-quickstart",
     seeds: Annotated[int, typer.Option(help="Student seeds per mode; figures are means over them.")] = 1,
+    task: Annotated[str, typer.Option(help="classification (digits) or detection (digits pasted on photographs, COCO format).")] = "classification",
 ) -> None:
     """Distil on scikit-learn's bundled digits: train a teacher, cache it, and train the
-    same student supervised, online and cached, with labels for only a few images."""
-    from pipeline.quickstart import run_quickstart
+    same student supervised, online and cached, with labels for only a few images. With
+    --task detection: digits pasted on scikit-learn's sample photographs, a detector
+    student trained alone and distilled MTPD-style from one cached teacher (and online)
+    and progressively from two; COCO mAP of each."""
+    from pipeline.quickstart import run_detection_quickstart, run_quickstart
 
-    run_quickstart(out, seeds=seeds)
+    if task not in ("classification", "detection"):
+        raise ConfigError(f"--task must be classification or detection, got {task!r}")
+    (run_detection_quickstart if task == "detection" else run_quickstart)(out, seeds=seeds)
 
 
 @app.command("order-teachers")

@@ -24,6 +24,7 @@ import torch
 from .config import ModelSpec
 from .data import Source, ViewDataset, open_source
 from .errors import ArchiveError, ModelError
+from .detection import NeckTeacher
 from .models import Teacher, with_num_classes
 from .store import (INT8_LEVELS, LOGPROB_STEP, ArchiveReader, Location, TopKCodec, UnfinishedArchive, added_teachers,
                     check_archive_matches, read_manifest, unfinished_archive, verify_objects)
@@ -75,6 +76,8 @@ def inspect_archive(url: str, storage_options: dict | None = None, local_cache: 
         report["added_teachers"] = added
     if teacher.outputs == "embeddings":
         report["teacher"]["outputs"] = f"embeddings of layer {teacher.embedding_layer or '(penultimate)'}"
+    elif teacher.outputs == "features":
+        report["teacher"]["outputs"] = "a detector's neck features alone (no logits)"
     elif stats:  # agreement and entropy describe logits, not embeddings
         report["stats"] = _logit_stats(reader)
     return report
@@ -188,7 +191,9 @@ def _recompute(reader: ArchiveReader, teacher_spec: ModelSpec, data: str, count:
     check_archive_matches(manifest, str(reader.location), dataset__fingerprint=source.describe()["fingerprint"])
     recipe = manifest.recipe
     modules = tuple(reader.features)
-    teacher = Teacher(with_num_classes(teacher_spec, source.classes, "teacher"), recipe.size, features=modules)
+    detector = manifest.teacher.outputs == "features"
+    teacher = NeckTeacher(teacher_spec, manifest.teacher.num_classes, recipe.size) if detector else \
+        Teacher(with_num_classes(teacher_spec, source.classes, "teacher"), recipe.size, features=modules)
     check_archive_matches(manifest, str(reader.location), teacher__fingerprint=teacher.fingerprint_for(manifest.teacher))
     dataset = ViewDataset(source, recipe)
     rng = np.random.default_rng(seed)
@@ -212,6 +217,8 @@ def _recompute(reader: ArchiveReader, teacher_spec: ModelSpec, data: str, count:
             if error > DENSE_RELATIVE_TOLERANCE + (1 / INT8_LEVELS if reader.features[module].dtype == "int8" else 0):
                 problems.append(f"epoch {epoch}, position {position} (sample {sample['index']}): the stored feature "
                                 f"output of module {module!r} differs from the teacher's by {error:.4g} (relative)")
+        if detector:
+            continue  # its archive holds the neck's maps alone
         if topk:
             indices = torch.from_numpy(fields["topk_indices"][0].astype(np.int64))
             stored = torch.from_numpy(reader.codec.stored_log_probs(fields)[0])
@@ -232,9 +239,9 @@ def _recompute(reader: ArchiveReader, teacher_spec: ModelSpec, data: str, count:
                 f"epoch {epoch}, position {position} (sample {sample['index']}): stored logits differ from the "
                 f"teacher's by {abs_error:.4g} (relative {rel_error:.4g})"
             )
+    compared = "neck features" if detector else "log-probabilities of the stored classes" if topk else "logits"
     report = {"views": len(picks) * recipe.views_per_sample, "samples": len(picks),
-              "max_abs_error": worst_abs, "max_rel_error": worst_rel,
-              "compared": "log-probabilities of the stored classes" if topk else "logits"}
+              "max_abs_error": worst_abs, "max_rel_error": worst_rel, "compared": compared}
     return report | ({"features_max_rel_error": worst_feature} if worst_feature else {})
 
 

@@ -17,13 +17,16 @@ from . import distributed
 from .config import MAIN_TEACHER, CacheSpec, ModelSpec, ViewRecipe, absolute_path, check_teacher_name
 from .data import RangeBatches, Source, ViewDataset, content_digests, open_source
 from .deploy import view_defaults
+from .detection import (BACKGROUND, DETECTION_SIZE, NECK, NeckTeacher, detection_classes, detection_options, is_detection,
+                        is_detection_data)
+from .detectors import refuse_detector
 from .errors import ArchiveError, ConfigError, ModelError
 from .host import keep_freed_memory, quiet_worker
 from .models import Teacher, with_num_classes
 from .progress import say, views_progress
-from .store import (ArchiveWriter, DatasetInfo, FeatureCodec, Location, Manifest, TeacherInfo, check_archive_matches,
-                    check_backend_name, check_codec_name, content_fingerprint, finished_archive_of, fit_projection,
-                    parse_codec, parse_output, projection_samples, read_manifest, teacher_archive)
+from .store import (ArchiveWriter, DatasetInfo, FeatureCodec, Location, Manifest, NoLogitsCodec, TeacherInfo,
+                    check_archive_matches, check_backend_name, check_codec_name, content_fingerprint, finished_archive_of,
+                    fit_projection, parse_codec, parse_output, projection_samples, read_manifest, teacher_archive)
 from .views import view_param_fields
 
 
@@ -47,11 +50,11 @@ def cache_teacher(spec: CacheSpec) -> dict:
     check_backend_name(spec.format)
     for module, name in map(parse_output, spec.features):
         FeatureCodec.from_name(module, name, shape=None)
-    if spec.features and spec.teacher_name != MAIN_TEACHER:
-        raise ConfigError("--outputs stores feature outputs of the archive's main teacher only (train-student "
-                          "--feature reads those): drop the feature outputs with --teacher-name")
     keep_freed_memory()
     source = open_source(spec.data)
+    if spec.features and spec.teacher_name != MAIN_TEACHER and not is_detection(source):
+        raise ConfigError("--outputs stores feature outputs of the archive's main teacher only (train-student "
+                          "--feature reads those): drop the feature outputs with --teacher-name")
     location = Location(spec.out, spec.storage_options)
     if not location.writable:
         raise ArchiveError(f"cannot write an archive to {spec.out}: http(s) is read-only; use a local path, s3:// or gs://")
@@ -95,21 +98,32 @@ def cache_teacher(spec: CacheSpec) -> dict:
     }
 
 
-def cache_recipe(teacher: ModelSpec, options: dict, teacher_name: str, out: str, storage_options: dict) -> ViewRecipe:
+def cache_recipe(teacher: ModelSpec, options: dict, teacher_name: str, out: str, storage_options: dict,
+                 data: str = "") -> ViewRecipe:
     """The view recipe to cache: for the archive's own teacher the options given, else
-    one epoch at the teacher's input size and interpolation; for a teacher added to the archive at `out`,
+    one epoch at the teacher's input size and interpolation (detection data: box-aware
+    views, `detection.detection_options`); for a teacher added to the archive at `out`,
     the archive's recipe, which options given must agree with."""
     check_teacher_name(teacher_name)
     if teacher_name == MAIN_TEACHER:
+        if is_detection_data(data):
+            return ViewRecipe.from_dict({"epochs": 1, "size": DETECTION_SIZE, "flip_prob": 0.5} | detection_options(options))
         return ViewRecipe.from_dict({"epochs": 1} | view_defaults(teacher) | options)
     manifest = read_manifest(Location(out, storage_options))
+    if manifest.recipe.detection is not None:
+        options = detection_options(options, manifest.recipe.detection)
     # through ViewRecipe, so an option given at its default (--random-erase 0) reads as the archive's JSON does
     check_archive_matches(manifest, out, recipe=ViewRecipe.from_dict(manifest.recipe.to_dict() | options).to_dict())
     return manifest.recipe
 
 
-def _plan(spec: CacheSpec, source: Source, digests: np.ndarray) -> tuple[Teacher, Manifest]:
+def _plan(spec: CacheSpec, source: Source, digests: np.ndarray) -> tuple[Teacher | NeckTeacher, Manifest]:
     """The teacher to run and the manifest-to-be of its archive."""
+    described = {key: value for key, value in source.describe().items() if key != "task"}  # the recipe says it
+    dataset = DatasetInfo.from_dict(described | {"content": content_fingerprint(digests)})
+    if is_detection(source):
+        return _detector_plan(spec, source, dataset)
+    refuse_detector(spec.teacher, "teacher")
     if spec.embedding_layer is None:
         classes = _teacher_classes(spec, source.classes)
         model = with_num_classes(spec.teacher, classes, "teacher")
@@ -122,9 +136,33 @@ def _plan(spec: CacheSpec, source: Source, digests: np.ndarray) -> tuple[Teacher
     teacher = Teacher(model, size=spec.recipe.size, embedding=spec.embedding_layer, features=tuple(outputs))
     codec = parse_codec(spec.codec, teacher.num_classes)
     described = TeacherInfo.from_dict(teacher.describe() | {"name": spec.teacher_name, "classes": classes})
-    dataset = DatasetInfo.from_dict(source.describe() | {"content": content_fingerprint(digests)})
     return teacher, Manifest.plan(spec.format, spec.recipe, described, dataset, codec, spec.positions_per_shard,
                                   features=_feature_codecs(teacher, outputs, spec.recipe.size))
+
+
+def _detector_plan(spec: CacheSpec, source: Source, dataset: DatasetInfo) -> tuple[NeckTeacher, Manifest]:
+    """A detector teacher and the plan of its archive: the neck's maps alone (codec
+    `none`), each level with the codec --outputs gives it (`neck=CODEC` for every level,
+    `neck.LEVEL=CODEC` for one), float16 by default."""
+    if spec.embedding_layer is not None or spec.teacher_classes is not None:
+        raise ConfigError("a detector teacher caches its neck features: --outputs embeddings and --teacher-classes "
+                          "are for classifiers")
+    classes = detection_classes(source)
+    if spec.teacher.num_classes not in (None, classes):
+        raise ConfigError(f"the teacher has {spec.teacher.num_classes} classes; a detector for the {classes - 1} "
+                          f"categories of {spec.data} has {classes} (the background is class 0): drop --num-classes")
+    teacher = NeckTeacher(replace(spec.teacher, num_classes=classes), classes, spec.recipe.size)
+    given = dict(map(parse_output, spec.features))
+    unknown = [name for name in given if name != NECK and name not in teacher.feature_modules]
+    if unknown:
+        raise ConfigError(f"--outputs {unknown[0]}: the teacher's neck gives {', '.join(teacher.feature_modules)} "
+                          f"(or name them all: {NECK}=CODEC)")
+    outputs = {name: given.get(name, given.get(NECK)) for name in teacher.feature_modules}
+    codecs = tuple(FeatureCodec.from_name(name, codec or "fp16", teacher.shapes[name]) for name, codec in outputs.items())
+    described = TeacherInfo.from_dict(teacher.describe() | {"name": spec.teacher_name,
+                                                            "classes": [BACKGROUND, *source.classes]})
+    return teacher, Manifest.plan(spec.format, spec.recipe, described, dataset, NoLogitsCodec(), spec.positions_per_shard,
+                                  features=codecs)
 
 
 def _feature_codecs(teacher: Teacher, outputs: dict[str, str], size: int) -> tuple[FeatureCodec, ...]:
@@ -170,7 +208,8 @@ def _compute(spec: CacheSpec, source: Source, teacher: Teacher, writer: ArchiveW
     each shard whole. A finished shard is encoded and written on a thread while the
     teacher computes the next one; at most one shard is in flight, so commits stay in order."""
     recipe, num_samples = spec.recipe, len(source)
-    views, classes, params = recipe.views_per_sample, teacher.num_classes, len(view_param_fields(recipe))
+    views, params = recipe.views_per_sample, len(view_param_fields(recipe))
+    classes = 0 if writer.plan.teacher.outputs == "features" else teacher.num_classes  # a detector's: no logits
     features = {feature.module: feature.shape for feature in writer.plan.features}
     loader = DataLoader(
         ViewDataset(source, recipe),

@@ -158,6 +158,27 @@ def check_randaugment(randaugment: Any) -> None:
             raise ConfigError(f"--randaugment-ops has no op {name!r}{hint} (ops: {', '.join(RANDAUGMENT_OPS)})")
 
 
+DETECTION_DEFAULTS = {"scale": (0.5, 1.5), "min_visible": 0.3}  # the CLI's detection views
+MAX_DETECTION_ZOOM = 10  # a detection view's zoom: beyond this a typo, and the window a few pixels
+
+
+def check_detection(detection: Any) -> dict:
+    """Refuse a detection setting that is not {"scale": [lo, hi], "min_visible": f} with a
+    zoom range 0 < lo <= hi <= MAX_DETECTION_ZOOM and a visible share f in [0, 1]; return
+    it with `scale` as a tuple, so a recipe read back from JSON equals the one written."""
+    if not isinstance(detection, dict) or set(detection) != {"scale", "min_visible"}:
+        raise ConfigError(f"detection must be {{'scale': [LO, HI], 'min_visible': F}}, got {detection!r}")
+    scale = detection["scale"]
+    if not isinstance(scale, (list, tuple)) or len(scale) != 2:
+        raise ConfigError(f"--scale of detection views needs two zooms LO,HI, got {scale!r}")
+    for value in scale:
+        check_number("--scale (a detection view's zoom)", value, 0, MAX_DETECTION_ZOOM, above=True)
+    if scale[0] > scale[1]:
+        raise ConfigError(f"--scale of detection views must satisfy 0 < LO <= HI <= {MAX_DETECTION_ZOOM}, got {tuple(scale)}")
+    check_number("detection min_visible (a share of a box's area)", detection["min_visible"], 0, 1)
+    return {"scale": tuple(scale), "min_visible": detection["min_visible"]}
+
+
 @dataclass(frozen=True)
 class ViewRecipe:
     """How the stream of augmented views is drawn. Every view is a pure function of
@@ -179,6 +200,14 @@ class ViewRecipe:
     Both are drawn per view and recorded with its parameters, so the teacher sees what
     the student replays; off by default, and then left out of `to_dict`, so recipes
     without them keep the JSON and fingerprints they had before kdpipe knew them.
+
+    `detection`, when set, is {"scale": (LO, HI), "min_visible": F} (DETECTION_DEFAULTS):
+    views are then box-aware windows instead of inception crops (`views.sample_view`), the
+    image zoomed by a factor in [LO, HI] (1: its longer side fills the view) and never
+    stretched; a box stays when at least F of its area is still in view (`views.view_boxes`).
+    `scale` and `ratio` are then unused. Mixing, RandAugment and erasing move or blend
+    pixels without the boxes, so a detection recipe has none of them. Left out of
+    `to_dict` when None, as the augmentations that are off.
     """
 
     size: int = 32
@@ -193,6 +222,7 @@ class ViewRecipe:
     interpolation: str = "bilinear"
     randaugment: dict | None = None
     random_erase: float = 0.0
+    detection: dict | None = None
 
     def __post_init__(self):
         check_number("--size", self.size, 1, MAX_VIEW_SIZE)
@@ -220,12 +250,23 @@ class ViewRecipe:
                 raise ConfigError(f"mixing must be one of {', '.join(MIX_MODES)}, got {self.mixup}")
             if not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha < 0:
                 raise ConfigError(f"--mix-alpha must be 0 (lam uniform) or positive (Beta(alpha, alpha)), got {alpha}")
+        if self.detection is not None:
+            object.__setattr__(self, "detection", check_detection(self.detection))  # frozen: normalised once, here
+            self._check_detection_augmentations()
+
+    def _check_detection_augmentations(self) -> None:
+        """Refuse, with detection views, an augmentation that would move or blend pixels
+        without moving the boxes: the targets would no longer match the image."""
+        for option, on in (("--mixup", self.mixup is not None), ("--randaugment", self.randaugment is not None),
+                           ("--random-erase", self.random_erase > 0)):
+            if on:
+                raise ConfigError(f"detection views cannot use {option}: it changes pixels without their boxes; drop {option}")
 
     def to_dict(self) -> dict[str, Any]:
         """The recipe's JSON form. Augmentations that are off are left out, as in the
         archives made before kdpipe had them; from_dict reads them back as off."""
         data = dataclasses.asdict(self)
-        for name, off in (("randaugment", None), ("random_erase", 0.0)):
+        for name, off in (("randaugment", None), ("random_erase", 0.0), ("detection", None)):
             if data[name] == off:
                 del data[name]
         return data
@@ -439,6 +480,7 @@ class TrainSpec:
     accumulate: int = 1  # batches whose gradients are summed into one optimizer step
     clip_norm: float = 1.0  # the gradient norm is clipped to this; 0: no clipping
     features: tuple[FeatureSpec, ...] = ()  # feature-distillation terms added to the loss (online or cached)
+    neck_weight: float = 1.0  # a detector student: weight of the neck-feature term (MTPD) while a teacher teaches
 
     def __post_init__(self):
         self._check_features()
@@ -481,6 +523,7 @@ class TrainSpec:
         check_number("--momentum", self.momentum, 0, 1, below=True)
         check_number("--temperature", self.temperature)
         check_number("--alpha", self.alpha)
+        check_number("--neck-weight", self.neck_weight, 0)
         check_number("--init-seed", self.seed, 0)
         check_number("--precise-bn", self.precise_bn, 0)
         check_number("--warmup-epochs", self.warmup_epochs, 0)

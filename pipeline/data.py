@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from .coco import CocoDetection
 from .config import UNLABELLED, ViewRecipe, absolute_path, fingerprint
 from .distributed import Ranks
 from .errors import DataError
@@ -161,8 +162,9 @@ class SyntheticImages(Source):
 
 
 def open_source(spec: str) -> Source:
-    """Open `synthetic:NUM_SAMPLES:NUM_CLASSES[:SIZE]`, a label file, WebDataset shards, a
-    Hugging Face dataset (see `sources.open_listed`) or an image folder path."""
+    """Open `synthetic:NUM_SAMPLES:NUM_CLASSES[:SIZE]`, COCO detection data
+    (`coco:ANNOTATIONS.json[?images=FOLDER]`, see `coco.CocoDetection`), a label file,
+    WebDataset shards, a Hugging Face dataset (see `sources.open_listed`) or an image folder path."""
     if spec.startswith("synthetic:"):
         try:
             numbers = [int(part) for part in spec.split(":")[1:]]
@@ -171,6 +173,8 @@ def open_source(spec: str) -> Source:
         if len(numbers) not in (2, 3):
             raise DataError(f"bad synthetic source {spec!r}; write synthetic:NUM_SAMPLES:NUM_CLASSES[:SIZE]")
         return SyntheticImages(*numbers)
+    if spec.startswith("coco:"):
+        return CocoDetection(spec)
     return open_listed(spec) or ImageFolder(spec)
 
 

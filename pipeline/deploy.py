@@ -37,7 +37,7 @@ from .rundir import CONFIG, SUMMARY, WEIGHTS
 from .store import write_local_atomic
 
 STUDENT_FORMAT = "kdpipe.student/1"  # the "format" of a student file, which `train.student_file` writes
-OUTPUTS = ("logits", "embeddings")  # what a student gives: class logits, or a SEED student's embedding
+OUTPUTS = ("logits", "embeddings", "detections")  # what a student gives: class logits, a SEED student's embedding, or boxes
 EXPORT_FORMATS = ("torchscript", "onnx")
 EXPORT_FORMAT = "kdpipe.export/1"  # the "format" of an exported model's metadata
 METADATA = "kdpipe.json"  # where an exported model carries its description
@@ -59,7 +59,10 @@ class StudentFile:
     preprocessing: Preprocessing
 
     def require_logits(self, task: str) -> None:
-        """Refuse a SEED student, which outputs embeddings, for a task that needs class logits."""
+        """Refuse a SEED student, which outputs embeddings, or a detector for a task that needs class logits."""
+        if self.outputs == "detections":
+            raise ModelError(f"{self.path} holds a detector: it gives boxes, not class logits, so it cannot {task} "
+                             "(kdpipe eval scores it on COCO data: --data coco:ANNOTATIONS.json)")
         if self.outputs != "logits":
             raise ModelError(f"{self.path} holds a SEED student: it outputs embeddings, not class logits, so it "
                              f"cannot {task} (train-student scored it with a linear probe; export still works)")
@@ -152,6 +155,8 @@ def student_teacher(path: str | Path, outputs: str = "logits") -> ModelSpec:
     student = read_student(path)
     if outputs == "logits":
         student.require_logits("teach class logits")
+    elif outputs == "features" and student.outputs != "detections":
+        raise ModelError(f"{student.path} holds a classifier; a detector teaches detection data (neck features)")
     return replace(student.spec, weights=str(student.path.resolve()))
 
 

@@ -6,13 +6,17 @@ figures compare with published ones. `classification_metrics` turns logits into 
 top-5 and per-class accuracy, and, given a teacher's logits on the same images, the
 student's top-1 agreement with the teacher and the mean KL(teacher || student) at
 temperature 1 (big_vision's distillation evaluators). `evaluate_model` is `kdpipe eval`.
+`detection_metrics` scores a detector's boxes the COCO way.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -190,3 +194,55 @@ def format_eval(report: dict[str, Any]) -> str:
     lines.append("  per class: " + ", ".join(f"{name} {'-' if value is None else f'{value:.1f}%'}"
                                              for name, value in report["per_class"].items()))
     return "\n".join(lines)
+
+
+def detection_metrics(predictions: list[dict[str, Any]], targets: list[dict[str, Any]]) -> dict[str, float]:
+    """COCO's box mAP in percent, by pycocotools: "map" (averaged over IoU 0.50:0.95),
+    "map_50" and "map_75", of per-image `predictions` (boxes x0, y0, x1, y1, scores,
+    labels) against `targets` (boxes, labels, optionally `crowd`: True for a crowd box,
+    which may be matched but is never missed), numpy arrays or tensors, one entry per
+    image in both. As COCO does, a category counts only where the targets have it, and an
+    image's 100 best-scoring detections only. Without any target box (crowds aside) the
+    figures are undefined: nan."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    if len(predictions) != len(targets):
+        raise ValueError(f"{len(predictions)} images have predictions but {len(targets)} have targets")
+
+    def array(value: Any) -> np.ndarray:
+        return value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+
+    def annotations(entries: list[dict[str, Any]], detected: bool) -> list[dict[str, Any]]:
+        found = []  # ids from 1: pycocotools takes id 0 for "unmatched"
+        for image, entry in enumerate(entries, start=1):
+            labels = array(entry["labels"]).reshape(-1)
+            crowd = array(entry.get("crowd", np.zeros(len(labels), dtype=bool))).reshape(-1)
+            scores = array(entry["scores"]).reshape(-1) if detected else None
+            for i, (x0, y0, x1, y1) in enumerate(array(entry["boxes"]).reshape(-1, 4).tolist()):
+                width, height = x1 - x0, y1 - y0
+                found.append({"id": len(found) + 1, "image_id": image, "category_id": int(labels[i]),
+                              "bbox": [x0, y0, width, height], "area": width * height, "iscrowd": int(crowd[i])})
+                if detected:
+                    found[-1]["score"] = float(scores[i])
+        return found
+
+    truth, detections = annotations(targets, detected=False), annotations(predictions, detected=True)
+    nan = {"map": float("nan"), "map_50": float("nan"), "map_75": float("nan")}
+    if not truth:
+        return nan
+    images = [{"id": image} for image in range(1, len(targets) + 1)]
+    categories = [{"id": c} for c in sorted({a["category_id"] for a in truth + detections})]
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
+        coco_truth, coco_detections = COCO(), COCO()
+        coco_truth.dataset = {"images": images, "annotations": truth, "categories": categories}
+        coco_detections.dataset = {"images": images, "annotations": detections, "categories": categories}
+        coco_truth.createIndex()
+        coco_detections.createIndex()
+        scoring = COCOeval(coco_truth, coco_detections, "bbox")
+        scoring.evaluate()
+        scoring.accumulate()
+        scoring.summarize()
+    # stats: AP at IoU 0.50:0.95, 0.50, 0.75 over all areas, 100 detections; -1 where no box counts
+    return {key: float(100.0 * stat) if stat >= 0 else value
+            for (key, value), stat in zip(nan.items(), scoring.stats[:3])}

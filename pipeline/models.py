@@ -76,8 +76,8 @@ class Normalized(nn.Module):
         return self.net((x - self.mean) / self.std)
 
 
-def _conv_block(cin: int, cout: int) -> list[nn.Module]:
-    return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+def _conv_block(cin: int, cout: int, stride: int = 1) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, 3, stride, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
 
 def small_cnn(num_classes: int, width: int = 32) -> nn.Module:
@@ -214,12 +214,20 @@ def _torchvision_weights(spec: ModelSpec):
     _, name = _split_name(spec.name)
     if name not in torchvision.models.list_models(module=torchvision.models):
         raise ModelError(f"unknown torchvision classification model {name!r}; see torchvision.models.list_models()")
-    if spec.pretrained is None:
+    return _weights_member(name, spec.pretrained)
+
+
+def _weights_member(name: str, pretrained: str | None):
+    """The member `pretrained` names ("default" for DEFAULT) of the weights enum of the
+    torchvision model `name` (None without it); refuses an unknown one, listing them."""
+    import torchvision
+
+    if pretrained is None:
         return None
     members = torchvision.models.get_model_weights(name).__members__
-    member = "DEFAULT" if spec.pretrained.lower() == "default" else spec.pretrained
+    member = "DEFAULT" if pretrained.lower() == "default" else pretrained
     if member not in members:
-        raise ModelError(f"torchvision {name} has no weights {spec.pretrained!r}; choose one of {', '.join(members)}")
+        raise ModelError(f"torchvision {name} has no weights {pretrained!r}; choose one of {', '.join(members)}")
     return members[member]
 
 
@@ -234,6 +242,18 @@ def _create_torchvision(spec: ModelSpec, num_classes: int) -> nn.Module:
     weights = _torchvision_weights(spec)
     if weights is None:
         return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    net = _pretrained_torchvision(name, weights)
+    classes = len(weights.meta["categories"])
+    if classes != num_classes:
+        _replace_head(spec.name, net, classes, num_classes)
+    return net
+
+
+def _pretrained_torchvision(name: str, weights) -> nn.Module:
+    """torchvision's model `name` built by torchvision with `weights`, their file read from
+    $TORCH_HOME/hub/checkpoints, or downloaded there first."""
+    import torchvision
+
     folder = os.path.join(torch.hub.get_dir(), "checkpoints")
     file = os.path.basename(urllib.parse.urlparse(weights.url).path)
     if not os.path.isfile(os.path.join(folder, file)):  # downloaded here, where torchvision looks, without its chatter
@@ -251,9 +271,6 @@ def _create_torchvision(spec: ModelSpec, num_classes: int) -> nn.Module:
     except Exception as exc:  # noqa: BLE001 - a damaged file raises what torch.load raises
         raise ModelError(f"cannot read the weights {weights} from {os.path.join(folder, file)} ({_first_line(exc)}); "
                          "delete that file so that it is downloaded again, or put a good copy there") from None
-    classes = len(weights.meta["categories"])
-    if classes != num_classes:
-        _replace_head(spec.name, net, classes, num_classes)
     return net
 
 

@@ -9,7 +9,10 @@ stops when the student itself adapts to the current teacher at least as cheaply 
 candidate left (a further stepping stone would not help). The adaptation cost from
 model A to model B is the held-out error of a linear map fitted from A's outputs to
 B's on the same views, as a share of B's variance (0: B is a linear function of A;
-1: A says nothing about B).
+1: A says nothing about B). A model's outputs are its logits, or for detectors (the
+paper's setting) its neck's maps, each level average-pooled to 2 x 2: the cost is then
+that of adapting one neck to another, which is what MTPD's feature matching asks of the
+student (the paper ranks teachers by a representation similarity of the same maps).
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from torch.utils.data import DataLoader
 from .config import MAIN_TEACHER, ModelSpec
 from .data import RangeBatches, ViewDataset, open_source
 from .errors import ConfigError
+from .detection import detection_classes
+from .detectors import build_detector
 from .models import build_model, output_classes, with_num_classes
 from .store import ArchiveReader, Location, added_teachers, read_manifest, teacher_archive
 
@@ -65,6 +70,24 @@ def backward_greedy_order(table: dict[str, dict[str, float]], target: str) -> li
     return [(name, table[source][name]) for source, name in zip([STUDENT, *chain[:-1]], chain)]
 
 
+NECK_POOL = 2  # a detector's neck levels are compared average-pooled to 2 x 2 each
+
+
+def pooled_maps(maps: dict[str, np.ndarray]) -> np.ndarray:
+    """(views, features): each (views, C, H, W) map average-pooled to NECK_POOL x NECK_POOL
+    (adaptive pooling's bins), flattened, the levels side by side."""
+    pool = torch.nn.AdaptiveAvgPool2d(NECK_POOL)
+    return np.concatenate([pool(torch.from_numpy(value).float()).flatten(1).numpy() for value in maps.values()], axis=1)
+
+
+def _pooled_neck(reader: ArchiveReader, count: int) -> np.ndarray:
+    """A detector teacher's pooled neck maps (`pooled_maps`) for the views of the first
+    `count` positions of epoch 0."""
+    fields = reader.read_fields(0, 0, count)
+    return pooled_maps({module: reader.decode_feature(module, fields).reshape(-1, *feature.decoded_shape)
+                        for module, feature in reader.features.items()})
+
+
 def order_teachers(
     data: str, cache: str, student: ModelSpec, teachers: tuple[str, ...] | None = None, samples: int = 512,
     storage_options: dict | None = None, epochs: int | None = None, target: str = MAIN_TEACHER,
@@ -83,22 +106,32 @@ def order_teachers(
     if len(names) < 2:
         raise ConfigError(f"archive {cache} has one teacher ({names[0]}); add others with cache-teacher --teacher-name")
     readers = {name: ArchiveReader(teacher_archive(cache, name), storage_options) for name in names}
-    for reader in readers.values():
-        reader.read_only_features(())  # the order is the logits': feature maps are neither fetched nor decoded
     main = next(iter(readers.values())).manifest
+    detectors = main.teacher.outputs == "features"
+    for reader in readers.values():
+        # a classifier's order is its logits': feature maps are neither fetched nor decoded
+        reader.read_only_features(tuple(reader.features) if detectors else ())
     source = open_source(data)
     count = min(samples, main.layout.num_samples)
     if count < 8:
         raise ConfigError(f"--samples must be at least 8 to fit and score the maps, got {count}")
-    outputs = {name: reader.read(0, 0, count)[0].reshape(count * main.layout.views_per_sample, -1)
-               for name, reader in readers.items()}
     recipe = main.recipe
-    model = build_model(with_num_classes(student, source.classes, "student") if student.num_classes is None
-                        else student).eval()
-    output_classes(model, recipe.size, "student")  # logits it gives, or one clear line
     loader = DataLoader(ViewDataset(source, recipe), batch_sampler=RangeBatches([(0, 0, count)], len(source), 64))
-    with torch.inference_mode():
-        student_outputs = np.concatenate([model(batch["views"].flatten(0, 1)).float().numpy() for batch in loader])
+    if detectors:
+        outputs = {name: _pooled_neck(reader, count) for name, reader in readers.items()}
+        model = build_detector(student, detection_classes(source), recipe.size).eval()
+        with torch.inference_mode():
+            student_outputs = np.concatenate([pooled_maps({level: value.numpy() for level, value in
+                                                           model.neck(batch["views"].flatten(0, 1)).items()})
+                                              for batch in loader])
+    else:
+        outputs = {name: reader.read(0, 0, count)[0].reshape(count * main.layout.views_per_sample, -1)
+                   for name, reader in readers.items()}
+        model = build_model(with_num_classes(student, source.classes, "student") if student.num_classes is None
+                            else student).eval()
+        output_classes(model, recipe.size, "student")  # logits it gives, or one clear line
+        with torch.inference_mode():
+            student_outputs = np.concatenate([model(batch["views"].flatten(0, 1)).float().numpy() for batch in loader])
     split = int(round(count * (1 - HELD_OUT))) * recipe.views_per_sample  # whole samples on each side
     table = cost_table(outputs, student_outputs, split)
     order = backward_greedy_order(table, target)

@@ -18,7 +18,9 @@ import numpy as np
 from PIL import Image
 
 from .cache import cache_teacher
-from .config import CacheSpec, ModelSpec, TrainSpec, ViewRecipe
+from .coco import write_digit_scenes
+from .config import MAIN_TEACHER, CacheSpec, ModelSpec, TrainSpec, ViewRecipe
+from .detection import NECK, detection_options, train_detector
 from .errors import ConfigError
 from .progress import say
 from .report import write_report
@@ -87,11 +89,9 @@ def _entry(runs: list[dict], labels: int) -> dict:
     return entry
 
 
-def run_quickstart(out: str, seeds: int = 1) -> dict:
-    """Run the quickstart into `out`, print its table and return its summary."""
-    if seeds < 1:
-        raise ConfigError("--seeds must be at least 1")
-    started = time.perf_counter()
+def _fresh_folder(out: str) -> Path:
+    """The quickstart's folder, emptied: a folder it made before is replaced whole, any
+    other non-empty folder is refused (nothing of the user's is deleted)."""
     root = Path(out)
     if root.exists() and any(root.iterdir()):
         if not (root / MARKER).exists():
@@ -99,6 +99,15 @@ def run_quickstart(out: str, seeds: int = 1) -> dict:
         shutil.rmtree(root)
     root.mkdir(parents=True, exist_ok=True)
     (root / MARKER).write_text("made by kdpipe quickstart; the whole folder is replaced when it runs again\n")
+    return root
+
+
+def run_quickstart(out: str, seeds: int = 1) -> dict:
+    """Run the quickstart into `out`, print its table and return its summary."""
+    if seeds < 1:
+        raise ConfigError("--seeds must be at least 1")
+    started = time.perf_counter()
+    root = _fresh_folder(out)
     folders = materialise_digits(root / "digits")
     num_labelled = sum(1 for _ in folders["labelled"].rglob("*.png"))
     num_train = sum(1 for _ in folders["train"].rglob("*.png"))
@@ -180,4 +189,107 @@ def format_table(summary: dict) -> str:
         f"student figures are means over {summary['cached']['seeds']} seed(s) (± standard deviation); "
         f"total {summary['wall_seconds']:.0f} s",
     ]
+    return "\n".join(lines)
+
+
+# The detection quickstart: digits pasted on real photographs (`coco.write_digit_scenes`).
+DETECTION_TEACHER, DETECTION_ASSISTANT, DETECTION_STUDENT = "kdpipe:det-small", "kdpipe:det-tiny", "kdpipe:det-tiny"
+DETECTION_IMAGES = {"train": 240, "val": 80}
+DETECTION_RECIPE = {"size": 96}
+DETECTION_EPOCHS = {"teacher": 20, "assistant": 10, "student": 8}
+DETECTION_BATCH, DETECTION_LR = 16, 5e-3
+
+
+def run_detection_quickstart(out: str, seeds: int = 1) -> dict:
+    """The detection quickstart into `out`: a teacher detector and a weaker assistant
+    trained on the boxes, their neck features cached (float32) for the student's views,
+    then the student detector trained alone, distilled from the teacher (cached, and
+    online for comparison) and progressively from the assistant then the teacher (MTPD);
+    prints the mAP table and returns the summary."""
+    if seeds < 1:
+        raise ConfigError("--seeds must be at least 1")
+    started = time.perf_counter()
+    root = _fresh_folder(out)
+    data = write_digit_scenes(root / "scenes", DETECTION_IMAGES["train"], DETECTION_IMAGES["val"])
+    train_data, val_data = f"coco:{data['train']}", f"coco:{data['val']}"
+    say(f"digit scenes: {DETECTION_IMAGES['train']} training and {DETECTION_IMAGES['val']} validation images "
+        f"({data['images']})")
+
+    def train(name: str, model: ModelSpec, mode: str, epochs: int, recipe: dict, **options) -> dict:
+        spec = TrainSpec(data=train_data, student=model, out=str(root / "runs" / name), mode=mode, val=val_data,
+                         epochs=epochs, lr=DETECTION_LR, batch_size=DETECTION_BATCH, workers=WORKERS, precise_bn=0,
+                         **options)
+        return train_detector(spec, recipe)
+
+    say("1/4 teachers: the teacher and its assistant, trained on the boxes")
+    epochs = DETECTION_EPOCHS["student"]
+    teachers = {"teacher": train("teacher", ModelSpec(DETECTION_TEACHER), "supervised", DETECTION_EPOCHS["teacher"],
+                                 DETECTION_RECIPE),
+                "assistant": train("assistant", ModelSpec(DETECTION_ASSISTANT), "supervised",
+                                   DETECTION_EPOCHS["assistant"], DETECTION_RECIPE, seed=1)}
+    models = {name: ModelSpec(model, weights=str(root / "runs" / name / "student.pt"))
+              for name, model in (("teacher", DETECTION_TEACHER), ("assistant", DETECTION_ASSISTANT))}
+    say("2/4 cache-teacher: both teachers' neck features (float32) for every view the students see")
+    archive = str(root / "teachers.zarr")
+    recipe = ViewRecipe.from_dict({"epochs": epochs, "flip_prob": 0.5}
+                                  | detection_options(DETECTION_RECIPE))
+    caches = {name: cache_teacher(CacheSpec(data=train_data, teacher=models[name], out=archive, recipe=recipe,
+                                            workers=WORKERS, teacher_name=archive_name, features=(f"{NECK}=fp32",)))
+              for name, archive_name in (("teacher", MAIN_TEACHER), ("assistant", "assistant"))}
+    student = ModelSpec(DETECTION_STUDENT)
+    half = epochs // 2
+    runs: dict[str, list[dict]] = {"alone": [], "online": [], "cached": [], "progressive": []}
+    for seed in range(seeds):
+        say(f"3/4 student seed {seed}: alone, and distilled from the teacher online")
+        runs["alone"].append(train(f"alone-seed{seed}", student, "supervised", epochs, DETECTION_RECIPE,
+                                   seed=seed))
+        runs["online"].append(train(f"online-seed{seed}", student, "online", epochs, DETECTION_RECIPE,
+                                    seed=seed, teacher=models["teacher"]))
+        say(f"4/4 student seed {seed}: distilled from the cache, from the teacher and progressively (MTPD)")
+        runs["cached"].append(train(f"cached-seed{seed}", student, "cached", epochs, {}, seed=seed,
+                                    cache=archive))
+        runs["progressive"].append(train(f"progressive-seed{seed}", student, "cached", epochs, {},
+                                         seed=seed, cache=archive, teachers=("assistant", MAIN_TEACHER),
+                                         schedule=(("assistant", half), (MAIN_TEACHER, epochs - half))))
+    summary = {
+        "setting": (f"detection: student {DETECTION_STUDENT}; teacher {DETECTION_TEACHER} "
+                    f"({DETECTION_EPOCHS['teacher']} epochs), assistant {DETECTION_ASSISTANT} "
+                    f"({DETECTION_EPOCHS['assistant']} epochs); every student trains {epochs} epochs "
+                    "on the boxes, the distilled ones also match a teacher's neck"),
+        **{name: _detection_entry([run]) for name, run in teachers.items()},
+        **{name: _detection_entry(found) for name, found in runs.items()},
+        "cache": {name: {"bytes": c["bytes"], "bytes_per_view": c["bytes_per_view"], "views": c["views"],
+                         "seconds": c["seconds"]} for name, c in caches.items()},
+        "wall_seconds": time.perf_counter() - started,
+    }
+    (root / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    print(format_detection_table(summary))
+    return summary
+
+
+DETECTION_ROWS = ("teacher", "assistant", "alone", "online", "cached", "progressive")
+
+
+def _detection_entry(runs: list[dict]) -> dict:
+    entry = {key: _mean(runs, key) for key in ("val_map", "val_map50", "val_map75", "wall_seconds")}
+    entry["seeds"] = len(runs)
+    if len(runs) > 1:
+        entry["val_map_per_seed"] = [run["val_map"] for run in runs]
+        entry["val_map_std"] = statistics.stdev(run["val_map"] for run in runs)
+    return entry
+
+
+def format_detection_table(summary: dict) -> str:
+    """The detection quickstart's result table, as plain text."""
+    lines = [f"setting: {summary['setting']}", "",
+             f"{'run':<13}{'val mAP':>16}{'AP50':>8}{'AP75':>8}{'wall s':>9}"]
+    for name in DETECTION_ROWS:
+        e = summary[name]
+        value = f"{e['val_map']:.2f}" + (f" ±{e['val_map_std']:.2f}" if "val_map_std" in e else "")
+        lines.append(f"{name:<13}{value:>16}{e['val_map50']:>8.2f}{e['val_map75']:>8.2f}{e['wall_seconds']:>9.1f}")
+    lines.append("")
+    for name, c in summary["cache"].items():
+        lines.append(f"cache ({name}): {c['views']:,} views, {c['bytes_per_view']:,.0f} bytes/view, {c['seconds']:.1f} s")
+    lines.append(f"student figures are means over {summary['cached']['seeds']} seed(s) (± standard deviation); "
+                 f"total {summary['wall_seconds']:.0f} s")
     return "\n".join(lines)

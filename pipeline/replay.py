@@ -24,12 +24,14 @@ from .errors import ArchiveMismatchError, ConfigError
 from .models import Teacher, with_num_classes
 from .progress import say
 from .store import ArchiveReader, check_archive_matches, teacher_archive
+from .views import ViewParams, view_boxes
 
 
 class ViewBatches(Dataset):
     """Item `[k, k+1, ...]` is the collated batch of those ViewDataset items: the views
     (samples, V, 3, size, size), their keys (epoch, position, index), labels and view
-    parameters."""
+    parameters; for a detection recipe also `targets`, the boxes each view shows
+    (`view_targets`)."""
 
     def __init__(self, views: ViewDataset):
         self.views = views
@@ -38,14 +40,38 @@ class ViewBatches(Dataset):
         return len(self.views)
 
     def __getitem__(self, items: list[int]) -> dict:
-        return default_collate([self.views[item] for item in items])
+        batch = default_collate([self.views[item] for item in items])
+        if self.views.recipe.detection is not None:
+            batch["targets"] = view_targets(self.views.source, self.views.recipe, batch["index"], batch["params"],
+                                            self.views.sizes["views"])
+        return batch
+
+
+def view_targets(source: Source, recipe: ViewRecipe, indices: torch.Tensor, params: torch.Tensor,
+                 size: int) -> list[dict[str, torch.Tensor]]:
+    """The ground truth of each view of a detection batch, sample by sample and view by
+    view (as `views.flatten(0, 1)` orders them): the sample's boxes as the view shows
+    them at `size` pixels (`views.view_boxes`, derived from the view's parameters, never
+    stored), with their labels; crowd boxes are left out of training, as torchvision's
+    references do."""
+    targets = []
+    for index, rows in zip(indices.tolist(), params):
+        truth = source.targets(index)
+        for row in rows.tolist():
+            boxes, kept = view_boxes(ViewParams(*(int(value) for value in row[:5]), *row[5:8]), truth["boxes"], size,
+                                     recipe.detection["min_visible"])
+            labels = truth["labels"][kept]
+            solid = ~truth["crowd"][kept]
+            targets.append({"boxes": torch.from_numpy(boxes[solid]), "labels": torch.from_numpy(labels[solid])})
+    return targets
 
 
 class ReplayBatches(ViewBatches):
     """ViewBatches with each cached teacher's logits for the batch's views attached, by
-    teacher name, as `batch["teacher_logits"][name]` of shape (samples, V, classes), and
-    the main teacher's feature outputs `features` by module as
-    `batch["teacher_features"][module]`, (samples, V, *the feature's decoded shape).
+    teacher name, as `batch["teacher_logits"][name]` of shape (samples, V, classes) (none
+    for an archive of features alone), and the feature outputs `features[name]` of each
+    teacher by module as `batch["teacher_features"][name][module]`, (samples, V, *the
+    feature's decoded shape).
 
     Before a slab is used, the archive's sample indices and view parameters at those
     positions must equal those of the views just rendered: a mismatch means the recipe,
@@ -55,10 +81,10 @@ class ReplayBatches(ViewBatches):
     """
 
     def __init__(self, views: ViewDataset, archives: dict[str, str], storage_options: dict, local_cache: str | None,
-                 features: tuple[str, ...] = ()):
+                 features: dict[str, tuple[str, ...]] | None = None):
         super().__init__(views)
         self.archives, self.storage_options, self.local_cache = archives, storage_options, local_cache
-        self.features = features  # the main teacher's feature outputs to attach, by module
+        self.features = features or {}  # the feature outputs to attach: modules by teacher name
         self._readers: tuple[int, dict[str, ArchiveReader]] | None = None
 
     def __getstate__(self) -> dict:
@@ -68,7 +94,7 @@ class ReplayBatches(ViewBatches):
         if self._readers is None or self._readers[0] != os.getpid():
             opened = {name: ArchiveReader(url, self.storage_options, self.local_cache) for name, url in self.archives.items()}
             for name, reader in opened.items():
-                reader.read_only_features(self.features if name == MAIN_TEACHER else ())
+                reader.read_only_features(self.features.get(name, ()))
             self._readers = (os.getpid(), opened)
         return self._readers[1]
 
@@ -89,10 +115,10 @@ class ReplayBatches(ViewBatches):
                     "the recipe, the data or kdpipe's view code changed since it was cached"
                 )
             self._check_content(reader, batch, archive)
-            batch["teacher_logits"][name] = torch.from_numpy(logits)
-            if name == MAIN_TEACHER:
-                batch["teacher_features"] = {module: torch.from_numpy(reader.decode_feature(module, fields))
-                                             for module in self.features}
+            if logits is not None:
+                batch["teacher_logits"][name] = torch.from_numpy(logits)
+            batch["teacher_features"][name] = {module: torch.from_numpy(reader.decode_feature(module, fields))
+                                               for module in self.features.get(name, ())}
         return batch
 
     def _check_content(self, reader: ArchiveReader, batch: dict, archive: str) -> None:
@@ -148,6 +174,10 @@ def check_archives(spec: TrainSpec, source: Source, recipe: ViewRecipe,
     and the names of the student's outputs (None where nothing names them)."""
     fingerprint = source.describe()["fingerprint"]
     for name, reader in readers.items():
+        if reader.manifest.teacher.outputs == "features":
+            raise ArchiveMismatchError(f"archive {teacher_archive(spec.cache, name)} holds a detector's neck features "
+                                       "for detection views; a classifier student needs an archive of a classifier's "
+                                       "logits (train a detector from it with --data coco:...)")
         check_archive_matches(reader.manifest, teacher_archive(spec.cache, name), dataset__fingerprint=fingerprint,
                               recipe=recipe.to_dict())
     if spec.epochs > recipe.epochs and not spec.cycle_epochs:

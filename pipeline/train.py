@@ -30,10 +30,11 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from . import distributed
-from .config import DEFAULT_EPOCHS, ModelSpec, TrainSpec, absolute_path
+from .config import DEFAULT_EPOCHS, MAIN_TEACHER, ModelSpec, TrainSpec, absolute_path
 from .data import RangeBatches, Source, ViewDataset, open_source
 from .errors import ConfigError, DataError, KdpipeError, ModelError, TrainingError
 from .deploy import STUDENT_FORMAT
+from .detectors import refuse_detector
 from .evaluation import classification_metrics
 from .host import keep_freed_memory, quiet_worker
 from .features import FeatureDistillation, teacher_feature_shapes
@@ -87,10 +88,16 @@ def resolve_run(spec: TrainSpec, recipe_options: dict) -> Run:
     check_loss_options(spec.loss, spec.loss_options)
     for feature in spec.features:
         get_feature_loss(feature.loss, feature.options)
+    for role, model in (("student", spec.student), ("teacher", spec.teacher)):
+        if model is not None:
+            refuse_detector(model, role)
     source = open_source(spec.data)
+    if getattr(source, "task", "classification") != "classification":
+        raise DataError(f"{spec.data} is {source.task} data, which a classifier cannot learn: train a detector on it "
+                        "(train-student --data coco:... --student kdpipe:det-small, or torchvision:NAME of a detector)")
     val_source = open_source(spec.val) if spec.val else None
     archives, readers = open_archives(spec)
-    spec = replace(spec, epochs=_epochs(spec, readers))
+    spec = replace(spec, epochs=resolve_epochs(spec, readers))
     recipe = resolve_recipe(spec, recipe_options, next(iter(readers.values()), None))
     teacher, columns, classes = None, {}, source.classes
     if spec.mode == "cached":
@@ -138,7 +145,7 @@ def resolve_run(spec: TrainSpec, recipe_options: dict) -> Run:
                None if embeddings else classes, inputs, archived, cached_feature_shapes(spec, readers))
 
 
-def _epochs(spec: TrainSpec, readers: dict[str, ArchiveReader]) -> int:
+def resolve_epochs(spec: TrainSpec, readers: dict[str, ArchiveReader]) -> int:
     """The epochs to train: --epochs, else the schedule's sum, else the archive's epochs
     of views (every cached view once), else DEFAULT_EPOCHS."""
     if spec.epochs is not None:
@@ -250,7 +257,7 @@ def train_step(run: Run, learner: Learner, batch: dict, epoch: int, step: int, w
         teacher_logits = {name: slab.flatten(0, 1).to(device, non_blocking=True)
                           for name, slab in batch["teacher_logits"].items()}
         teacher_features = {module: slab.flatten(0, 1).to(device, non_blocking=True)
-                            for module, slab in batch["teacher_features"].items()}
+                            for module, slab in batch["teacher_features"].get(MAIN_TEACHER, {}).items()}
     elif run.spec.mode == "online":
         teacher_views = _to_device(batch["teacher_views"].flatten(0, 1), device) if "teacher_views" in batch else images
         logits, teacher_features = run.teacher.with_features(teacher_views, run.spec.teacher_batch_size)
@@ -362,7 +369,7 @@ def _train_epochs(run: Run, learner: Learner, rundir: RunDir, config: dict, star
                 for step in range(steps_per_epoch):
                     batch = next(batches)
                     count = len(batch["index"])
-                    first, last = _update_steps(step, run.spec.accumulate, steps_per_epoch)
+                    first, last = update_steps(step, run.spec.accumulate, steps_per_epoch)
                     update_count = min(num_samples, (last + 1) * batch_size) - first * batch_size
                     terms = train_step(run, learner, batch, epoch, step, weight=count * ranks.world / update_count,
                                        update=step == last)
@@ -383,7 +390,7 @@ def _train_epochs(run: Run, learner: Learner, rundir: RunDir, config: dict, star
     return train_seconds
 
 
-def _update_steps(step: int, accumulate: int, steps_per_epoch: int) -> tuple[int, int]:
+def update_steps(step: int, accumulate: int, steps_per_epoch: int) -> tuple[int, int]:
     """The first and last batch (within the epoch) of the optimizer update that batch
     `step` belongs to: `accumulate` batches each, the epoch's last update maybe fewer."""
     first = step - step % accumulate
@@ -425,7 +432,7 @@ def _loader(run: Run, start_epoch: int, ranks: distributed.Ranks, device: torch.
     if spec.mode == "online" and run.student_size != recipe.size:
         sizes["teacher_views"] = recipe.size  # the teacher sees the same views at its own size
     views = ViewDataset(run.source, recipe, sizes)
-    features = tuple(dict.fromkeys(feature.teacher_module for feature in spec.features))
+    features = {MAIN_TEACHER: tuple(dict.fromkeys(feature.teacher_module for feature in spec.features))}
     dataset = ReplayBatches(views, run.archives, spec.storage_options, spec.local_cache, features) \
         if spec.mode == "cached" else ViewBatches(views)
     return DataLoader(dataset, sampler=RangeBatches(ranges, num_samples, spec.batch_size, ranks), batch_size=None,

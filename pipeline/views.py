@@ -6,6 +6,8 @@ does not depend on batch size, worker count, rank count or iteration order. Both
 teacher stage and the student stage turn parameters into pixels through `render`.
 RandAugment's ops and random erasing are view parameters like the crop: drawn here from
 the view's key and recorded in the archive, so the student replays the teacher's pixels.
+A detection recipe draws a square window instead of a crop (zoomed, padded, never
+stretched); `view_boxes` moves an image's boxes into the view from the same parameters.
 Evaluation has no random parameters: `eval_view` is the standard deterministic view.
 """
 
@@ -35,6 +37,7 @@ _STREAM_ERASE = 6
 ERASE_AREA = (0.02, 1 / 3)  # timm's RandomErasing: the box's share of the view's area,
 ERASE_LOG_RATIO = (math.log(0.3), math.log(1 / 0.3))  # and the log of its height / width
 ERASE_SEEDS = 2**24  # fill seeds below this are exact in a float32 column
+MIN_BOX_SIDE = 1.0  # pixels: a box narrower or lower than this in a view is dropped from it
 
 
 @dataclass(frozen=True)
@@ -115,10 +118,13 @@ def sample_view(
     The crop is inception-style random-resized-crop: up to 10 tries at an area fraction
     in `recipe.scale` and a log-uniform aspect ratio in `recipe.ratio`, then the largest
     centred crop whose ratio lies in range. RandAugment's ops and the erased box have
-    generator streams of their own, drawn only when the recipe has them.
+    generator streams of their own, drawn only when the recipe has them. A detection
+    recipe draws a window instead (`_detection_window`).
     """
     height, width = image_size
     rng = np.random.default_rng([recipe.seed, epoch, index, view, _STREAM_VIEW])
+    if recipe.detection is not None:
+        return _detection_window(recipe, rng, height, width)
     area = height * width
     log_ratio = (math.log(recipe.ratio[0]), math.log(recipe.ratio[1]))
     for _ in range(10):
@@ -139,16 +145,70 @@ def sample_view(
         else:
             w, h = width, height
         top, left = (height - h) // 2, (width - w) // 2
+    params = ViewParams(top, left, h, w, *_flip_and_colour(recipe, rng))
+    if recipe.randaugment:
+        params = replace(params, randaugment=_randaugment_slots(recipe, epoch, index, view))
+    return _erase_box(recipe, epoch, index, view, params) if recipe.random_erase > 0 else params
+
+
+def _flip_and_colour(recipe: ViewRecipe, rng: np.random.Generator) -> tuple[bool, float, float, float]:
+    """The flip, then the brightness, contrast and saturation factors (1.0 without
+    colour jitter), drawn from `rng` after the view's box."""
     flip = bool(rng.random() < recipe.flip_prob)
     jitter = recipe.color_jitter
     if jitter > 0:
         brightness, contrast, saturation = (float(f) for f in rng.uniform(1 - jitter, 1 + jitter, size=3))
     else:
         brightness = contrast = saturation = 1.0
-    params = ViewParams(top, left, h, w, flip, brightness, contrast, saturation)
-    if recipe.randaugment:
-        params = replace(params, randaugment=_randaugment_slots(recipe, epoch, index, view))
-    return _erase_box(recipe, epoch, index, view, params) if recipe.random_erase > 0 else params
+    return flip, brightness, contrast, saturation
+
+
+def _detection_window(recipe: ViewRecipe, rng: np.random.Generator, height: int, width: int) -> ViewParams:
+    """A detection view: a square window in source pixels, so the image is never stretched.
+
+    The zoom s ~ U(lo, hi) of `recipe.detection["scale"]` sets the window's side to
+    max(1, round(max(height, width) / s)) (Python's round): at s = 1 the image's longer
+    side fills the view, above 1 the window is a crop, below 1 it is larger than the image.
+    Its top is a uniform integer in [min(0, height - side), max(0, height - side)], its
+    left likewise: a crop at a random place, or the image at a random place inside the
+    window, the rest zero padding (render pads a window that runs past the image).
+    """
+    low, high = recipe.detection["scale"]
+    side = max(1, round(max(height, width) / rng.uniform(low, high)))
+    top = int(rng.integers(min(0, height - side), max(0, height - side) + 1))
+    left = int(rng.integers(min(0, width - side), max(0, width - side) + 1))
+    return ViewParams(top, left, side, side, *_flip_and_colour(recipe, rng))
+
+
+def detection_eval_view(image_size: tuple[int, int]) -> ViewParams:
+    """The evaluation view of a detection model: the whole image, unflipped, its longer
+    side filling the view, padded below or to the right to a square (never stretched)."""
+    side = max(image_size)
+    return ViewParams(0, 0, side, side, False)
+
+
+def view_boxes(params: ViewParams, boxes: np.ndarray, size: int, min_visible: float) -> tuple[np.ndarray, np.ndarray]:
+    """The boxes a `size` x `size` view with `params` shows, and which of `boxes` they are.
+
+    `boxes` are (n, 4) x0, y0, x1, y1 in source pixels (edges, not centres). Each is moved
+    into the view as render moves the pixels: x' = (x - left) * size / width,
+    y' = (y - top) * size / height, clipped to [0, size], and mirrored (x0', x1' =
+    size - x1', size - x0') when the view is flipped. A box is kept when its clipped area
+    is at least `min_visible` times its unclipped area in the view, and its clipped width
+    and height are each at least MIN_BOX_SIDE pixels: a sliver at the edge teaches
+    nothing. Returns the kept boxes (m, 4) float32 and the keep mask (n,) bool.
+    """
+    boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+    scale = np.float32([size / params.width, size / params.height] * 2)
+    moved = (boxes - np.float32([params.left, params.top] * 2)) * scale
+    clipped = np.clip(moved, 0, np.float32(size))
+    area = (moved[:, 2] - moved[:, 0]) * (moved[:, 3] - moved[:, 1])
+    box_width, box_height = clipped[:, 2] - clipped[:, 0], clipped[:, 3] - clipped[:, 1]
+    keep = (box_width * box_height >= min_visible * area) & (box_width >= MIN_BOX_SIDE) & (box_height >= MIN_BOX_SIDE)
+    kept = clipped[keep]
+    if params.flip:
+        kept[:, [0, 2]] = size - kept[:, [2, 0]]
+    return kept, keep
 
 
 def _randaugment_slots(recipe: ViewRecipe, epoch: int, index: int, view: int) -> tuple[tuple[float, float], ...]:
@@ -275,7 +335,8 @@ def full_view(image_size: tuple[int, int]) -> ViewParams:
 def render(image: torch.Tensor, params: ViewParams, size: int, interpolation: str = "bilinear") -> torch.Tensor:
     """Turn a decoded uint8 image (C, H, W) and view parameters into float32 pixels in
     [0, 1] of shape (C, size, size), the crop resized with `interpolation` (a recipe's,
-    antialiased). The one renderer of both stages: crop, flip, RandAugment's ops (on
+    antialiased; a window that runs past the image, as a detection view's may, is zero-
+    padded first). The one renderer of both stages: crop, flip, RandAugment's ops (on
     uint8, as torchvision's), colour, then the erased box."""
     out = F.resized_crop(
         image, params.top, params.left, params.height, params.width, [size, size],

@@ -478,9 +478,13 @@ WALKTHROUGH = "# ImageNet walkthrough"
 
 def run_elsewhere(block: str) -> bool:
     """Blocks another test runs as written: README's quickstart (the `quickstart` fixture
-    here), its ImageNet walkthrough (on a stand-in, below) and cli.md's tiny bench
-    (tests/test_bench.py)."""
-    return block.strip() == "kdpipe quickstart" or block.startswith(("kdpipe bench ", WALKTHROUGH))
+    here), its ImageNet walkthrough (on a stand-in, below), cli.md's tiny bench
+    (tests/test_bench.py) and the detection quickstart (tests/test_detection.py, on
+    fewer images and epochs)."""
+    return block.strip() == "kdpipe quickstart" or block.startswith(("kdpipe bench ", WALKTHROUGH, DETECTION_QUICKSTART))
+
+
+DETECTION_QUICKSTART = "kdpipe quickstart --task detection"
 
 
 def runnable(source: Path, quickstart: bool) -> list[str]:

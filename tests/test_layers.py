@@ -13,10 +13,10 @@ from .conftest import REPO
 LAYERS = [
     {"pipeline", "pipeline.errors", "pipeline.config", "pipeline.views"},
     {"pipeline.distributed", "pipeline.host", "pipeline.progress", "pipeline.data", "pipeline.sources",
-     "pipeline.models", "pipeline.losses", "pipeline.probe", "pipeline.store", "pipeline.monitor", "pipeline.optim"},
+     "pipeline.models", "pipeline.coco", "pipeline.detectors", "pipeline.losses", "pipeline.probe", "pipeline.store", "pipeline.monitor", "pipeline.optim"},
     {"pipeline.objective", "pipeline.features", "pipeline.replay", "pipeline.rundir", "pipeline.precise_bn", "pipeline.evaluation",
      "pipeline.deploy"},
-    {"pipeline.cache", "pipeline.train", "pipeline.audit", "pipeline.order", "pipeline.report"},
+    {"pipeline.cache", "pipeline.train", "pipeline.detection", "pipeline.audit", "pipeline.order", "pipeline.report"},
     {"pipeline.bench", "pipeline.quickstart"},
     {"cli"},
 ]

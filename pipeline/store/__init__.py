@@ -24,7 +24,8 @@ from .archive import (
     verify_objects,
 )
 from .backends import BACKENDS, Backend, check_backend_name
-from .codecs import CODEC_NAMES, INT8_LEVELS, LOGPROB_STEP, Codec, DenseCodec, Int8Codec, TopKCodec, check_codec_name, parse_codec
+from .codecs import (CODEC_NAMES, INT8_LEVELS, LOGPROB_STEP, Codec, DenseCodec, Int8Codec, NoLogitsCodec, TopKCodec,
+                     check_codec_name, parse_codec)
 from .feature_codecs import FEATURE_CODEC_NAMES, FeatureCodec, fit_projection, parse_output, projection_samples
 from .layout import Layout, ManifestError
 from .location import Location, write_local_atomic
@@ -66,6 +67,7 @@ __all__ = [
     "ManifestError",
     "ShardEntry",
     "TeacherInfo",
+    "NoLogitsCodec",
     "TopKCodec",
     "UnfinishedArchive",
     "added_teachers",

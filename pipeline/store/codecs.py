@@ -4,6 +4,9 @@
 - `dense-fp16`: the logits as float16 (the default; half the bytes, relative rounding error at most 2^-11).
 - `dense-int8`: the logits as int8 with a float32 scale and offset per view (a quarter
   of float32's bytes; each logit within half a step, (max - min) / 254, of the truth).
+- `none`: no logits at all, for an archive of feature outputs alone (a detector's neck
+  features: a detector has no per-view logits to store). Never chosen on the command
+  line: cache-teacher picks it for a detector teacher.
 - `topk:K`: the K most likely classes of each view as indices (uint16, or uint32 past
   65,536 classes) and their log-probabilities quantised to uint8 in steps of 1/16 nat,
   plus the log of the tail mass (float16). Decoding rebuilds a full logit vector: the
@@ -41,6 +44,7 @@ DENSE_NAMES = {"dense-fp16": "float16", "dense-fp32": "float32"}  # name -> dtyp
 INT8_NAME = "dense-int8"
 INT8_LEVELS = 127  # stored values -127..127: the view's range in 254 steps, symmetric about its middle
 TOPK_PREFIX = "topk:"
+NO_LOGITS = "none"
 
 
 @dataclass(frozen=True)
@@ -246,11 +250,40 @@ class TopKCodec:
         return -self.quantised(fields).astype(np.float32) * np.float32(LOGPROB_STEP)
 
 
-Codec = DenseCodec | Int8Codec | TopKCodec
+@dataclass(frozen=True)
+class NoLogitsCodec:
+    """No logits: the archive holds the teacher's feature outputs alone (`teacher.outputs`
+    "features"). Its manifest entry is {"name": "none"}; it stores no field."""
+
+    name = NO_LOGITS
+
+    @staticmethod
+    def claims(name: Any) -> bool:
+        return name == NO_LOGITS
+
+    def to_dict(self) -> dict:
+        return {"name": NO_LOGITS}
+
+    @classmethod
+    def from_dict(cls, data: Any, classes: int) -> NoLogitsCodec:
+        parse_object(data, "codec", ("name",))
+        return cls()
+
+    def fields(self, views: int, classes: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        return {}
+
+    def encode(self, logits: np.ndarray) -> dict[str, np.ndarray]:
+        return {}
+
+    def decode(self, fields: dict[str, np.ndarray]) -> None:
+        return None
+
+
+Codec = DenseCodec | Int8Codec | TopKCodec | NoLogitsCodec
 CODEC_NAMES = "dense-fp32, dense-fp16, dense-int8 or topk:K"
 
 
-CODECS = (DenseCodec, Int8Codec, TopKCodec)
+CODECS = (DenseCodec, Int8Codec, TopKCodec)  # those a user names; `none` only a detector teacher's archive has
 
 
 def parse_codec(name: str, classes: int) -> Codec:
@@ -270,7 +303,7 @@ def check_codec_name(name: str) -> None:
 def codec_from_dict(data: Any, classes: int) -> Codec:
     """The codec of a manifest's `codec` entry, for an archive of `classes` classes."""
     name = data.get("name") if isinstance(data, dict) else None
-    for kind in CODECS:
+    for kind in (*CODECS, NoLogitsCodec):
         if kind.claims(name):
             return kind.from_dict(data, classes)
     raise ManifestError(f"codec {name!r} is unknown to this kdpipe; upgrade kdpipe")

@@ -24,7 +24,7 @@ from ..config import MAIN_TEACHER, Preprocessing, ViewRecipe, first_difference, 
 from ..errors import ArchiveError, ArchiveMismatchError, ConfigError
 from ..views import view_param_fields
 from .backends import BACKENDS, check_backend_name, make_backend
-from .codecs import Codec, Int8Codec, TopKCodec, codec_from_dict
+from .codecs import Codec, Int8Codec, NoLogitsCodec, TopKCodec, codec_from_dict
 from .feature_codecs import FeatureCodec
 from .layout import Layout, ManifestError, parse_int, parse_object, parse_str_list, parse_typed
 from .location import Location
@@ -63,7 +63,7 @@ SEAL = "manifest_fingerprint"
 INFORMATIONAL = (("dataset", "location"), ("teacher", "spec", "weights"))
 
 
-OUTPUTS = ("logits", "embeddings")  # what a teacher archive holds per view
+OUTPUTS = ("logits", "embeddings", "features")  # what a teacher archive holds per view ("features": those alone)
 PLAN_KEYS = ("format", "schema_version", "backend", "recipe", "teacher", "dataset", "codec", "layout", "libraries")
 FEATURES = "features"  # schema 3 on: the teacher's named intermediate outputs, each with its own codec
 SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -408,6 +408,11 @@ class Manifest:
         if self.teacher.outputs == "embeddings" and isinstance(self.codec, TopKCodec):
             raise ManifestError(f"codec.name {self.codec.name!r} contradicts teacher.outputs 'embeddings' "
                                 "(embeddings are stored dense)")
+        if (self.teacher.outputs == "features") != isinstance(self.codec, NoLogitsCodec):
+            raise ManifestError(f"codec.name {self.codec.name!r} contradicts teacher.outputs {self.teacher.outputs!r} "
+                                "(codec 'none' is exactly the codec of an archive of features alone)")
+        if self.teacher.outputs == "features" and not self.features:
+            raise ManifestError("teacher.outputs 'features' needs a non-empty features list")
         self._check_schema()
 
     def _check_schema(self) -> None:
