@@ -180,6 +180,9 @@ def load_student(path: str | Path) -> tuple[Normalized, StudentFile]:
     """The student of `path` (see `read_student`) built with its weights, in eval mode
     on the CPU, normalised as its file says, and its description."""
     student = read_student(path)
+    if student.outputs == "detections":
+        raise ModelError(f"{student.path} holds a detector: export and predict take classifiers for now "
+                         "(kdpipe eval scores a detector on COCO data)")
     model = Normalized(build_model(student.spec).net, student.preprocessing)
     return model.eval(), student
 

@@ -19,7 +19,7 @@ from pipeline.detection import NECK, detection_options, train_detector
 from pipeline.detectors import build_detector
 from pipeline.distributed import Ranks
 from pipeline.replay import ViewBatches
-from tests.conftest import assert_user_error, run_cli
+from tests.conftest import assert_user_error, run_cli, train_until
 
 SIZE = 64
 
@@ -154,8 +154,26 @@ def test_eval_scores_a_detector_student_with_coco_map(scenes, tmp_path):
     report = cli_document("eval", "--model", run, "--data", scenes["val"], "--json")
     assert report["map"] == pytest.approx(summary["val_map"]) and report["images"] == 8
     assert_user_error(run_cli("eval", "--model", run, "--data", scenes["root"]), "holds a detector")
-    result = run_cli("verify", tmp_path / "missing")
-    assert result.exit_code == 2
+    for command in (("predict", run, "--data", scenes["root"]), ("export", run, "--out", tmp_path / "d.pt")):
+        assert_user_error(run_cli(*command), "holds a detector")
+
+
+def test_a_resumed_detection_run_ends_as_an_uninterrupted_one(scenes, tmp_path, monkeypatch):
+    """Killed after its first epoch and resumed, a cached MTPD run ends with the weights and
+    adapters of the run that was never stopped."""
+    archive = tmp_path / "arch"
+    cache(scenes, archive)
+    train(scenes, tmp_path / "whole", "cached", cache=str(archive))
+    args = ("--data", scenes["train"], "--val", scenes["val"], "--student", "kdpipe:det-tiny",
+            "--cache", archive, "--epochs", 2, "--batch-size", 4, "--workers", 0, "--lr", 3e-3,
+            "--out", tmp_path / "resumed")
+    train_until(monkeypatch, 1, *args)
+    assert run_cli("train-student", *args, "--resume").exit_code == 0
+    for name, key in (("student.pt", "model"), ("checkpoint.pt", "adapters")):
+        whole, resumed = (torch.load(tmp_path / run / name, weights_only=False)[key] for run in ("whole", "resumed"))
+        assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+    assert metrics(tmp_path / "whole") == [{**m, "seconds": w["seconds"], "views_per_sec": w["views_per_sec"]}
+                                           for m, w in zip(metrics(tmp_path / "resumed"), metrics(tmp_path / "whole"))]
 
 
 def test_a_detection_archive_verifies_and_inspects(scenes, tmp_path):
