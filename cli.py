@@ -279,7 +279,7 @@ def _teacher_spec(name: str | None, num_classes: int | None, weights: str | None
 
 DataOpt = Annotated[str, typer.Option(help="Image folder (one subfolder per class, or images alone when unlabelled); a label file labels.csv|labels.jsonl[?root=DIR&classes=FILE]; WebDataset shards 'train-{000..009}.tar'[?classes=FILE], local or remote; a Hugging Face dataset [hf:]PATH[?split=NAME] (save_to_disk folder or parquet); or synthetic:N:C[:SIZE].")]
 SizeOpt = Annotated[Optional[int], typer.Option(help="Side of each rendered view in pixels. [default: the archive's in cached mode, else the input size of the teacher (online) or the student]")]
-ScaleOpt = Annotated[Optional[str], typer.Option(help="Random-resized-crop area range MIN,MAX. [default: 0.08,1.0]")]
+ScaleOpt = Annotated[Optional[str], typer.Option(help="Random-resized-crop area range MIN,MAX. [default: 0.08,1.0] On COCO data: the zoom range LO,HI of the box-aware views (1: the image's longer side fills the view). [default: 0.5,1.5]")]
 RatioOpt = Annotated[Optional[str], typer.Option(help="Random-resized-crop aspect-ratio range MIN,MAX. [default: 0.75,1.333]")]
 FlipOpt = Annotated[Optional[float], typer.Option(help="Horizontal flip probability. [default: 0.5]")]
 InterpolationOpt = Annotated[Optional[str], typer.Option(help="How each crop is resized to the view size: bilinear, bicubic or nearest (antialiased). [default: the teacher's own (its pretrained config), in cached mode the archive's]")]
@@ -407,7 +407,7 @@ def train_student_command(
     loss: Annotated[str, typer.Option(help="Distillation loss: kd (Hinton), dkd (decoupled KD), dist (DIST), ls (logit standardisation + KD), mse (on logits), alpha (AlphaNet's adaptive alpha-divergence), or seed (SEED, on an archive of embeddings).")] = "kd",
     loss_option: Annotated[Optional[list[str]], typer.Option(help="A loss hyper-parameter KEY=VALUE (repeatable): dkd alpha, beta; dist beta, gamma; alpha alpha_min, alpha_max, clip; seed queue, teacher_temperature, student_temperature.")] = None,
     feature: Annotated[Optional[list[str]], typer.Option(metavar=FEATURE_SYNTAX, help="Online, or cached from an archive of the teacher's feature outputs (cache-teacher --outputs): add a feature-distillation term (repeatable): the feature loss hint (FitNets), at (attention transfer), sp (similarity-preserving) or rkd (relational) between the outputs of a module of the teacher and one of the student (named as named_modules() names them; the student's is the teacher's by default), times WEIGHT (default 1); loss options KEY=VALUE: at p; rkd distance_weight, angle_weight.")] = None,
-    neck_weight: Annotated[float, typer.Option(help="A detector student (COCO --data): weight of the neck-feature term (MTPD: the mean squared error between each level of the teacher's neck and the student's, through a 1 x 1 adapter, summed over levels) beside its own detection loss.")] = 1.0,
+    neck_weight: Annotated[Optional[float], typer.Option(help="A detector student (COCO --data): weight of the neck-feature term (MTPD: the mean squared error between each level of the teacher's neck and the student's, through a 1 x 1 adapter, summed over levels) beside its own detection loss. [default: 1]")] = None,
     temperature: Annotated[float, typer.Option(help="KD temperature T.")] = 1.0,
     alpha: Annotated[float, typer.Option(help="Weight of cross-entropy on labels (0 = pure function matching).")] = 0.0,
     init_seed: Annotated[int, typer.Option(help="Seed of the student's initialisation.")] = 0,
@@ -586,15 +586,17 @@ def eval_command(
         batch_size=batch_size, workers=workers,
     )
     if is_detection_data(data):
-        if teacher is not None:
-            raise ConfigError("--teacher compares classifiers; evaluate each detector on its own")
-        report = evaluate_detector(spec.model, data, size, batch_size)
+        if teacher is not None or crop_pct is not None or eval_resize != "crop":
+            raise ConfigError("--teacher, --crop-pct and --eval-resize are for classifiers; a detector is scored on "
+                              "whole images (evaluate each detector on its own)")
+        report = evaluate_detector(spec.model, data, size, batch_size, interpolation)
     else:
         report = evaluate_model(spec)
     if out:
         with open(out, "w") as file:
             json.dump(report, file, indent=1)
-    typer.echo(json.dumps(report, indent=1) if as_json else (format_detection_eval if "map" in report else format_eval)(report))
+    typer.echo(json.dumps(report, indent=1) if as_json else
+               (format_detection_eval if is_detection_data(data) else format_eval)(report))
 
 
 def _student_path(option: str, name: str, model_options: dict[str, object]) -> str | None:

@@ -97,7 +97,7 @@ def prepare(workdir: Path, args: argparse.Namespace) -> tuple[Path, dict | None]
     if not (run / "summary.json").exists():
         train_detector(TrainSpec(data=f"coco:{scenes / 'train.json'}", student=ModelSpec(TEACHER), out=str(run),
                                  mode="supervised", val=f"coco:{scenes / 'val.json'}", epochs=args.epochs, lr=args.lr,
-                                 batch_size=16, workers=0, precise_bn=0), {"size": SIZE})
+                                 batch_size=16, workers=0), {"size": SIZE})
     return run / "student.pt", json.loads((run / "summary.json").read_text())
 
 

@@ -240,8 +240,9 @@ def _recompute(reader: ArchiveReader, teacher_spec: ModelSpec, data: str, count:
                 f"teacher's by {abs_error:.4g} (relative {rel_error:.4g})"
             )
     compared = "neck features" if detector else "log-probabilities of the stored classes" if topk else "logits"
-    report = {"views": len(picks) * recipe.views_per_sample, "samples": len(picks),
-              "max_abs_error": worst_abs, "max_rel_error": worst_rel, "compared": compared}
+    report = {"views": len(picks) * recipe.views_per_sample, "samples": len(picks), "compared": compared}
+    if not detector:  # a detector's archive has no logits: its figures are the features' below
+        report |= {"max_abs_error": worst_abs, "max_rel_error": worst_rel}
     return report | ({"features_max_rel_error": worst_feature} if worst_feature else {})
 
 

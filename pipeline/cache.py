@@ -15,9 +15,9 @@ from torch.utils.data import DataLoader
 
 from . import distributed
 from .config import MAIN_TEACHER, CacheSpec, ModelSpec, ViewRecipe, absolute_path, check_teacher_name
-from .data import RangeBatches, Source, ViewDataset, content_digests, open_source
+from .data import RangeBatches, Source, ViewDataset, content_digests, is_detection, open_source
 from .deploy import view_defaults
-from .detection import (BACKGROUND, DETECTION_SIZE, NECK, NeckTeacher, detection_classes, detection_options, is_detection,
+from .detection import (BACKGROUND, DETECTION_SIZE, NECK, NeckTeacher, detection_classes, detection_options,
                         is_detection_data)
 from .detectors import refuse_detector
 from .errors import ArchiveError, ConfigError, ModelError
@@ -144,9 +144,9 @@ def _detector_plan(spec: CacheSpec, source: Source, dataset: DatasetInfo) -> tup
     """A detector teacher and the plan of its archive: the neck's maps alone (codec
     `none`), each level with the codec --outputs gives it (`neck=CODEC` for every level,
     `neck.LEVEL=CODEC` for one), float16 by default."""
-    if spec.embedding_layer is not None or spec.teacher_classes is not None:
-        raise ConfigError("a detector teacher caches its neck features: --outputs embeddings and --teacher-classes "
-                          "are for classifiers")
+    if spec.embedding_layer is not None or spec.teacher_classes is not None or spec.codec != CacheSpec.codec:
+        raise ConfigError("a detector teacher caches its neck features (--outputs neck=CODEC): --outputs embeddings, "
+                          "--teacher-classes and --codec are for classifiers")
     classes = detection_classes(source)
     if spec.teacher.num_classes not in (None, classes):
         raise ConfigError(f"the teacher has {spec.teacher.num_classes} classes; a detector for the {classes - 1} "

@@ -480,7 +480,7 @@ class TrainSpec:
     accumulate: int = 1  # batches whose gradients are summed into one optimizer step
     clip_norm: float = 1.0  # the gradient norm is clipped to this; 0: no clipping
     features: tuple[FeatureSpec, ...] = ()  # feature-distillation terms added to the loss (online or cached)
-    neck_weight: float = 1.0  # a detector student: weight of the neck-feature term (MTPD) while a teacher teaches
+    neck_weight: float | None = None  # a detector student: weight of its neck term (MTPD); None: 1 (a classifier: none)
 
     def __post_init__(self):
         self._check_features()
@@ -523,7 +523,8 @@ class TrainSpec:
         check_number("--momentum", self.momentum, 0, 1, below=True)
         check_number("--temperature", self.temperature)
         check_number("--alpha", self.alpha)
-        check_number("--neck-weight", self.neck_weight, 0)
+        if self.neck_weight is not None:
+            check_number("--neck-weight", self.neck_weight, 0)
         check_number("--init-seed", self.seed, 0)
         check_number("--precise-bn", self.precise_bn, 0)
         check_number("--warmup-epochs", self.warmup_epochs, 0)

@@ -178,6 +178,11 @@ def open_source(spec: str) -> Source:
     return open_listed(spec) or ImageFolder(spec)
 
 
+def is_detection(source: Source) -> bool:
+    """Whether `source` is detection data (boxes, not class labels: `coco.CocoDetection`)."""
+    return getattr(source, "task", "classification") == "detection"
+
+
 def open_images(spec: str) -> Source:
     """The images of `spec` for a model to run on, labels unused (`kdpipe predict`):
     every image file below a local folder, in path order, whatever its layout (images

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, replace
+from typing import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -27,7 +28,7 @@ from torch.utils.data import DataLoader
 
 from . import distributed
 from .config import DETECTION_DEFAULTS, MAIN_TEACHER, ModelSpec, TrainSpec, ViewRecipe, absolute_path
-from .data import RangeBatches, Source, ViewDataset, open_source
+from .data import RangeBatches, Source, ViewDataset, is_detection, open_source
 from .deploy import STUDENT_FORMAT, read_student
 from .detectors import Detector, build_detector
 from .errors import ArchiveMismatchError, ConfigError, DataError, ModelError, TrainingError
@@ -40,7 +41,7 @@ from .progress import say, views_progress
 from .replay import ReplayBatches, ViewBatches, open_archives
 from .rundir import RunDir
 from .store import ArchiveReader, check_archive_matches, teacher_archive
-from .train import resolve_epochs, step_seed, update_steps
+from .train import KEPT_VAL_BYTES, resolve_epochs, step_seed, update_steps
 from .views import detection_eval_view, render
 
 BACKGROUND = "__background__"  # a detector's class 0: no object
@@ -55,11 +56,6 @@ def neck_module(level: str) -> str:
 def is_detection_data(data: str) -> bool:
     """Whether the data spec `data` names detection data (before opening it: `coco:...`)."""
     return data.startswith("coco:")
-
-
-def is_detection(source: Source) -> bool:
-    """Whether `source` is detection data (boxes, not class labels)."""
-    return getattr(source, "task", "classification") == "detection"
 
 
 def detection_classes(source: Source) -> int:
@@ -114,9 +110,10 @@ DETECTION_SIZE = 128  # default side of a detection view (the built-in detectors
 def detection_options(options: dict, detection: dict | None = None) -> dict:
     """View-recipe options of the command line for a detection recipe: --scale is the zoom
     range of the views (`ViewRecipe.detection`, by default DETECTION_DEFAULTS or the
-    `detection` given); --ratio, a classification crop's, has no say."""
+    `detection` given); --ratio, a classification crop's, is refused."""
     options = dict(options)
-    options.pop("ratio", None)
+    if "ratio" in options:
+        raise ConfigError("--ratio shapes a classification crop; a detection view is a square window (--scale: its zoom)")
     detection = dict(detection or DETECTION_DEFAULTS)
     if "scale" in options:
         detection["scale"] = tuple(options.pop("scale"))
@@ -161,9 +158,7 @@ def resolve_detection(spec: TrainSpec, recipe_options: dict) -> DetectionRun:
     val_source = open_source(spec.val) if spec.val else None
     if val_source is not None and (not is_detection(val_source) or val_source.classes != source.classes):
         raise DataError(f"validation data {spec.val} must be COCO detection data with the categories of {spec.data}")
-    if spec.features or spec.loss != "kd" or spec.alpha or spec.student_size:
-        raise ConfigError("a detector student distils its teachers' neck features (--neck-weight); --feature, "
-                          "--loss, --alpha and --student-size are for classifiers")
+    _refuse_classifier_options(spec)
     archives, readers = open_archives(spec)
     if len(readers) > 1 and not spec.schedule:
         raise ConfigError("a detector student learns from one teacher at a time: give --schedule NAME:EPOCHS,...")
@@ -179,6 +174,29 @@ def resolve_detection(spec: TrainSpec, recipe_options: dict) -> DetectionRun:
     inputs = {"dataset": source.describe()["fingerprint"],
               "archives": {name: reader.manifest.manifest_fingerprint for name, reader in readers.items()}}
     return DetectionRun(spec, source, val_source, archives, teacher, maps, inputs)
+
+
+NECK_WEIGHT = 1.0  # --neck-weight when not given
+
+
+def _refuse_classifier_options(spec: TrainSpec) -> None:
+    """Refuse, in one line, the options of a classifier's run that a detector's would
+    silently ignore (each compared with its default)."""
+    defaults = TrainSpec(data=spec.data, student=spec.student, out=spec.out, mode="supervised")
+    given = [option for option, name in CLASSIFIER_OPTIONS.items() if getattr(spec, name) != getattr(defaults, name)]
+    if spec.teacher is not None and spec.mode == "cached":
+        given.append("--teacher (with --cache: the archive records its teachers)")
+    if given:
+        raise ConfigError(f"{given[0]} is an option of a classifier student; a detector student (COCO --data) learns "
+                          "from its boxes and its teachers' necks (--neck-weight): drop it")
+
+
+# train-student's options that only a classifier student uses, by flag: TrainSpec field
+CLASSIFIER_OPTIONS = {"--feature": "features", "--loss": "loss", "--loss-option": "loss_options", "--alpha": "alpha",
+                      "--temperature": "temperature", "--student-size": "student_size", "--combine": "combine",
+                      "--label-smoothing": "label_smoothing", "--ema": "ema", "--compile": "compile",
+                      "--probe-data": "probe_data", "--teacher-batch-size": "teacher_batch_size",
+                      "--precise-bn": "precise_bn"}
 
 
 def _recipe_and_teachers(spec: TrainSpec, recipe_options: dict, source: Source, readers: dict[str, ArchiveReader],
@@ -242,13 +260,19 @@ def make_detection_learner(run: DetectionRun, device: torch.device) -> Detection
                                   f"{len(student.levels)} ({', '.join(student.levels)}); MTPD matches necks level for "
                                   "level: choose a student with as many")
             pairs[name] = dict(zip(maps, student.levels))
-            adapters[name] = nn.ModuleDict({
-                level.replace(".", "_"): nn.Conv2d(student.level_shapes[level][0], maps[module][0], kernel_size=1)
+            adapters[adapter_key(name)] = nn.ModuleDict({
+                adapter_key(level): nn.Conv2d(student.level_shapes[level][0], maps[module][0], kernel_size=1)
                 for module, level in pairs[name].items()})
     adapters.to(device)
     optimizer = make_optimizer(spec, nn.ModuleList([student, adapters]))
     scheduler = make_scheduler(spec, optimizer, len(run.source))
     return DetectionLearner(student, adapters, optimizer, scheduler, device, pairs)
+
+
+def adapter_key(name: str) -> str:
+    """A teacher's or a level's name as a key of the adapters' ModuleDict, which refuses
+    "." (a teacher may be called fcos.r50): ":", which no such name holds, in its place."""
+    return name.replace(".", ":")
 
 
 def neck_matching(student_maps: dict[str, torch.Tensor], teacher_maps: dict[str, torch.Tensor],
@@ -258,7 +282,7 @@ def neck_matching(student_maps: dict[str, torch.Tensor], teacher_maps: dict[str,
     1 x 1 adapter (and to its spatial size by `features.align` where they differ)."""
     total = 0.0
     for module, level in pairs.items():
-        adapted = adapters[level.replace(".", "_")](student_maps[level].float())
+        adapted = adapters[adapter_key(level)](student_maps[level].float())
         target = teacher_maps[module]
         total = total + nn.functional.mse_loss(align(adapted, target.shape[-2:]), target)
     return total
@@ -279,14 +303,15 @@ def detection_step(run: DetectionRun, learner: DetectionLearner, batch: dict, ep
     terms = dict(losses)
     loss = sum(losses.values())
     teacher = run.teacher_at(epoch)
-    if teacher is not None and spec.neck_weight > 0:
+    neck_weight = NECK_WEIGHT if spec.neck_weight is None else spec.neck_weight
+    if teacher is not None and neck_weight > 0:
         if spec.mode == "cached":
             maps = {module: slab.flatten(0, 1).to(device, non_blocking=True)
                     for module, slab in batch["teacher_features"][teacher].items()}
         else:
             maps = {module: value.clone() for module, value in run.teacher.with_features(images)[1].items()}
-        terms["neck"] = neck_matching(student_maps, maps, learner.adapters[teacher], learner.pairs[teacher])
-        loss = loss + spec.neck_weight * terms["neck"]
+        terms["neck"] = neck_matching(student_maps, maps, learner.adapters[adapter_key(teacher)], learner.pairs[teacher])
+        loss = loss + neck_weight * terms["neck"]
     terms["loss"] = loss
     if not torch.isfinite(loss):
         raise TrainingError(f"the loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
@@ -402,41 +427,49 @@ def _loader(run: DetectionRun, start_epoch: int) -> DataLoader:
                       num_workers=spec.workers, worker_init_fn=quiet_worker)
 
 
-def eval_views(source: Source, size: int, interpolation: str = "bilinear") -> tuple[torch.Tensor, list[float]]:
-    """Every image of `source` as its detection evaluation view (`views.detection_eval_view`:
-    the whole image, its longer side filling `size`, padded below and to the right), and
-    the factor from view pixels back to the image's."""
-    images, factors = [], []
-    for index in range(len(source)):
-        image = source.load(index)
-        params = detection_eval_view((image.shape[1], image.shape[2]))
-        images.append(render(image, params, size, interpolation))
-        factors.append(params.width / size)
-    return torch.stack(images), factors
+def eval_batches(source: Source, size: int, interpolation: str = "bilinear",
+                 batch_size: int = 64) -> Iterator[tuple[torch.Tensor, list[float], range]]:
+    """The images of `source` in order, `batch_size` at a time, as their detection
+    evaluation views (`views.detection_eval_view`: the whole image, its longer side
+    filling `size`, padded below and to the right), with the factor from view pixels
+    back to each image's, and the batch's sample indices."""
+    for start in range(0, len(source), batch_size):
+        indices = range(start, min(start + batch_size, len(source)))
+        images, factors = [], []
+        for index in indices:
+            image = source.load(index)
+            params = detection_eval_view((image.shape[1], image.shape[2]))
+            images.append(render(image, params, size, interpolation))
+            factors.append(params.width / size)
+        yield torch.stack(images), factors, indices
 
 
-def score_detector(detector: Detector, source: Source, size: int, device: torch.device,
-                   views: tuple[torch.Tensor, list[float]] | None = None, batch_size: int = 64) -> dict[str, float]:
-    """COCO mAP, AP50 and AP75 (%) of `detector` on the whole images of `source`, its boxes
-    taken back to image pixels and scored against the annotations (crowd boxes as crowd)."""
-    images, factors = views if views is not None else eval_views(source, size)
+def score_detector(detector: Detector, source: Source, batches: Iterable, device: torch.device) -> dict[str, float]:
+    """COCO mAP, AP50 and AP75 (%) of `detector` on the images of `batches` (`eval_batches`
+    of `source`), its boxes taken back to image pixels and scored against the annotations
+    (crowd boxes as crowd)."""
     detector.eval()
-    predictions = []
-    for chunk in images.split(batch_size):
-        predictions.extend(detector.predict(chunk.to(device)))
-    for prediction, factor in zip(predictions, factors):
-        prediction["boxes"] = prediction["boxes"].cpu() * factor
-    metrics = detection_metrics([{key: value.cpu() for key, value in p.items()} for p in predictions],
-                                [source.targets(index) for index in range(len(source))])
+    predictions, targets = [], []
+    for images, factors, indices in batches:
+        for prediction, factor in zip(detector.predict(images.to(device)), factors):
+            prediction = {key: value.cpu() for key, value in prediction.items()}
+            predictions.append(prediction | {"boxes": prediction["boxes"] * factor})
+        targets.extend(source.targets(index) for index in indices)
+    metrics = detection_metrics(predictions, targets)
     return {"val_map": metrics["map"], "val_map50": metrics["map_50"], "val_map75": metrics["map_75"]}
 
 
 def _scorer(run: DetectionRun, device: torch.device):
-    """How the student is scored after each epoch (the validation views rendered once); None without --val."""
+    """How the student is scored after each epoch; None without --val. The validation
+    views are rendered once and kept when they fit in KEPT_VAL_BYTES, else each time."""
     if run.val_source is None:
         return None
-    views = eval_views(run.val_source, run.spec.recipe.size, run.spec.recipe.interpolation)
-    return lambda detector: score_detector(detector, run.val_source, run.spec.recipe.size, device, views)
+    size, interpolation = run.spec.recipe.size, run.spec.recipe.interpolation
+    batches = lambda: eval_batches(run.val_source, size, interpolation)  # noqa: E731 - rendered afresh each epoch
+    if len(run.val_source) * 3 * size * size * 4 <= KEPT_VAL_BYTES:
+        kept = list(batches())
+        batches = lambda: kept  # noqa: E731
+    return lambda detector: score_detector(detector, run.val_source, batches(), device)
 
 
 def detector_file(run: DetectionRun, detector: Detector) -> dict:
@@ -450,7 +483,8 @@ def detector_file(run: DetectionRun, detector: Detector) -> dict:
             "classes": [BACKGROUND, *run.source.classes], "preprocessing": prep.to_dict()}
 
 
-def evaluate_detector(model: ModelSpec | str, data: str, size: int | None = None, batch_size: int = 64) -> dict:
+def evaluate_detector(model: ModelSpec | str, data: str, size: int | None = None, batch_size: int = 64,
+                      interpolation: str | None = None) -> dict:
     """`kdpipe eval` of a detector on COCO data: a kdpipe detector student (a run
     directory or student file, which brings its weights, categories and view size) or a
     detector by name with its weights; COCO mAP, AP50 and AP75 (%) on the whole images."""
@@ -466,20 +500,23 @@ def evaluate_detector(model: ModelSpec | str, data: str, size: int | None = None
             raise DataError(f"{student.path} detects the categories {', '.join(student.classes[1:])}, and {data} has "
                             f"{', '.join(source.classes)}: evaluate it on data of its categories")
         spec, size = student.spec, size or student.preprocessing.input_size
+        interpolation = interpolation or student.preprocessing.interpolation  # the views it was scored on
     else:
         spec, size = model, size or DETECTION_SIZE
     if spec.num_classes not in (None, classes):
         raise ConfigError(f"the model has {spec.num_classes} classes; a detector for the {classes - 1} categories of "
                           f"{data} has {classes} (the background is class 0)")
     detector = build_detector(replace(spec, num_classes=classes), classes, size)
-    scores = score_detector(detector, source, size, torch.device("cpu"), batch_size=batch_size)
+    batches = eval_batches(source, size, interpolation or "bilinear", batch_size)
+    scores = score_detector(detector, source, batches, torch.device("cpu"))
     return {"model": spec.name, "weights": spec.weights or spec.pretrained, "data": source.describe()["location"],
             "images": len(source), "categories": len(source.classes), "size": size,
+            "interpolation": interpolation or "bilinear",
             "map": scores["val_map"], "map_50": scores["val_map50"], "map_75": scores["val_map75"]}
 
 
 def format_detection_eval(report: dict) -> str:
     """The report of `evaluate_detector` as two lines of text."""
     return (f"{report['model']} on {report['images']} images of {report['categories']} categories ({report['data']})\n"
-            f"  view: whole image, longer side {report['size']} px   mAP {report['map']:.2f}   "
+            f"  view: whole image, longer side {report['size']} px ({report['interpolation']})   mAP {report['map']:.2f}   "
             f"AP50 {report['map_50']:.2f}   AP75 {report['map_75']:.2f}")

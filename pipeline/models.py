@@ -213,6 +213,9 @@ def _torchvision_weights(spec: ModelSpec):
 
     _, name = _split_name(spec.name)
     if name not in torchvision.models.list_models(module=torchvision.models):
+        if name in torchvision.models.list_models(module=torchvision.models.detection):
+            raise ModelError(f"{spec.name} is a detector; detectors learn from COCO detection data "
+                             "(--data coco:ANNOTATIONS.json), so give a classifier here")
         raise ModelError(f"unknown torchvision classification model {name!r}; see torchvision.models.list_models()")
     return _weights_member(name, spec.pretrained)
 
@@ -309,7 +312,8 @@ def _build_net(spec: ModelSpec, num_classes: int) -> nn.Module:
                          "torchvision models only); give a weights file instead")
     if prefix == "kdpipe":
         if rest not in BUILTIN_MODELS:
-            raise ModelError(f"unknown built-in model {rest!r}; choose one of {', '.join(BUILTIN_MODELS)}")
+            raise ModelError(f"unknown built-in classifier {rest!r}; choose one of {', '.join(BUILTIN_MODELS)} "
+                             "(kdpipe's detectors, det-tiny, det-small and det-wide, learn from COCO data)")
         return BUILTIN_MODELS[rest](num_classes)
     return _create_from_factory(spec.name, num_classes)
 

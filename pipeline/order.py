@@ -27,7 +27,7 @@ from .errors import ConfigError
 from .detection import detection_classes
 from .detectors import build_detector
 from .models import build_model, output_classes, with_num_classes
-from .store import ArchiveReader, Location, added_teachers, read_manifest, teacher_archive
+from .store import ArchiveReader, Location, added_teachers, check_archive_matches, read_manifest, teacher_archive
 
 HELD_OUT = 0.25  # share of the samples the fitted maps are scored on
 RIDGE = 1e-3  # ridge penalty, relative to the mean variance of the inputs
@@ -112,6 +112,7 @@ def order_teachers(
         # a classifier's order is its logits': feature maps are neither fetched nor decoded
         reader.read_only_features(tuple(reader.features) if detectors else ())
     source = open_source(data)
+    check_archive_matches(main, cache, dataset__fingerprint=source.describe()["fingerprint"])  # the views' images
     count = min(samples, main.layout.num_samples)
     if count < 8:
         raise ConfigError(f"--samples must be at least 8 to fit and score the maps, got {count}")

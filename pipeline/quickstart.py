@@ -221,7 +221,7 @@ def run_detection_quickstart(out: str, seeds: int = 1) -> dict:
 
     def train(name: str, model: ModelSpec, mode: str, epochs: int, recipe: dict, **options) -> dict:
         spec = TrainSpec(data=train_data, student=model, out=str(root / "runs" / name), mode=mode, val=val_data,
-                         epochs=epochs, lr=DETECTION_LR, batch_size=DETECTION_BATCH, workers=WORKERS, precise_bn=0,
+                         epochs=epochs, lr=DETECTION_LR, batch_size=DETECTION_BATCH, workers=WORKERS,
                          **options)
         return train_detector(spec, recipe)
 

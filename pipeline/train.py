@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 
 from . import distributed
 from .config import DEFAULT_EPOCHS, MAIN_TEACHER, ModelSpec, TrainSpec, absolute_path
-from .data import RangeBatches, Source, ViewDataset, open_source
+from .data import RangeBatches, Source, ViewDataset, is_detection, open_source
 from .errors import ConfigError, DataError, KdpipeError, ModelError, TrainingError
 from .deploy import STUDENT_FORMAT
 from .detectors import refuse_detector
@@ -92,10 +92,16 @@ def resolve_run(spec: TrainSpec, recipe_options: dict) -> Run:
         if model is not None:
             refuse_detector(model, role)
     source = open_source(spec.data)
-    if getattr(source, "task", "classification") != "classification":
-        raise DataError(f"{spec.data} is {source.task} data, which a classifier cannot learn: train a detector on it "
+    if is_detection(source):
+        raise DataError(f"{spec.data} is detection data, which a classifier cannot learn: train a detector on it "
                         "(train-student --data coco:... --student kdpipe:det-small, or torchvision:NAME of a detector)")
+    if spec.neck_weight is not None:
+        raise ConfigError("--neck-weight weighs a detector student's neck term: drop it for a classifier")
     val_source = open_source(spec.val) if spec.val else None
+    for option, other in (("--val", val_source), ("--probe-data", open_source(spec.probe_data) if spec.probe_data else None)):
+        if other is not None and is_detection(other):
+            raise DataError(f"{option} {other.describe()['location']} is detection data; a classifier is scored on "
+                            "class folders")
     archives, readers = open_archives(spec)
     spec = replace(spec, epochs=resolve_epochs(spec, readers))
     recipe = resolve_recipe(spec, recipe_options, next(iter(readers.values()), None))

@@ -40,12 +40,14 @@ def recipe(epochs: int = 2, views: int = 1) -> ViewRecipe:
                                 | detection_options({}))
 
 
-def cache(scenes: dict, out: Path, codec: str = "fp32", name: str = MAIN_TEACHER, epochs: int = 2) -> dict:
+def cache(scenes: dict, out: Path, codec: str = "fp32", name: str = MAIN_TEACHER, epochs: int = 2,
+          backend: str = "zarr") -> dict:
     from pipeline.cache import cache_teacher
 
     teacher = ModelSpec("kdpipe:det-tiny", weights=scenes["teacher"])
     return cache_teacher(CacheSpec(data=scenes["train"], teacher=teacher, out=str(out), recipe=recipe(epochs),
-                                   batch_size=4, workers=0, teacher_name=name, features=(f"{NECK}={codec}",)))
+                                   batch_size=4, workers=0, teacher_name=name, features=(f"{NECK}={codec}",),
+                                   format=backend))
 
 
 def train(scenes: dict, out: Path, mode: str, epochs: int = 2, **options) -> dict:
@@ -97,16 +99,16 @@ def test_progressive_distillation_takes_the_teachers_in_turn(scenes, tmp_path):
     each through adapters of its own; order-teachers proposes an order on neck features."""
     archive = tmp_path / "arch"
     cache(scenes, archive, codec="fp16", epochs=3)
-    cache(scenes, archive, codec="pool:2+int8", name="assistant", epochs=3)
+    cache(scenes, archive, codec="pool:2+int8", name="assistant.v1", epochs=3)  # a "." in a name is allowed
     run = tmp_path / "progressive"
-    train(scenes, run, "cached", epochs=3, cache=str(archive), teachers=("assistant", MAIN_TEACHER),
-          schedule=(("assistant", 1), (MAIN_TEACHER, 2)))
-    assert [epoch["teacher"] for epoch in metrics(run)] == ["assistant", MAIN_TEACHER, MAIN_TEACHER]
+    train(scenes, run, "cached", epochs=3, cache=str(archive), teachers=("assistant.v1", MAIN_TEACHER),
+          schedule=(("assistant.v1", 1), (MAIN_TEACHER, 2)))
+    assert [epoch["teacher"] for epoch in metrics(run)] == ["assistant.v1", MAIN_TEACHER, MAIN_TEACHER]
     adapters = torch.load(run / "checkpoint.pt", weights_only=False)["adapters"]
-    assert {key.split(".")[0] for key in adapters} == {"assistant", MAIN_TEACHER}
+    assert {key.split(".")[0] for key in adapters} == {"assistant:v1", MAIN_TEACHER}
     report = cli_document("order-teachers", "--data", scenes["train"], "--cache", archive, "--student",
                           "kdpipe:det-tiny", "--samples", 16, "--json")
-    assert report["order"][-1] == MAIN_TEACHER and set(report["table"]) >= {"student", "assistant", MAIN_TEACHER}
+    assert report["order"][-1] == MAIN_TEACHER and set(report["table"]) >= {"student", "assistant.v1", MAIN_TEACHER}
 
 
 def test_detection_batches_do_not_depend_on_workers_batch_size_or_ranks(scenes):
@@ -176,8 +178,9 @@ def test_a_resumed_detection_run_ends_as_an_uninterrupted_one(scenes, tmp_path, 
                                            for m, w in zip(metrics(tmp_path / "resumed"), metrics(tmp_path / "whole"))]
 
 
-def test_a_detection_archive_verifies_and_inspects(scenes, tmp_path):
-    cache(scenes, tmp_path / "arch", codec="fp16", epochs=1)
+@pytest.mark.parametrize("backend", ["zarr", "webdataset"])
+def test_a_detection_archive_verifies_and_inspects(scenes, tmp_path, backend):
+    cache(scenes, tmp_path / "arch", codec="fp16", epochs=1, backend=backend)
     report = cli_document("verify", tmp_path / "arch", "--recompute", 3, "--json")
     assert report["problems"] == [] and report["recomputed"]["compared"] == "neck features"
     assert set(report["recomputed"]["features_max_rel_error"]) == {f"{NECK}.{level}" for level in "012"}
@@ -246,3 +249,28 @@ def test_the_detection_quickstart_runs_end_to_end(tmp_path, monkeypatch):
     for row in quickstart.DETECTION_ROWS:
         assert row in result.stdout and summary[row]["val_map"] is not None
     assert summary["cache"]["teacher"]["views"] == 32
+
+
+def test_options_of_the_other_task_are_refused_in_one_line(scenes, image_folder, tmp_path):
+    """An option that one task would silently ignore is refused, naming it: nothing runs
+    on settings the user believes are in force."""
+    detector = ("train-student", "--data", scenes["train"], "--student", "kdpipe:det-tiny", "--out", tmp_path / "a")
+    for extra, named in ((("--alpha", 0.5), "--alpha"), (("--ema", 0.9), "--ema"), (("--ratio", "1,1"), "--ratio"),
+                         (("--precise-bn", 0), "--precise-bn"), (("--feature", "hint:neck"), "--feature")):
+        assert_user_error(run_cli(*detector, *extra), named)
+    assert_user_error(run_cli("cache-teacher", "--data", scenes["train"], "--teacher", "kdpipe:det-tiny",
+                              "--codec", "topk:5", "--out", tmp_path / "b"), "--codec")
+    classifier = ("train-student", "--data", image_folder, "--student", "kdpipe:cnn", "--out", tmp_path / "c")
+    assert_user_error(run_cli(*classifier, "--neck-weight", 0.5), "--neck-weight")
+    assert_user_error(run_cli(*classifier, "--val", scenes["val"]), "--val", "detection data")
+    assert_user_error(run_cli("eval", "--model", "kdpipe:det-tiny", "--data", scenes["val"], "--crop-pct", 0.9),
+                      "--crop-pct")
+    assert_user_error(run_cli("eval", "--model", "kdpipe:det-small", "--data", image_folder, "--num-classes", 3),
+                      "det-small")
+    assert_user_error(run_cli("eval", "--model", "torchvision:fcos_resnet50_fpn", "--data", image_folder),
+                      "is a detector")
+    cache(scenes, tmp_path / "arch", epochs=1)
+    cache(scenes, tmp_path / "arch", epochs=1, name="second")
+    assert_user_error(run_cli("order-teachers", "--data", image_folder, "--cache", tmp_path / "arch", "--student",
+                              "kdpipe:det-tiny"), "dataset")
+    assert not any((tmp_path / name).exists() for name in "abc")
