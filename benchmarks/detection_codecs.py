@@ -39,8 +39,8 @@ from feature_codecs import fidelity, pooling_loss
 
 from pipeline.cache import cache_teacher
 from pipeline.coco import write_digit_scenes
-from pipeline.config import CacheSpec, ModelSpec, TrainSpec, ViewRecipe
-from pipeline.detection import detection_options, train_detector
+from pipeline.config import CacheSpec, ModelSpec, TrainSpec
+from pipeline.detection import detection_recipe, train_detector
 from pipeline.store import ArchiveReader
 from pipeline.store.feature_codecs import FeatureCodec, adaptive_average_pool
 
@@ -104,7 +104,7 @@ def prepare(workdir: Path, args: argparse.Namespace) -> tuple[Path, dict | None]
 def cache(workdir: Path, weights: Path, codec: str) -> dict:
     """Cache the teacher's neck with `codec` over one epoch of views; cache_teacher's summary,
     kept beside the archive so that a re-run (which finds it finished) reports its time."""
-    recipe = ViewRecipe.from_dict({"epochs": 1, "size": SIZE, "flip_prob": 0.5} | detection_options({}))
+    recipe = detection_recipe({"size": SIZE}, 1)
     kept = workdir / (archive(codec) + ".summary.json")
     summary = cache_teacher(CacheSpec(data=f"coco:{workdir / 'scenes' / 'train.json'}",
                                    teacher=ModelSpec(TEACHER, weights=str(weights)), out=str(workdir / archive(codec)),

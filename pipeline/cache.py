@@ -17,7 +17,7 @@ from . import distributed
 from .config import MAIN_TEACHER, CacheSpec, ModelSpec, ViewRecipe, absolute_path, check_teacher_name
 from .data import RangeBatches, Source, ViewDataset, content_digests, is_detection, open_source
 from .deploy import view_defaults
-from .detection import (BACKGROUND, DETECTION_SIZE, NECK, NeckTeacher, detection_classes, detection_options,
+from .detection import (BACKGROUND, NECK, NeckTeacher, detection_classes, detection_options, detection_recipe,
                         is_detection_data)
 from .detectors import refuse_detector
 from .errors import ArchiveError, ConfigError, ModelError
@@ -107,7 +107,7 @@ def cache_recipe(teacher: ModelSpec, options: dict, teacher_name: str, out: str,
     check_teacher_name(teacher_name)
     if teacher_name == MAIN_TEACHER:
         if is_detection_data(data):
-            return ViewRecipe.from_dict({"epochs": 1, "size": DETECTION_SIZE, "flip_prob": 0.5} | detection_options(options))
+            return detection_recipe(options, 1)
         return ViewRecipe.from_dict({"epochs": 1} | view_defaults(teacher) | options)
     manifest = read_manifest(Location(out, storage_options))
     if manifest.recipe.detection is not None:

@@ -36,12 +36,13 @@ from .evaluation import detection_metrics
 from .features import align
 from .host import keep_freed_memory, quiet_worker
 from .models import accelerated
+from .objective import scheduled_teacher
 from .optim import make_optimizer, make_scheduler
 from .progress import say, views_progress
 from .replay import ReplayBatches, ViewBatches, open_archives
 from .rundir import RunDir
 from .store import ArchiveReader, check_archive_matches, teacher_archive
-from .train import KEPT_VAL_BYTES, resolve_epochs, step_seed, update_steps
+from .train import KEPT_VAL_BYTES, resolve_epochs, step_seed, update_of
 from .views import detection_eval_view, render
 
 BACKGROUND = "__background__"  # a detector's class 0: no object
@@ -107,6 +108,12 @@ class NeckTeacher:
 DETECTION_SIZE = 128  # default side of a detection view (the built-in detectors' input)
 
 
+def detection_recipe(options: dict, epochs: int | None) -> ViewRecipe:
+    """The detection recipe of `epochs` epochs of views that the command-line `options`
+    give (`detection_options`), else DETECTION_SIZE pixels, flipped half the time."""
+    return ViewRecipe.from_dict({"epochs": epochs, "size": DETECTION_SIZE, "flip_prob": 0.5} | detection_options(options))
+
+
 def detection_options(options: dict, detection: dict | None = None) -> dict:
     """View-recipe options of the command line for a detection recipe: --scale is the zoom
     range of the views (`ViewRecipe.detection`, by default DETECTION_DEFAULTS or the
@@ -139,13 +146,7 @@ class DetectionRun:
         """The teacher that teaches in `epoch`: the schedule's, or the only one; None alone."""
         if self.spec.mode == "supervised":
             return None
-        if self.spec.schedule:
-            ends = 0
-            for name, epochs in self.spec.schedule:
-                ends += epochs
-                if epoch < ends:
-                    return name
-        return next(iter(self.teacher_maps))
+        return scheduled_teacher(self.spec.schedule, epoch) if self.spec.schedule else next(iter(self.teacher_maps))
 
 
 def resolve_detection(spec: TrainSpec, recipe_options: dict) -> DetectionRun:
@@ -204,8 +205,7 @@ def _recipe_and_teachers(spec: TrainSpec, recipe_options: dict, source: Source, 
     """The view recipe (the archive's in cached mode, where options given must agree), the
     live teacher (online) and each teacher's neck maps by feature-output name."""
     if not readers:
-        defaults = {"epochs": spec.epochs, "size": DETECTION_SIZE, "flip_prob": 0.5}
-        recipe = ViewRecipe.from_dict(defaults | detection_options(recipe_options))
+        recipe = detection_recipe(recipe_options, spec.epochs)
         if spec.mode == "supervised":
             return recipe, None, {}
         teacher = NeckTeacher(spec.teacher, classes, recipe.size)
@@ -375,9 +375,8 @@ def _train_epochs(run: DetectionRun, learner: DetectionLearner, rundir: RunDir, 
             for step in range(steps):
                 batch = next(batches)
                 count = len(batch["index"])
-                first, final = update_steps(step, spec.accumulate, steps)
-                update_count = min(num_samples, (final + 1) * spec.batch_size) - first * spec.batch_size
-                terms = detection_step(run, learner, batch, epoch, step, count / update_count, update=step == final)
+                update_count, last = update_of(step, spec, num_samples)
+                terms = detection_step(run, learner, batch, epoch, step, count / update_count, update=last)
                 for name, value in terms.items():
                     sums[name] = sums.get(name, 0.0) + value.item() * count
                 progress.advance(task, count * views)

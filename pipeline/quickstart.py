@@ -20,7 +20,7 @@ from PIL import Image
 from .cache import cache_teacher
 from .coco import write_digit_scenes
 from .config import MAIN_TEACHER, CacheSpec, ModelSpec, TrainSpec, ViewRecipe
-from .detection import NECK, detection_options, train_detector
+from .detection import NECK, detection_recipe, train_detector
 from .errors import ConfigError
 from .progress import say
 from .report import write_report
@@ -71,22 +71,20 @@ def _mean(runs: list[dict], key: str) -> float | None:
     return statistics.fmean(run[key] for run in runs)
 
 
-def _entry(runs: list[dict], labels: int) -> dict:
-    entry = {
-        "val_top1": _mean(runs, "val_top1"),
-        "val_top5": _mean(runs, "val_top5"),
-        "val_top1_ema": _mean(runs, "val_top1_ema"),
-        "val_agreement": _mean(runs, "val_agreement"),
-        "val_kl": _mean(runs, "val_kl"),
-        "wall_seconds": _mean(runs, "wall_seconds"),
-        "views_per_sec": _mean(runs, "views_per_sec"),
-        "labels_used": labels,
-        "seeds": len(runs),
-    }
+def _entry(runs: list[dict], figures: tuple[str, ...], headline: str, **fixed) -> dict:
+    """A row of the summary: the mean of each of `figures` over the runs (one per seed),
+    `fixed` as given, the seed count and, over several seeds, the `headline` figure per
+    seed and its standard deviation."""
+    entry = {key: _mean(runs, key) for key in figures} | fixed | {"seeds": len(runs)}
     if len(runs) > 1:
-        entry["val_top1_per_seed"] = [run["val_top1"] for run in runs]
-        entry["val_top1_std"] = statistics.stdev(run["val_top1"] for run in runs)
+        entry[f"{headline}_per_seed"] = [run[headline] for run in runs]
+        entry[f"{headline}_std"] = statistics.stdev(run[headline] for run in runs)
     return entry
+
+
+CLASSIFICATION_FIGURES = ("val_top1", "val_top5", "val_top1_ema", "val_agreement", "val_kl", "wall_seconds",
+                          "views_per_sec")
+DETECTION_FIGURES = ("val_map", "val_map50", "val_map75", "wall_seconds")
 
 
 def _fresh_folder(out: str) -> Path:
@@ -149,10 +147,10 @@ def run_quickstart(out: str, seeds: int = 1) -> dict:
         "setting": (f"reduced labelling: teacher {TEACHER} trained on all {num_train} labels; student {STUDENT} "
                     f"has {num_labelled} labels (supervised) or the teacher's logits on all {num_train} images "
                     "without labels (online, cached)"),
-        "teacher": _entry([teacher], num_train),
-        "supervised": _entry(runs["supervised"], num_labelled),
-        "online": _entry(runs["online"], 0),
-        "cached": _entry(runs["cached"], 0),
+        "teacher": _entry([teacher], CLASSIFICATION_FIGURES, "val_top1", labels_used=num_train),
+        "supervised": _entry(runs["supervised"], CLASSIFICATION_FIGURES, "val_top1", labels_used=num_labelled),
+        "online": _entry(runs["online"], CLASSIFICATION_FIGURES, "val_top1", labels_used=0),
+        "cached": _entry(runs["cached"], CLASSIFICATION_FIGURES, "val_top1", labels_used=0),
         "cache": {"bytes": cache["bytes"], "bytes_per_view": cache["bytes_per_view"], "views": cache["views"],
                   "views_per_sec": cache["views_per_sec"]},
         "wall_seconds": time.perf_counter() - started,
@@ -235,8 +233,7 @@ def run_detection_quickstart(out: str, seeds: int = 1) -> dict:
               for name, model in (("teacher", DETECTION_TEACHER), ("assistant", DETECTION_ASSISTANT))}
     say("2/4 cache-teacher: both teachers' neck features (float32) for every view the students see")
     archive = str(root / "teachers.zarr")
-    recipe = ViewRecipe.from_dict({"epochs": epochs, "flip_prob": 0.5}
-                                  | detection_options(DETECTION_RECIPE))
+    recipe = detection_recipe(DETECTION_RECIPE, epochs)
     caches = {name: cache_teacher(CacheSpec(data=train_data, teacher=models[name], out=archive, recipe=recipe,
                                             workers=WORKERS, teacher_name=archive_name, features=(f"{NECK}=fp32",)))
               for name, archive_name in (("teacher", MAIN_TEACHER), ("assistant", "assistant"))}
@@ -261,8 +258,8 @@ def run_detection_quickstart(out: str, seeds: int = 1) -> dict:
                     f"({DETECTION_EPOCHS['teacher']} epochs), assistant {DETECTION_ASSISTANT} "
                     f"({DETECTION_EPOCHS['assistant']} epochs); every student trains {epochs} epochs "
                     f"on the boxes, the distilled ones also match a teacher's neck (--neck-weight {DETECTION_NECK_WEIGHT})"),
-        **{name: _detection_entry([run]) for name, run in teachers.items()},
-        **{name: _detection_entry(found) for name, found in runs.items()},
+        **{name: _entry([run], DETECTION_FIGURES, "val_map") for name, run in teachers.items()},
+        **{name: _entry(found, DETECTION_FIGURES, "val_map") for name, found in runs.items()},
         "cache": {name: {"bytes": c["bytes"], "bytes_per_view": c["bytes_per_view"], "views": c["views"],
                          "seconds": c["seconds"]} for name, c in caches.items()},
         "wall_seconds": time.perf_counter() - started,
@@ -273,15 +270,6 @@ def run_detection_quickstart(out: str, seeds: int = 1) -> dict:
 
 
 DETECTION_ROWS = ("teacher", "assistant", "alone", "online", "cached", "progressive")
-
-
-def _detection_entry(runs: list[dict]) -> dict:
-    entry = {key: _mean(runs, key) for key in ("val_map", "val_map50", "val_map75", "wall_seconds")}
-    entry["seeds"] = len(runs)
-    if len(runs) > 1:
-        entry["val_map_per_seed"] = [run["val_map"] for run in runs]
-        entry["val_map_std"] = statistics.stdev(run["val_map"] for run in runs)
-    return entry
 
 
 def format_detection_table(summary: dict) -> str:

@@ -375,10 +375,9 @@ def _train_epochs(run: Run, learner: Learner, rundir: RunDir, config: dict, star
                 for step in range(steps_per_epoch):
                     batch = next(batches)
                     count = len(batch["index"])
-                    first, last = update_steps(step, run.spec.accumulate, steps_per_epoch)
-                    update_count = min(num_samples, (last + 1) * batch_size) - first * batch_size
+                    update_count, last = update_of(step, run.spec, num_samples)
                     terms = train_step(run, learner, batch, epoch, step, weight=count * ranks.world / update_count,
-                                       update=step == last)
+                                       update=last)
                     for name, value in terms.items():
                         sums[name] = sums.get(name, 0.0) + value.item() * count
                     progress.advance(task, min(batch_size, num_samples - step * batch_size) * views)
@@ -396,11 +395,14 @@ def _train_epochs(run: Run, learner: Learner, rundir: RunDir, config: dict, star
     return train_seconds
 
 
-def update_steps(step: int, accumulate: int, steps_per_epoch: int) -> tuple[int, int]:
-    """The first and last batch (within the epoch) of the optimizer update that batch
-    `step` belongs to: `accumulate` batches each, the epoch's last update maybe fewer."""
-    first = step - step % accumulate
-    return first, min(first + accumulate, steps_per_epoch) - 1
+def update_of(step: int, spec: TrainSpec, num_samples: int) -> tuple[int, bool]:
+    """The optimizer update that batch `step` (within the epoch) belongs to, of
+    `spec.accumulate` batches each, the epoch's last update maybe fewer: how many samples
+    it holds, and whether this batch is its last (the one that steps the optimizer)."""
+    steps_per_epoch = math.ceil(num_samples / spec.batch_size)
+    first = step - step % spec.accumulate
+    last = min(first + spec.accumulate, steps_per_epoch) - 1
+    return min(num_samples, (last + 1) * spec.batch_size) - first * spec.batch_size, step == last
 
 
 def _end_epoch(run: Run, learner: Learner, rundir: RunDir, config: dict, epoch: int, standing: Standing,

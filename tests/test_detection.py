@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from pipeline.coco import write_digit_scenes
 from pipeline.config import MAIN_TEACHER, CacheSpec, ModelSpec, TrainSpec, ViewRecipe
 from pipeline.data import RangeBatches, ViewDataset, open_source
-from pipeline.detection import NECK, detection_options, train_detector
+from pipeline.detection import NECK, detection_recipe, train_detector
 from pipeline.detectors import build_detector
 from pipeline.distributed import Ranks
 from pipeline.replay import ViewBatches
@@ -36,8 +36,7 @@ def scenes(tmp_path_factory) -> dict[str, str]:
 
 
 def recipe(epochs: int = 2, views: int = 1) -> ViewRecipe:
-    return ViewRecipe.from_dict({"epochs": epochs, "size": SIZE, "flip_prob": 0.5, "views_per_sample": views}
-                                | detection_options({}))
+    return detection_recipe({"size": SIZE, "views_per_sample": views}, epochs)
 
 
 def cache(scenes: dict, out: Path, codec: str = "fp32", name: str = MAIN_TEACHER, epochs: int = 2,
